@@ -1,0 +1,110 @@
+"""Settings: one object, layered flags > ``POTLUCK_*`` env vars > TOML config file > defaults.
+
+The config file defaults to ``<platformdirs user_config_dir>/potluck/config.toml`` and holds the
+same flat keys as the fields below (``port = 8642``, ``model = "/path/x.gguf"``). Layering is
+pydantic-settings' source order (https://docs.pydantic.dev/latest/concepts/pydantic_settings/).
+The settings object is built once by the CLI and passed down explicitly; nothing reads the
+environment at import time.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import platformdirs
+from pydantic import Field, ValidationError
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from potluck.errors import ConfigError
+
+APP_NAME = "potluck"
+DEFAULT_PORT = 8642
+
+
+def default_config_file() -> Path:
+    """Path of the default TOML config file (it need not exist)."""
+    return Path(platformdirs.user_config_dir(APP_NAME)) / "config.toml"
+
+
+def default_data_dir() -> Path:
+    """Directory for the node identity key and other persistent node state."""
+    return Path(platformdirs.user_data_dir(APP_NAME))
+
+
+def default_cache_dir() -> Path:
+    """Directory for downloaded and generated models."""
+    return Path(platformdirs.user_cache_dir(APP_NAME))
+
+
+class Settings(BaseSettings):
+    """Every potluck setting. Field descriptions double as ``--help`` text."""
+
+    model_config = SettingsConfigDict(env_prefix="POTLUCK_", extra="forbid", validate_default=True)
+
+    # --- node / HTTP API ---------------------------------------------------------------
+    host: str = Field("127.0.0.1", description="Address the HTTP API listens on.")
+    port: int = Field(DEFAULT_PORT, ge=0, le=65535, description="HTTP API port (0 picks a free one).")
+    data_dir: Path = Field(default_factory=default_data_dir, description="Node key and state directory.")
+    cache_dir: Path = Field(default_factory=default_cache_dir, description="Model cache directory.")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log verbosity.")
+    max_body_bytes: int = Field(
+        1 << 20, ge=1024, le=64 << 20, description="Largest accepted HTTP request body, in bytes."
+    )
+    max_queue: int = Field(
+        16, ge=0, le=4096, description="Requests allowed to wait for the model before HTTP 429."
+    )
+    default_max_tokens: int = Field(256, ge=1, le=1 << 20, description="max_tokens when a request omits it.")
+
+    # --- inference ------------------------------------------------------------------------
+    model: str | None = Field(
+        None,
+        description="GGUF path, or Hugging Face 'owner/repo:file.gguf'. Unset: cached default or demo model.",
+    )
+    model_name: str | None = Field(None, description="Model id shown in the API (default: the file stem).")
+    backend: Literal["llama.cpp", "onnxruntime"] = Field("llama.cpp", description="Inference backend.")
+    n_ctx: int = Field(2048, ge=16, le=1 << 20, description="Context length in tokens (capped by the model).")
+    n_threads: int | None = Field(None, ge=1, le=1024, description="Compute threads (default: all cores).")
+    n_batch: int = Field(512, ge=1, le=1 << 16, description="Prompt-processing batch size in tokens.")
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls))
+
+
+def load_settings(config_file: Path | None = None, **flags: Any) -> Settings:
+    """Build the settings from flags, environment, config file and defaults.
+
+    Args:
+        config_file: TOML file to read; ``None`` means :func:`default_config_file`. An explicitly
+            given file must exist.
+        **flags: values given on the command line; ``None`` values are ignored (flag not given).
+
+    Raises:
+        ConfigError: the file is missing or unreadable, or a value is out of bounds.
+    """
+    path = config_file if config_file is not None else default_config_file()
+    if config_file is not None and not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+
+    class _FileSettings(Settings):
+        model_config = SettingsConfigDict(toml_file=path)
+
+    try:
+        return _FileSettings(**{k: v for k, v in flags.items() if v is not None})
+    except ValidationError as exc:
+        raise ConfigError(f"invalid settings (flags, POTLUCK_* env or {path}):\n{exc}") from exc
+    except (OSError, ValueError) as exc:  # tomllib.TOMLDecodeError is a ValueError
+        raise ConfigError(f"cannot read config file {path}: {exc}") from exc

@@ -1,0 +1,1 @@
+"""Inference: backends (llama.cpp, ONNX Runtime), model resolution and validation, generation."""

@@ -1,0 +1,131 @@
+"""The inference backend seam: a small ``Protocol`` every engine implements.
+
+A backend is blocking and single-request: :meth:`Backend.generate` runs in a worker thread
+(see :mod:`potluck.inference.runner`), yields one :class:`GeneratedToken` per sampled token and
+stops when ``cancel`` is set. Implementations: :mod:`potluck.inference.llamacpp` (llama.cpp) and
+the tensor-parallel ONNX Runtime engine in :mod:`potluck.sharding`.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Literal, Protocol, runtime_checkable
+
+Role = Literal["system", "user", "assistant", "tool"]
+FinishReason = Literal["stop", "length", "cancelled"]
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    """One message of a chat history."""
+
+    role: Role
+    content: str
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Decoding parameters.
+
+    Attributes:
+        max_tokens: upper bound on generated tokens.
+        temperature: softmax temperature; 0 means greedy (argmax).
+        top_p: nucleus-sampling mass in (0, 1].
+        top_k: keep the k most likely tokens; 0 disables.
+        seed: RNG seed; ``None`` draws one.
+        stop: strings that end generation; they are not included in the output.
+    """
+
+    max_tokens: int = 256
+    temperature: float = 0.8
+    top_p: float = 0.95
+    top_k: int = 40
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class GeneratedToken:
+    """One sampled token and the text it completes.
+
+    ``text`` may be empty when the token ends inside a multi-byte UTF-8 character (the bytes
+    are emitted with the token that completes it).
+    """
+
+    token_id: int
+    text: str
+
+
+@dataclass(frozen=True)
+class ChatPrompt:
+    """A rendered chat: the prompt text and the stop strings its template implies."""
+
+    prompt: str
+    stop: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a loaded model is.
+
+    Attributes:
+        model_id: the name the API serves it under.
+        architecture: GGUF ``general.architecture`` (``llama``, ``qwen2``...).
+        n_layers: transformer blocks.
+        n_params: parameter count.
+        quantization: dominant tensor type (``Q4_0``, ``F16``...).
+        context_length: tokens the model was trained for.
+        n_ctx: context length this backend instance allows.
+        path: file the weights came from.
+        size_bytes: file size.
+    """
+
+    model_id: str
+    architecture: str
+    n_layers: int
+    n_params: int
+    quantization: str
+    context_length: int
+    n_ctx: int
+    path: str
+    size_bytes: int
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """A loaded model that can tokenize, template chats and generate.
+
+    ``load`` and ``generate`` block; callers run them off the event loop, one generation at a
+    time per instance.
+    """
+
+    @property
+    def info(self) -> ModelInfo: ...
+
+    def load(self) -> None:
+        """Load the weights. Raises ``ModelFileError`` for an unusable file."""
+
+    def tokenize(self, text: str, add_bos: bool = True) -> list[int]:
+        """Token ids of ``text``."""
+
+    def render_chat(self, messages: Sequence[ChatMessage]) -> ChatPrompt:
+        """The prompt for a chat history, from the model's chat template (or a plain fallback)."""
+
+    def generate(
+        self, prompt: str, params: SamplingParams, cancel: threading.Event
+    ) -> Iterator[GeneratedToken]:
+        """Sample up to ``params.max_tokens`` tokens after ``prompt``.
+
+        Stops early at end-of-sequence or when ``cancel`` is set. Stop strings are handled by the
+        caller (:class:`potluck.inference.stops.StopMatcher`).
+
+        Raises:
+            GenerationError: the engine failed.
+            RequestError: the prompt does not fit the context.
+        """
+
+    def close(self) -> None:
+        """Free the model."""

@@ -1,0 +1,129 @@
+"""Run a blocking :class:`~potluck.inference.backend.Backend` from asyncio.
+
+One generation at a time per model: a request waits its turn behind a bounded queue
+(:class:`~potluck.errors.Overloaded` past ``max_queue`` waiters). The generation loop runs in a
+dedicated worker thread and hands tokens to the event loop through an asyncio queue with
+``call_soon_threadsafe``; the consumer drains whatever has arrived in one go, so a fast model
+costs one event-loop wake-up per batch, not per token. Leaving the ``async for`` early (client
+disconnect, task cancelled) sets the cancel event, and the runner waits for the worker to stop
+before the next request may start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import suppress
+
+from potluck.errors import GenerationError, Overloaded, PotluckError
+from potluck.inference.backend import Backend, GeneratedToken, SamplingParams
+
+_DONE = object()
+
+
+class _Failed:
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+
+class ModelRunner:
+    """Serializes generations on one backend and streams their tokens to asyncio.
+
+    Args:
+        backend: a loaded backend.
+        max_queue: requests allowed to wait while one generates; more raise ``Overloaded``.
+    """
+
+    def __init__(self, backend: Backend, max_queue: int) -> None:
+        self.backend = backend
+        self._max_queue = max_queue
+        self._lock = asyncio.Lock()
+        self._waiting = 0
+        self._active = 0
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="potluck-gen")
+
+    @property
+    def queue_depth(self) -> int:
+        """Requests waiting for the model (not counting the one generating)."""
+        return self._waiting
+
+    @property
+    def active(self) -> int:
+        """Generations in progress (0 or 1)."""
+        return self._active
+
+    async def run_blocking(self, fn, *args):  # type: ignore[no-untyped-def]
+        """Run a blocking backend call (tokenize, render) on the worker thread."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    async def stream(self, prompt: str, params: SamplingParams) -> AsyncIterator[list[GeneratedToken]]:
+        """Generate after ``prompt``; yield batches of tokens as they arrive.
+
+        Raises:
+            Overloaded: ``max_queue`` requests are already waiting.
+            GenerationError: the backend failed.
+        """
+        if self._lock.locked() and self._waiting >= self._max_queue:
+            raise Overloaded(f"{self._waiting} requests already queued for this model", retry_after=1.0)
+        self._waiting += 1
+        try:
+            await self._lock.acquire()
+        finally:
+            self._waiting -= 1
+        self._active += 1
+        try:
+            async for batch in self._stream_locked(prompt, params):
+                yield batch
+        finally:
+            self._active -= 1
+            self._lock.release()
+
+    async def _stream_locked(
+        self, prompt: str, params: SamplingParams
+    ) -> AsyncIterator[list[GeneratedToken]]:
+        loop = asyncio.get_running_loop()
+        # Bounded by construction: the worker puts at most max_tokens + 1 items.
+        queue: asyncio.Queue[object] = asyncio.Queue()
+        cancel = threading.Event()
+
+        def work() -> None:
+            try:
+                for token in self.backend.generate(prompt, params, cancel):
+                    loop.call_soon_threadsafe(queue.put_nowait, token)
+                loop.call_soon_threadsafe(queue.put_nowait, _DONE)
+            except BaseException as exc:  # handed to the consumer, which re-raises it
+                loop.call_soon_threadsafe(queue.put_nowait, _Failed(exc))
+
+        worker = loop.run_in_executor(self._executor, work)
+        try:
+            while True:
+                batch: list[GeneratedToken] = []
+                item = await queue.get()
+                while True:
+                    if item is _DONE:
+                        if batch:
+                            yield batch
+                        return
+                    if isinstance(item, _Failed):
+                        if isinstance(item.exc, PotluckError):
+                            raise item.exc
+                        raise GenerationError(f"backend failed: {item.exc}") from item.exc
+                    batch.append(item)  # type: ignore[arg-type]
+                    try:
+                        item = queue.get_nowait()
+                    except asyncio.QueueEmpty:
+                        break
+                yield batch
+        finally:
+            cancel.set()
+            # The worker checks ``cancel`` after every token; wait so the next request never
+            # overlaps this one on the backend, even if we are being cancelled.
+            with suppress(Exception):
+                await asyncio.shield(worker)
+
+    def close(self) -> None:
+        """Stop the worker thread (after any running generation) and free the model."""
+        self._executor.shutdown(wait=True)
+        self.backend.close()

@@ -1,0 +1,1 @@
+"""Privacy: typed-placeholder sanitizer, trust tiers and policy, cloud client and audit."""

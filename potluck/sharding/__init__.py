@@ -1,0 +1,1 @@
+"""Sharding: tensor-parallel plan, shard extraction, the TP engine and the star all-reduce."""
