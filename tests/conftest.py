@@ -1,0 +1,31 @@
+"""Shared fixtures: paths to ../shared (fixture models, data) beside the checkout."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+MODELS = SHARED / "models"
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    """``../shared`` beside the checkout (CI clones main with shared/ beside it)."""
+    if not SHARED.is_dir():
+        pytest.fail(f"{SHARED} is missing: tests need ../shared beside the checkout")
+    return SHARED
+
+
+@pytest.fixture(scope="session")
+def model_path(shared_dir: Path):
+    """Factory: ``model_path("q8_0")`` -> Path of ``tinyshakespeare-q8_0.gguf``."""
+
+    def get(kind: str = "q8_0") -> Path:
+        path = shared_dir / "models" / f"tinyshakespeare-{kind}.gguf"
+        assert path.is_file(), f"fixture model {path} is missing"
+        return path
+
+    return get
