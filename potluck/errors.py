@@ -16,6 +16,7 @@ Third-party exceptions are translated at the boundary where they enter potluck
     ├── NetworkError
     │   ├── ConnectError            could not connect to a peer
     │   ├── TransferError           a connection broke mid-transfer
+    │   │   └── PeerFailed          a collective member died, stalled or misbehaved (has ``rank``)
     │   ├── ClosedError             we closed it ourselves
     │   ├── PeerRefused             the peer refused us (admission, policy)
     │   └── ProtocolViolation       garbage, oversized or schema-invalid frame
@@ -85,6 +86,22 @@ class ConnectError(NetworkError):
 
 class TransferError(NetworkError):
     """A connection broke while data was in flight (the other side broke it)."""
+
+
+class PeerFailed(TransferError):
+    """A member of a collective group (star all-reduce) died, stalled past its deadline or sent a
+    frame that failed length, sequence or size checks.
+
+    Attributes:
+        rank: rank of the failed member in its group (0 is the master).
+    """
+
+    def __init__(self, message: str, rank: int) -> None:
+        super().__init__(message)
+        self.rank = rank
+
+    def __reduce__(self) -> tuple[type[PeerFailed], tuple[str, int]]:
+        return (type(self), (str(self), self.rank))
 
 
 class ClosedError(NetworkError):
