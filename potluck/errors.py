@@ -13,6 +13,7 @@ Third-party exceptions are translated at the boundary where they enter potluck
     ├── RequestError                bad request parameters (HTTP 400)
     ├── Overloaded                  bounded queue is full (HTTP 429)
     ├── GenerationError             the backend failed mid-generation
+    ├── ShardPlanError              no tensor-parallel plan fits (memory, speeds, geometry)
     ├── NetworkError
     │   ├── ConnectError            could not connect to a peer
     │   ├── TransferError           a connection broke mid-transfer
@@ -74,6 +75,10 @@ class Overloaded(PotluckError):
 
 class GenerationError(PotluckError):
     """The inference backend failed while generating."""
+
+
+class ShardPlanError(PotluckError):
+    """No tensor-parallel shard plan fits the nodes, or a plan/shard file is inconsistent."""
 
 
 class NetworkError(PotluckError):
