@@ -76,7 +76,7 @@ def node_start(
         Optional[str], typer.Option("--model", "-m", help="GGUF path or Hugging Face 'owner/repo:file.gguf'.")
     ] = None,
     host: Annotated[Optional[str], typer.Option("--host", help="Address to listen on.")] = None,
-    port: Annotated[Optional[int], typer.Option("--port", "-p", help=f"HTTP port [default {DEFAULT_PORT}].")] = None,
+    port: Annotated[Optional[int], typer.Option("--port", "-p", help=f"HTTP port (default {DEFAULT_PORT}).")] = None,
     backend: Annotated[
         Optional[str], typer.Option("--backend", help="Inference backend: llama.cpp or onnxruntime.")
     ] = None,

@@ -106,7 +106,7 @@ class LocalRoute:
         matcher = StopMatcher(stops)
         n_done = 0
         async for batch in self.runner.stream(prompt, params):
-            n_done += len(batch)
+            n_done += sum(1 for t in batch if t.token_id >= 0)
             text = matcher.feed("".join(t.text for t in batch))
             if text:
                 yield TextDelta(text, len(batch))

@@ -1,0 +1,124 @@
+"""Model resolution: turn the ``model`` setting into a validated local GGUF path.
+
+Accepted forms:
+- a local path (``~/models/x.gguf``);
+- a Hugging Face file, ``owner/repo:file.gguf`` or ``hf://owner/repo/file.gguf``, downloaded with
+  ``huggingface_hub`` into ``<cache_dir>/hf`` with a rich progress bar;
+- nothing: the default model if it is already cached, else the generated demo model.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from potluck.errors import DownloadError, ModelFileError
+from potluck.inference.demo_model import demo_model_path
+from potluck.inference.gguf_file import inspect_gguf
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "Qwen/Qwen2.5-0.5B-Instruct-GGUF:qwen2.5-0.5b-instruct-q4_0.gguf"
+
+
+@dataclass(frozen=True)
+class HubFile:
+    """A file in a Hugging Face model repository."""
+
+    repo_id: str
+    filename: str
+
+    @classmethod
+    def parse(cls, spec: str) -> HubFile | None:
+        """``owner/repo:file.gguf`` or ``hf://owner/repo/file.gguf``; ``None`` if ``spec`` is neither."""
+        if spec.startswith("hf://"):
+            parts = spec[5:].split("/", 2)
+            if len(parts) == 3 and all(parts):
+                return cls(f"{parts[0]}/{parts[1]}", parts[2])
+            return None
+        repo, sep, filename = spec.partition(":")
+        if sep and repo.count("/") == 1 and filename and not Path(spec).exists():
+            return cls(repo, filename)
+        return None
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """A local, validated GGUF and whether it is the random-weight demo model."""
+
+    path: Path
+    is_demo: bool = False
+
+
+def _hub_cache(cache_dir: Path) -> Path:
+    return cache_dir / "hf"
+
+
+def cached_hub_file(hub: HubFile, cache_dir: Path) -> Path | None:
+    """Local path of ``hub`` if it is already in the cache."""
+    from huggingface_hub import try_to_load_from_cache
+
+    hit = try_to_load_from_cache(hub.repo_id, hub.filename, cache_dir=_hub_cache(cache_dir))
+    return Path(hit) if isinstance(hit, str) else None
+
+
+def download(spec: str, cache_dir: Path) -> Path:
+    """Download a Hugging Face GGUF (progress bar on the terminal) and validate it.
+
+    Raises:
+        DownloadError: bad spec, no network, unknown repo or file.
+        ModelFileError: the downloaded file is not a usable GGUF.
+    """
+    hub = HubFile.parse(spec)
+    if hub is None:
+        raise DownloadError(f"{spec!r} is not a Hugging Face file; use 'owner/repo:file.gguf'")
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    log.info("downloading %s from %s", hub.filename, hub.repo_id)
+    try:
+        path = Path(hf_hub_download(hub.repo_id, hub.filename, cache_dir=_hub_cache(cache_dir)))
+    except LocalEntryNotFoundError as exc:
+        raise DownloadError(
+            f"cannot download {spec}: no network connection to Hugging Face and no cached copy; "
+            "pass a local GGUF with --model PATH"
+        ) from exc
+    except (HfHubHTTPError, OSError, ValueError) as exc:
+        raise DownloadError(f"cannot download {spec}: {exc}") from exc
+    inspect_gguf(path)
+    return path
+
+
+def resolve_model(spec: str | None, cache_dir: Path) -> ResolvedModel:
+    """The GGUF to load for the ``model`` setting.
+
+    Raises:
+        ModelFileError: a local path that is missing or not a usable GGUF.
+        DownloadError: a Hugging Face file that is not cached and cannot be downloaded.
+    """
+    if spec:
+        hub = HubFile.parse(spec)
+        if hub is None:
+            path = Path(spec).expanduser()
+            inspect_gguf(path)
+            return ResolvedModel(path)
+        cached = cached_hub_file(hub, cache_dir)
+        return ResolvedModel(cached if cached is not None else download(spec, cache_dir))
+    default = HubFile.parse(DEFAULT_MODEL)
+    assert default is not None
+    cached = cached_hub_file(default, cache_dir)
+    if cached is not None:
+        try:
+            inspect_gguf(cached)
+            return ResolvedModel(cached)
+        except ModelFileError as exc:
+            log.warning("cached default model is unusable (%s); using the demo model", exc)
+    return ResolvedModel(demo_model_path(cache_dir), is_demo=True)
+
+
+def cached_models(cache_dir: Path) -> Iterator[Path]:
+    """GGUF files in the cache: Hugging Face downloads and the demo model."""
+    if cache_dir.is_dir():
+        yield from sorted(p for p in cache_dir.rglob("*.gguf") if p.is_file())

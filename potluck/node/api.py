@@ -1,0 +1,350 @@
+"""The node's HTTP API: OpenAI-compatible completions plus node endpoints.
+
+Routes::
+
+    GET  /v1/models             models reachable from this node (local first)
+    POST /v1/chat/completions   chat, streaming (SSE, ``data: [DONE]``) or not
+    POST /v1/completions        text completion, streaming or not
+    GET  /healthz               liveness and model loading state
+    GET  /metrics               Prometheus metrics
+    GET  /api/node              peer ID, version, uptime, models, queue depth
+
+Errors use OpenAI's shape ``{"error": {"message", "type", "param", "code"}}`` with status
+400 (malformed JSON, bad parameters), 404 (unknown model or path), 413 (body too large), 429
+(queue full, with ``Retry-After``), 503 (model loading, with ``Retry-After``). A failure after a
+stream has started is sent as a final ``data: {"error": ...}`` event.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import aclosing
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from aiohttp import web
+from aiohttp.client_exceptions import ClientConnectionResetError
+from pydantic import BaseModel, ValidationError
+
+from potluck import __version__
+from potluck.config import Settings
+from potluck.errors import (
+    GenerationError,
+    ModelLoading,
+    ModelNotFound,
+    NetworkError,
+    Overloaded,
+    PotluckError,
+    PrivacyError,
+    RequestError,
+)
+from potluck.node.metrics import NodeMetrics
+from potluck.node.router import Router
+from potluck.node.routes import Finished, GenerationRequest, LocalRoute, TextDelta
+from potluck.node.schemas import ChatCompletionRequest, CompletionRequest
+
+log = logging.getLogger(__name__)
+
+FORWARDED_HEADERS = ("x-potluck-privacy",)
+
+
+@dataclass
+class ApiState:
+    """What the handlers need, passed in explicitly (``app[API_STATE]``)."""
+
+    settings: Settings
+    router: Router
+    metrics: NodeMetrics
+    peer_id: str
+    started_at: float  # time.monotonic()
+
+
+API_STATE = web.AppKey("api_state", ApiState)
+
+# (status, OpenAI error type, code) per exception class, most specific first.
+_ERROR_MAP: list[tuple[type[Exception], int, str, str | None]] = [
+    (RequestError, 400, "invalid_request_error", None),
+    (ModelNotFound, 404, "invalid_request_error", "model_not_found"),
+    (Overloaded, 429, "rate_limit_error", "queue_full"),
+    (ModelLoading, 503, "service_unavailable", "model_loading"),
+    (PrivacyError, 500, "privacy_error", "sanitization_failed"),
+    (NetworkError, 502, "upstream_error", None),
+    (GenerationError, 500, "server_error", None),
+    (PotluckError, 500, "server_error", None),
+]
+
+
+def error_body(message: str, type_: str, code: str | None = None, param: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def error_response(exc: PotluckError) -> web.Response:
+    """The OpenAI-shaped HTTP error for a potluck exception."""
+    for cls, status, type_, code in _ERROR_MAP:
+        if isinstance(exc, cls):
+            headers = {}
+            if isinstance(exc, Overloaded):
+                headers["Retry-After"] = str(max(1, round(exc.retry_after)))
+            elif isinstance(exc, ModelLoading):
+                headers["Retry-After"] = "2"
+            return web.json_response(error_body(str(exc), type_, code), status=status, headers=headers)
+    raise AssertionError("unreachable: PotluckError is in the map")
+
+
+@web.middleware
+async def errors_middleware(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Translate exceptions into OpenAI-shaped errors and count every request."""
+    state = request.app[API_STATE]
+    endpoint = request.match_info.route.resource.canonical if request.match_info.route.resource else "unknown"
+    try:
+        response = await handler(request)
+    except PotluckError as exc:
+        response = error_response(exc)
+    except web.HTTPRequestEntityTooLarge as exc:
+        response = web.json_response(
+            error_body(
+                f"request body is larger than {state.settings.max_body_bytes} bytes",
+                "invalid_request_error",
+                "request_too_large",
+            ),
+            status=413,
+        )
+        log.info("rejected oversized body: %s", exc.text)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        response = web.json_response(
+            error_body(f"{exc.reason}: {request.method} {request.path}", "invalid_request_error"),
+            status=exc.status,
+        )
+    state.metrics.requests.labels(endpoint, str(response.status)).inc()
+    return response
+
+
+async def _parse(request: web.Request, model: type[BaseModel]) -> Any:
+    body = await request.read()
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        if first["type"] == "json_invalid":
+            raise RequestError(f"malformed JSON body: {first['msg']}") from exc
+        where = ".".join(str(p) for p in first["loc"]) or "body"
+        raise RequestError(f"invalid parameter '{where}': {first['msg']}") from exc
+
+
+def _headers(request: web.Request) -> tuple[tuple[str, str], ...]:
+    return tuple((h, request.headers[h]) for h in FORWARDED_HEADERS if h in request.headers)
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    body: ChatCompletionRequest = await _parse(request, ChatCompletionRequest)
+    state = request.app[API_STATE]
+    gen = GenerationRequest(
+        model=body.model or "",
+        params=body.sampling(state.settings.default_max_tokens),
+        messages=tuple(m.to_message() for m in body.messages),
+        headers=_headers(request),
+    )
+    return await _complete(request, gen, body.stream, chat=True, include_usage=_include_usage(body))
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    body: CompletionRequest = await _parse(request, CompletionRequest)
+    state = request.app[API_STATE]
+    gen = GenerationRequest(
+        model=body.model or "",
+        params=body.sampling(state.settings.default_max_tokens),
+        prompt=body.prompt_text,
+        headers=_headers(request),
+    )
+    echo = body.prompt_text if body.echo else ""
+    return await _complete(request, gen, body.stream, chat=False, include_usage=_include_usage(body), echo=echo)
+
+
+def _include_usage(body: BaseModel) -> bool:
+    opts = (body.model_extra or {}).get("stream_options")
+    return isinstance(opts, dict) and bool(opts.get("include_usage"))
+
+
+class _Shaper:
+    """Builds OpenAI response objects for chat (``chat.completion``) or text (``text_completion``)."""
+
+    def __init__(self, chat: bool, model: str) -> None:
+        self.chat = chat
+        self.model = model
+        self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        self.created = int(time.time())
+
+    def _envelope(self, obj: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": choices}
+
+    def chunk(self, text: str | None, finish: str | None, first: bool = False) -> dict[str, Any]:
+        if self.chat:
+            delta: dict[str, Any] = {"role": "assistant", "content": ""} if first else {}
+            if text is not None:
+                delta["content"] = text
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            return self._envelope("chat.completion.chunk", [choice])
+        choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+        return self._envelope("text_completion", [choice])
+
+    def usage_chunk(self, usage: dict[str, int]) -> dict[str, Any]:
+        obj = self._envelope("chat.completion.chunk" if self.chat else "text_completion", [])
+        obj["usage"] = usage
+        return obj
+
+    def whole(self, text: str, finish: str, usage: dict[str, int]) -> dict[str, Any]:
+        if self.chat:
+            message = {"role": "assistant", "content": text}
+            choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}
+            obj = self._envelope("chat.completion", [choice])
+        else:
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+            obj = self._envelope("text_completion", [choice])
+        obj["usage"] = usage
+        return obj
+
+
+def _usage(done: Finished) -> dict[str, int]:
+    return {
+        "prompt_tokens": done.prompt_tokens,
+        "completion_tokens": done.completion_tokens,
+        "total_tokens": done.prompt_tokens + done.completion_tokens,
+    }
+
+
+async def _complete(
+    request: web.Request,
+    gen: GenerationRequest,
+    stream: bool,
+    *,
+    chat: bool,
+    include_usage: bool,
+    echo: str = "",
+) -> web.StreamResponse:
+    state = request.app[API_STATE]
+    route = state.router.resolve(gen.model)
+    shaper = _Shaper(chat, route.model_id)
+    metrics = state.metrics
+    t0 = time.perf_counter()
+    events = _observed(route.stream(gen), metrics, route.model_id, t0)
+    if not stream:
+        parts = [echo]
+        async with aclosing(events) as it:
+            async for event in it:
+                if isinstance(event, TextDelta):
+                    parts.append(event.text)
+                else:
+                    done = event
+        return web.json_response(shaper.whole("".join(parts), done.finish_reason, _usage(done)))
+
+    # Pull the first event before sending headers, so early errors (queue full, bad prompt)
+    # still get their proper status code.
+    async with aclosing(events) as it:
+        first = await anext(it)
+        response = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        )
+        await response.prepare(request)
+        try:
+            await _send(response, shaper.chunk(echo if echo or chat else None, None, first=True))
+            event = first
+            while True:
+                if isinstance(event, TextDelta):
+                    await _send(response, shaper.chunk(event.text, None))
+                else:
+                    await _send(response, shaper.chunk(None, event.finish_reason))
+                    if include_usage:
+                        await _send(response, shaper.usage_chunk(_usage(event)))
+                    break
+                event = await anext(it)
+            await response.write(b"data: [DONE]\n\n")
+        except (ClientConnectionResetError, ConnectionResetError):
+            metrics.cancelled.inc()
+            log.info("client went away; generation cancelled")
+            return response
+        except PotluckError as exc:
+            log.warning("stream failed after it started: %s", exc)
+            body = json.loads(error_response(exc).text or "{}")
+            await _send(response, body)
+            return response
+    return response
+
+
+async def _send(response: web.StreamResponse, obj: dict[str, Any]) -> None:
+    await response.write(b"data: " + json.dumps(obj, ensure_ascii=False).encode() + b"\n\n")
+
+
+async def _observed(
+    events: AsyncIterator[TextDelta | Finished], metrics: NodeMetrics, model: str, t0: float
+) -> AsyncIterator[TextDelta | Finished]:
+    """Pass events through, recording TTFT, latency and token counts."""
+    first = True
+    async with aclosing(events) as it:
+        async for event in it:
+            if first and isinstance(event, TextDelta):
+                metrics.ttft.labels(model).observe(time.perf_counter() - t0)
+                first = False
+            if isinstance(event, Finished):
+                metrics.latency.labels(model).observe(time.perf_counter() - t0)
+                metrics.tokens_generated.labels(model).inc(event.completion_tokens)
+                metrics.prompt_tokens.labels(model).inc(event.prompt_tokens)
+            yield event
+
+
+async def list_models(request: web.Request) -> web.Response:
+    state = request.app[API_STATE]
+    data = [
+        {"id": m.id, "object": "model", "created": 0, "owned_by": m.owned_by} for m in state.router.listings()
+    ]
+    return web.json_response({"object": "list", "data": data})
+
+
+def _local_models(router: Router) -> list[dict[str, Any]]:
+    return [asdict(r.info) for r in router.local_routes if isinstance(r, LocalRoute)]
+
+
+async def healthz(request: web.Request) -> web.Response:
+    state = request.app[API_STATE]
+    ready = bool(state.router.local_routes)
+    return web.json_response({"status": "ok" if ready else "loading", "peer_id": state.peer_id})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    state = request.app[API_STATE]
+    return web.Response(body=state.metrics.render(), headers={"Content-Type": state.metrics.content_type})
+
+
+async def node_info(request: web.Request) -> web.Response:
+    state = request.app[API_STATE]
+    routes = [r for r in state.router.local_routes if isinstance(r, LocalRoute)]
+    return web.json_response(
+        {
+            "peer_id": state.peer_id,
+            "version": __version__,
+            "uptime_s": time.monotonic() - state.started_at,
+            "models": _local_models(state.router),
+            "queue_depth": sum(r.runner.queue_depth for r in routes),
+            "active_requests": sum(r.runner.active for r in routes),
+        }
+    )
+
+
+def build_app(state: ApiState) -> web.Application:
+    """The aiohttp application serving the API for ``state``."""
+    app = web.Application(client_max_size=state.settings.max_body_bytes, middlewares=[errors_middleware])
+    app[API_STATE] = state
+    app.router.add_get("/v1/models", list_models)
+    app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_post("/v1/completions", completions)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/api/node", node_info)
+    return app

@@ -1,0 +1,85 @@
+"""A small blocking client for a node's HTTP API, used by the CLI (stdlib ``urllib`` only)."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from typing import Any
+
+from potluck.errors import PotluckError
+
+TIMEOUT_S = 600.0
+
+
+class ClientError(PotluckError):
+    """The node could not be reached or answered with an error."""
+
+
+def _open(req: urllib.request.Request, timeout: float) -> Any:
+    try:
+        return urllib.request.urlopen(req, timeout=timeout)  # noqa: S310 (http only, user-given URL)
+    except urllib.error.HTTPError as exc:
+        try:
+            message = json.loads(exc.read())["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            message = exc.reason
+        raise ClientError(f"node answered {exc.code}: {message}") from exc
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise ClientError(
+            f"cannot reach a node at {req.full_url} ({reason}); is `potluck node start` running?"
+        ) from exc
+
+
+def get_json(url: str, timeout: float = 10.0) -> Any:
+    """GET ``url`` and decode its JSON body.
+
+    Raises:
+        ClientError: unreachable, HTTP error, or not JSON.
+    """
+    with _open(urllib.request.Request(url), timeout) as resp:
+        try:
+            return json.loads(resp.read())
+        except ValueError as exc:
+            raise ClientError(f"{url} did not return JSON") from exc
+
+
+def stream_chat(
+    base_url: str, messages: list[dict[str, str]], model: str | None, max_tokens: int, temperature: float
+) -> Iterator[str]:
+    """Stream a chat completion; yields text pieces as they arrive.
+
+    Raises:
+        ClientError: unreachable, HTTP error, or an error event mid-stream.
+    """
+    body: dict[str, Any] = {
+        "messages": messages,
+        "max_tokens": max_tokens,
+        "temperature": temperature,
+        "stream": True,
+    }
+    if model:
+        body["model"] = model
+    req = urllib.request.Request(
+        base_url + "/v1/chat/completions",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
+    with _open(req, TIMEOUT_S) as resp:
+        for raw in resp:
+            line = raw.decode("utf-8", errors="replace").strip()
+            if not line.startswith("data:"):
+                continue
+            data = line[5:].strip()
+            if data == "[DONE]":
+                return
+            event = json.loads(data)
+            if "error" in event:
+                raise ClientError(f"generation failed: {event['error'].get('message')}")
+            for choice in event.get("choices", []):
+                piece = choice.get("delta", {}).get("content")
+                if piece:
+                    yield piece

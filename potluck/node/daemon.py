@@ -1,0 +1,174 @@
+"""The node: owns every component and tears them down in reverse order.
+
+Start-up: identity -> model file validated -> HTTP API listening (503 while loading) -> model
+loaded in a worker thread -> served. Shutdown (SIGINT/SIGTERM or a failed component): stop
+accepting, let in-flight streams end (cancelled past a grace period), unload the model, exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from contextlib import AsyncExitStack, asynccontextmanager
+from collections.abc import AsyncIterator
+from types import TracebackType
+
+from aiohttp import web
+from rich.console import Console
+
+from potluck.config import Settings
+from potluck.errors import PotluckError
+from potluck.inference.backend import Backend
+from potluck.inference.factory import create_backend
+from potluck.inference.resolve import ResolvedModel, resolve_model
+from potluck.inference.runner import ModelRunner
+from potluck.node.api import ApiState, build_app
+from potluck.node.identity import NodeIdentity, load_or_create_identity
+from potluck.node.metrics import NodeMetrics
+from potluck.node.router import Router
+from potluck.node.routes import LocalRoute
+from potluck.node.tasks import TaskOwner
+
+log = logging.getLogger(__name__)
+
+SHUTDOWN_GRACE_S = 5.0
+
+
+class Node:
+    """A running potluck node (async context manager).
+
+    Attributes:
+        identity: the node's key pair and peer ID.
+        router: resolves model names to routes.
+        metrics: Prometheus metrics.
+        url: base URL of the HTTP API once listening.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.identity: NodeIdentity = load_or_create_identity(settings.data_dir)
+        self.router = Router()
+        self.metrics = NodeMetrics()
+        self.metrics.track_queue_depth(self._queue_depth)
+        self.url = ""
+        self.tasks = TaskOwner("node")
+        self._stack = AsyncExitStack()
+        self._model: ResolvedModel | None = None
+        self._backend: Backend | None = None
+
+    def _queue_depth(self) -> float:
+        return float(sum(r.runner.queue_depth for r in self.router.local_routes if isinstance(r, LocalRoute)))
+
+    async def __aenter__(self) -> Node:
+        try:
+            await self._start()
+        except BaseException:
+            await self._stack.aclose()
+            raise
+        return self
+
+    async def _start(self) -> None:
+        s = self.settings
+        # Resolve and validate before listening: a bad --model fails fast with a clear message.
+        self._model = await asyncio.to_thread(resolve_model, s.model, s.cache_dir)
+        self._backend = create_backend(s, self._model.path)
+        model_id = self._backend.info.model_id
+        self.router.mark_loading(model_id)
+        await self._stack.enter_async_context(self.tasks)
+        await self._stack.enter_async_context(self._http())
+        # Route providers and overlay services enter the stack here, after the API is up.
+        self.tasks.start(self._load(self._backend), "load-model")
+
+    @asynccontextmanager
+    async def _http(self) -> AsyncIterator[None]:
+        s = self.settings
+        state = ApiState(s, self.router, self.metrics, self.identity.peer_id, time.monotonic())
+        runner = web.AppRunner(
+            build_app(state), handler_cancellation=True, shutdown_timeout=SHUTDOWN_GRACE_S, access_log=None
+        )
+        await runner.setup()
+        try:
+            site = web.TCPSite(runner, s.host, s.port)
+            try:
+                await site.start()
+            except OSError as exc:
+                raise PotluckError(f"cannot listen on {s.host}:{s.port}: {exc.strerror}; pick --port") from exc
+            host, port = runner.addresses[0][:2]
+            self.url = f"http://{host}:{port}"
+            log.info("API listening on %s (OpenAI-compatible: %s/v1)", self.url, self.url)
+            yield
+        finally:
+            log.info("stopping the API")
+            await runner.cleanup()
+
+    async def _load(self, backend: Backend) -> None:
+        t0 = time.perf_counter()
+        runner = ModelRunner(backend, self.settings.max_queue)
+        await asyncio.to_thread(backend.load)
+        self._stack.callback(self._unload, runner)
+        self.router.add_local(LocalRoute(runner))
+        log.info("serving model %s (loaded in %.1f s)", backend.info.model_id, time.perf_counter() - t0)
+
+    def _unload(self, runner: ModelRunner) -> None:
+        self.router.remove_local(runner.backend.info.model_id)
+        runner.close()
+        log.info("model %s unloaded", runner.backend.info.model_id)
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self._stack.aclose()
+
+    @property
+    def is_demo(self) -> bool:
+        return bool(self._model and self._model.is_demo)
+
+
+def _banner(node: Node, console: Console) -> None:
+    console.print(f"[bold]potluck node[/] peer ID [cyan]{node.identity.peer_id}[/]")
+    console.print(f"API: {node.url}/v1   metrics: {node.url}/metrics")
+    if node.is_demo:
+        console.print(
+            "[bold yellow]warning:[/] no model configured and none cached: serving the built-in demo "
+            "model, whose weights are RANDOM (its answers are gibberish). Pass a real model with "
+            "`--model PATH.gguf` or `--model owner/repo:file.gguf`, or run `potluck models pull`."
+        )
+
+
+async def serve(settings: Settings, console: Console | None = None) -> int:
+    """Run a node until SIGINT/SIGTERM; returns the exit code (0 clean, 1 a component failed)."""
+    console = console or Console(stderr=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        async with Node(settings) as node:
+            _banner(node, console)
+            stopper = asyncio.ensure_future(stop.wait())
+            failer = asyncio.ensure_future(node.tasks.failed.wait())
+            try:
+                await asyncio.wait({stopper, failer}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                stopper.cancel()
+                failer.cancel()
+            log.info("shutting down")
+            if node.tasks.failure is not None:
+                failure = node.tasks.failure
+                raise failure if isinstance(failure, PotluckError) else PotluckError(str(failure))
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+    log.info("stopped")
+    return 0
+
+
+def run_node(settings: Settings) -> None:
+    """Blocking entry point for ``potluck node start``.
+
+    Raises:
+        PotluckError: start-up failed or a component failed while running.
+    """
+    asyncio.run(serve(settings))
