@@ -1,0 +1,293 @@
+"""Byte streams and the frame channel on top of them.
+
+Two layers, so another transport can slot in under the star logic and the shard transfer:
+
+- :class:`ByteStream` is the transport seam: scatter-gather ``send`` and ``recv_into`` with an absolute
+  deadline. :class:`SocketStream` implements it over a blocking TCP socket (TCP_NODELAY, ``sendmsg``,
+  ``recvmsg_into``). A libp2p-stream implementation (through ``overlay/bridge.py``) is the planned
+  fallback when no direct TCP path exists; it only has to provide these three methods.
+- :class:`FrameChannel` sends and receives :mod:`potluck.sharding.frames` frames over a stream, checks
+  sequence numbers per direction and receives arrays straight into caller buffers (no copies).
+
+Deadlines are absolute ``time.monotonic()`` values (``math.inf`` waits forever). A channel is used by
+one thread at a time.
+
+Errors: :class:`~potluck.errors.TransferError` when the peer closed, reset or stalled past the
+deadline; :class:`~potluck.errors.ClosedError` after our own ``close()``;
+:class:`~potluck.errors.ProtocolViolation` for a malformed frame or an unexpected kind/sequence/shape.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import socket
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+from potluck.errors import ClosedError, ProtocolViolation, TransferError
+from potluck.sharding import frames
+from potluck.sharding.frames import DType, Kind
+
+__all__ = ["ByteStream", "Frame", "FrameChannel", "SocketStream", "configure_socket"]
+
+log = logging.getLogger(__name__)
+
+_SOCKET_BUFFER_BYTES = 4 * 1024 * 1024
+
+
+class ByteStream(Protocol):
+    """A reliable, ordered byte stream with deadlines (TCP socket, later a libp2p stream)."""
+
+    def send(self, buffers: Sequence[bytes | memoryview], deadline: float) -> None:
+        """Send every byte of ``buffers`` in order (scatter-gather) before ``deadline``.
+
+        Raises:
+            TransferError: peer closed or reset, or the deadline passed.
+            ClosedError: we closed the stream.
+        """
+        ...
+
+    def recv_into(self, buffers: Sequence[memoryview], deadline: float) -> int:
+        """Receive at least one byte into ``buffers`` (filled in order); return how many.
+
+        Raises:
+            TransferError: peer closed (end of stream), reset, or the deadline passed.
+            ClosedError: we closed the stream.
+        """
+        ...
+
+    def close(self) -> None:
+        """Close; idempotent."""
+        ...
+
+
+def configure_socket(sock: socket.socket) -> None:
+    """TCP_NODELAY, keepalive and 4 MiB buffers: latency, not bandwidth, dominates the star."""
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+        sock.setsockopt(socket.SOL_SOCKET, opt, _SOCKET_BUFFER_BYTES)
+
+
+class SocketStream:
+    """:class:`ByteStream` over a blocking TCP socket. Takes ownership of ``sock``."""
+
+    def __init__(self, sock: socket.socket, *, peer: str = "") -> None:
+        self._sock = sock
+        self._closed = False
+        self.peer = peer or _peer_name(sock)
+
+    def _arm(self, deadline: float) -> None:
+        if self._closed:
+            raise ClosedError(f"stream to {self.peer} is closed")
+        if deadline == math.inf:
+            self._sock.settimeout(None)
+            return
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TransferError(f"deadline passed on the stream to {self.peer}")
+        self._sock.settimeout(remaining)
+
+    def _translate(self, exc: OSError, what: str) -> Exception:
+        if self._closed:
+            return ClosedError(f"stream to {self.peer} was closed during {what}")
+        if isinstance(exc, TimeoutError):
+            return TransferError(f"{what} to/from {self.peer} timed out")
+        return TransferError(f"{what} to/from {self.peer} failed: {exc}")
+
+    def send(self, buffers: Sequence[bytes | memoryview], deadline: float) -> None:
+        views = [memoryview(b) for b in buffers if len(b)]
+        while views:
+            self._arm(deadline)
+            try:
+                sent = self._sock.sendmsg(views)
+            except OSError as exc:
+                raise self._translate(exc, "send") from exc
+            while sent:
+                n = views[0].nbytes
+                if sent >= n:
+                    sent -= n
+                    views.pop(0)
+                else:
+                    views[0] = views[0][sent:]
+                    sent = 0
+
+    def recv_into(self, buffers: Sequence[memoryview], deadline: float) -> int:
+        self._arm(deadline)
+        try:
+            n = self._sock.recvmsg_into(buffers)[0]
+        except OSError as exc:
+            raise self._translate(exc, "receive") from exc
+        if n == 0:
+            if self._closed:
+                raise ClosedError(f"stream to {self.peer} is closed")
+            raise TransferError(f"{self.peer} closed the connection")
+        return n
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass  # already disconnected: nothing left to shut down
+        self._sock.close()
+
+
+def _peer_name(sock: socket.socket) -> str:
+    try:
+        host, port = sock.getpeername()[:2]
+    except OSError:
+        return "<unconnected>"
+    return f"{host}:{port}"
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    """A received frame: kind, decoded control header, optional array (owns its memory)."""
+
+    kind: Kind
+    header: dict[str, Any]
+    array: np.ndarray | None
+
+
+class FrameChannel:
+    """Sequenced frames over a :class:`ByteStream`.
+
+    Args:
+        stream: the transport; the channel owns it.
+        max_frame_bytes: largest frame accepted or sent (prefix + header + payload).
+    """
+
+    def __init__(self, stream: ByteStream, *, max_frame_bytes: int = frames.DEFAULT_MAX_FRAME_BYTES) -> None:
+        self.stream = stream
+        self.max_frame_bytes = max_frame_bytes
+        self._send_seq = 0
+        self._recv_seq = 0
+        self._prefix = bytearray(frames.PREFIX.size)
+        self._prefix_view = memoryview(self._prefix)
+
+    @property
+    def peer(self) -> str:
+        return str(getattr(self.stream, "peer", "?"))
+
+    # -- sending -------------------------------------------------------------------------------------
+
+    def send(
+        self,
+        kind: Kind,
+        header: dict[str, Any] | None = None,
+        array: np.ndarray | None = None,
+        *,
+        deadline: float,
+    ) -> None:
+        """Send one frame. ``array`` must be a :func:`frames.wire_array` (or None).
+
+        Raises:
+            ProtocolViolation: header/array not framable or frame too large (nothing was sent).
+            TransferError, ClosedError: see :class:`ByteStream`.
+        """
+        self.send_packed(kind, frames.pack_header(header), array, deadline=deadline)
+
+    def send_packed(self, kind: Kind, packed: bytes, array: np.ndarray | None, *, deadline: float) -> None:
+        """:meth:`send` with a header already packed by :func:`frames.pack_header`."""
+        head, payload = frames.encode_packed(
+            kind, self._send_seq, packed, array, max_frame_bytes=self.max_frame_bytes
+        )
+        self._send_seq += 1
+        self.stream.send((head,) if payload is None else (head, payload), deadline)
+
+    # -- receiving -----------------------------------------------------------------------------------
+
+    def _fill(self, views: list[memoryview], deadline: float) -> None:
+        while views:
+            got = self.stream.recv_into(views, deadline)
+            while got:
+                n = views[0].nbytes
+                if got >= n:
+                    got -= n
+                    views.pop(0)
+                else:
+                    views[0] = views[0][got:]
+                    got = 0
+
+    def _prefix_ok(self, max_frame_bytes: int | None) -> frames.Prefix:
+        prefix = frames.decode_prefix(self._prefix, max_frame_bytes=max_frame_bytes or self.max_frame_bytes)
+        if prefix.seq != self._recv_seq:
+            raise ProtocolViolation(
+                f"sequence number {prefix.seq} from {self.peer}, expected {self._recv_seq}"
+            )
+        self._recv_seq += 1
+        if prefix.kind is Kind.CLOSE:
+            raise TransferError(f"{self.peer} closed the channel")
+        return prefix
+
+    def recv(self, *, deadline: float, max_frame_bytes: int | None = None) -> Frame:
+        """Receive the next frame of any kind; the array (if any) is a fresh, owned numpy array.
+
+        Args:
+            deadline: absolute monotonic deadline.
+            max_frame_bytes: a tighter size limit for this frame (e.g. during the handshake).
+
+        Raises:
+            ProtocolViolation: malformed frame or wrong sequence number.
+            TransferError: the peer sent CLOSE, closed, reset or stalled past the deadline.
+        """
+        self._fill([self._prefix_view], deadline)
+        prefix = self._prefix_ok(max_frame_bytes)
+        header_buf = bytearray(prefix.header_len)
+        array = None
+        views = [memoryview(header_buf)] if prefix.header_len else []
+        if prefix.dtype is not DType.NONE:
+            array = np.empty(prefix.shape, dtype=prefix.np_dtype)
+            if prefix.payload_len:
+                views.append(memoryview(array.reshape(-1).view(np.uint8)))
+        self._fill(views, deadline)
+        return Frame(prefix.kind, frames.decode_header(header_buf), array)
+
+    def recv_array_into(self, kind: Kind, out: np.ndarray, *, deadline: float) -> None:
+        """Receive a frame of ``kind`` with an empty header whose array has exactly ``out``'s dtype and
+        shape, straight into ``out`` (one scatter read of prefix + payload, no copy).
+
+        Raises:
+            ProtocolViolation: another kind, dtype, shape or a non-empty header (checked as soon as the
+                prefix has arrived, so a mismatch never waits for the deadline).
+            TransferError: as :meth:`recv`.
+        """
+        payload = memoryview(out.reshape(-1).view(np.uint8))
+        views = [self._prefix_view, payload] if payload.nbytes else [self._prefix_view]
+        got_prefix = 0
+        need = frames.PREFIX.size
+        while views:
+            got = self.stream.recv_into(views, deadline)
+            if got_prefix < need:
+                got_prefix += got
+                if got_prefix >= need:
+                    self._expect(kind, out)
+            while got:
+                n = views[0].nbytes
+                if got >= n:
+                    got -= n
+                    views.pop(0)
+                else:
+                    views[0] = views[0][got:]
+                    got = 0
+
+    def _expect(self, kind: Kind, out: np.ndarray) -> None:
+        prefix = self._prefix_ok(None)
+        if prefix.kind is not kind:
+            raise ProtocolViolation(f"{self.peer} sent a {prefix.kind.name} frame, expected {kind.name}")
+        if prefix.header_len or prefix.np_dtype != out.dtype or prefix.shape != out.shape:
+            raise ProtocolViolation(
+                f"{self.peer} sent {prefix.kind.name} with dtype {prefix.dtype.name}, shape {prefix.shape}, "
+                f"header {prefix.header_len} bytes; expected {out.dtype}, {out.shape}, no header"
+            )
+
+    def close(self) -> None:
+        self.stream.close()
