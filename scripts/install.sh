@@ -43,7 +43,8 @@ if ! ls "$wheelhouse"/llama_cpp_python-"$LLAMA_CPP_PYTHON_VERSION"-*.whl >/dev/n
     "llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION" -w "$wheelhouse"
 fi
 
-"$PY" -m pip install --no-index --find-links "$wheelhouse" "llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION"
+# --no-deps: its dependencies (numpy, jinja2, diskcache) come with the project install below.
+"$PY" -m pip install --no-index --no-deps --find-links "$wheelhouse" "llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION"
 if [ -n "$EXTRAS" ]; then target="$here[$EXTRAS]"; else target="$here"; fi
 "$PY" -m pip install -e "$target"
 echo "potluck: installed; try \`potluck node start\`"

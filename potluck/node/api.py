@@ -168,9 +168,8 @@ async def completions(request: web.Request) -> web.StreamResponse:
     return await _complete(request, gen, body.stream, chat=False, include_usage=_include_usage(body), echo=echo)
 
 
-def _include_usage(body: BaseModel) -> bool:
-    opts = (body.model_extra or {}).get("stream_options")
-    return isinstance(opts, dict) and bool(opts.get("include_usage"))
+def _include_usage(body: ChatCompletionRequest | CompletionRequest) -> bool:
+    return body.stream_options is not None and body.stream_options.include_usage
 
 
 class _Shaper:

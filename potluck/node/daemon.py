@@ -57,6 +57,7 @@ class Node:
         self._stack = AsyncExitStack()
         self._model: ResolvedModel | None = None
         self._backend: Backend | None = None
+        self._runners: list[ModelRunner] = []
 
     def _queue_depth(self) -> float:
         return float(sum(r.runner.queue_depth for r in self.router.local_routes if isinstance(r, LocalRoute)))
@@ -76,6 +77,7 @@ class Node:
         self._backend = create_backend(s, self._model.path)
         model_id = self._backend.info.model_id
         self.router.mark_loading(model_id)
+        self._stack.push_async_callback(self._unload_all)  # runs after the API has stopped
         await self._stack.enter_async_context(self.tasks)
         await self._stack.enter_async_context(self._http())
         # Route providers and overlay services enter the stack here, after the API is up.
@@ -106,15 +108,17 @@ class Node:
     async def _load(self, backend: Backend) -> None:
         t0 = time.perf_counter()
         runner = ModelRunner(backend, self.settings.max_queue)
+        self._runners.append(runner)
         await asyncio.to_thread(backend.load)
-        self._stack.callback(self._unload, runner)
         self.router.add_local(LocalRoute(runner))
         log.info("serving model %s (loaded in %.1f s)", backend.info.model_id, time.perf_counter() - t0)
 
-    def _unload(self, runner: ModelRunner) -> None:
-        self.router.remove_local(runner.backend.info.model_id)
-        runner.close()
-        log.info("model %s unloaded", runner.backend.info.model_id)
+    async def _unload_all(self) -> None:
+        while self._runners:
+            runner = self._runners.pop()
+            self.router.remove_local(runner.backend.info.model_id)
+            await asyncio.to_thread(runner.close)
+            log.info("model %s unloaded", runner.backend.info.model_id)
 
     async def __aexit__(
         self, et: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None

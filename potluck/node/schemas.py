@@ -16,6 +16,11 @@ from potluck.inference.backend import ChatMessage, SamplingParams
 MAX_STOP = 4
 
 
+class _StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+    include_usage: bool = False
+
+
 class _CompletionBase(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True)
 
@@ -28,6 +33,7 @@ class _CompletionBase(BaseModel):
     seed: int | None = None
     stop: str | list[str] | None = None
     stream: bool = False
+    stream_options: _StreamOptions | None = None
     n: Literal[1] = 1
 
     @field_validator("stop")
