@@ -128,11 +128,12 @@ def dtype_code(dtype: np.dtype[Any]) -> DType:
     Raises:
         ProtocolViolation: dtype outside the whitelist (float32, float16, uint8 as bytes).
     """
-    if dtype == np.float32:
+    key = (dtype.kind, dtype.itemsize)
+    if key == ("f", 4):
         return DType.FLOAT32
-    if dtype == np.float16:
+    if key == ("f", 2):
         return DType.FLOAT16
-    if dtype == np.uint8:
+    if key == ("u", 1):
         return DType.BYTES
     raise ProtocolViolation(f"dtype {dtype} is not allowed on the wire (float32, float16, bytes)")
 
@@ -148,7 +149,8 @@ def wire_array(array: np.ndarray) -> np.ndarray:
         raise ProtocolViolation(f"array has {array.ndim} dimensions, the wire allows at most {MAX_NDIM}")
     if code is DType.BYTES and array.ndim != 1:
         raise ProtocolViolation("a bytes payload must be 1-D")
-    return np.ascontiguousarray(array, dtype=_NP_DTYPE[code])
+    # np.require, not np.ascontiguousarray: the latter turns 0-d arrays into 1-d ones.
+    return np.require(array, dtype=_NP_DTYPE[code], requirements="C")
 
 
 def encode_prefix(
@@ -216,8 +218,10 @@ def encode_packed(
         code, shape, payload = DType.NONE, (), None
     else:
         code = dtype_code(array.dtype)
-        if not array.flags.c_contiguous or array.ndim > MAX_NDIM:
-            raise ProtocolViolation("payload array must be C-contiguous with at most 4 dimensions")
+        if not array.flags.c_contiguous or array.ndim > MAX_NDIM or array.dtype.str[0] == ">":
+            raise ProtocolViolation(
+                "payload array must be C-contiguous, little-endian, at most 4-D (see wire_array)"
+            )
         shape = array.shape
         if any(d > 0xFFFFFFFF for d in shape):
             raise ProtocolViolation(f"array dimension too large for the wire: {shape}")

@@ -61,7 +61,7 @@ def _check_reduce_input(array: np.ndarray) -> np.ndarray:
         raise TypeError("all_reduce takes a float32 numpy array")
     if array.ndim > frames.MAX_NDIM:
         raise ValueError(f"all_reduce takes at most {frames.MAX_NDIM} dimensions")
-    return np.ascontiguousarray(array)
+    return np.require(array, requirements="C")
 
 
 def _say_goodbye(channel: FrameChannel) -> None:
