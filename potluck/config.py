@@ -72,6 +72,33 @@ class Settings(BaseSettings):
     n_threads: int | None = Field(None, ge=1, le=1024, description="Compute threads (default: all cores).")
     n_batch: int = Field(512, ge=1, le=1 << 16, description="Prompt-processing batch size in tokens.")
 
+    # --- overlay --------------------------------------------------------------------------
+    p2p_enabled: bool = Field(True, description="Join a swarm (libp2p host, discovery, cluster state).")
+    p2p_host: str = Field("0.0.0.0", description="Address the libp2p host listens on (TCP).")
+    p2p_port: int = Field(8643, ge=0, le=65535, description="libp2p TCP port (0 picks a free one).")
+    bootstrap: list[str] = Field(
+        default_factory=list, description="Multiaddrs (with /p2p/<peer ID>) of peers to join through."
+    )
+    swarm: str = Field("default", min_length=1, max_length=64, description="Swarm name; other swarms are refused.")
+    swarm_secret: str | None = Field(
+        None, min_length=8, max_length=256, description="Shared secret of a private swarm (HMAC admission)."
+    )
+    allowlist: list[str] = Field(
+        default_factory=list, description="Peer IDs of your own devices (trust tier 1)."
+    )
+    allowlist_only: bool = Field(False, description="Admit only peers on the allowlist.")
+    lan_discovery: bool = Field(True, description="Find swarm peers on the LAN with zeroconf (mDNS).")
+    dht_enabled: bool = Field(True, description="Kademlia DHT with provider records for served models.")
+    state_interval_s: float = Field(
+        5.0, gt=0, le=3600, description="Seconds between re-issues of this node's signed state record."
+    )
+    state_ttl_s: float = Field(
+        30.0, gt=0, le=600, description="Lifetime of a state record; a silent peer leaves the view after it."
+    )
+    anti_entropy_interval_s: float = Field(
+        15.0, gt=0, le=3600, description="Seconds between full-state syncs with connected peers."
+    )
+
     @classmethod
     def settings_customise_sources(
         cls,

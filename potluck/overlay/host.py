@@ -1,0 +1,255 @@
+"""The node's libp2p host (py-libp2p 0.8): TCP, Noise, Yamux, the node's Ed25519 key as identity.
+
+Everything here runs in the overlay's trio thread (see :mod:`potluck.overlay.bridge`); it uses
+``anyio``, which drives trio natively, so this module never imports trio itself.
+
+Only Noise is offered as a security transport: py-libp2p's default set also offers plaintext,
+secio and TLS, and a plaintext fallback must not exist on a node that serves private prompts.
+Listening on an unspecified address (``0.0.0.0``) announces every interface address instead.
+Later transports (circuit relay v2, AutoNAT, DCUtR: issue 4) plug into :meth:`Libp2pHost.build`
+and :meth:`Libp2pHost.running`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+import ifaddr
+import multiaddr
+from libp2p import new_host
+from libp2p.abc import IHost, INetConn, INetStream, INetwork, INotifee
+from libp2p.crypto.ed25519 import create_new_key_pair
+from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
+from libp2p.exceptions import BaseLibp2pError
+from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import InvalidAddrError, info_from_p2p_addr
+from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
+from libp2p.security.noise.transport import Transport as NoiseTransport
+from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
+from libp2p.stream_muxer.yamux.yamux import Yamux
+
+from potluck.errors import ConfigError, ConnectError, PotluckError
+from potluck.node.identity import NodeIdentity, PeerId
+
+log = logging.getLogger(__name__)
+
+StreamHandler = Callable[[INetStream, PeerId], Awaitable[None]]
+_CONN_EVENTS = 256  # bounded queue of connect/disconnect events
+
+
+def listen_multiaddr(host: str, port: int) -> multiaddr.Multiaddr:
+    """``/ip4/<host>/tcp/<port>`` (or ``/ip6/...``).
+
+    Raises:
+        ConfigError: ``host`` is not an IP address.
+    """
+    proto = "ip6" if ":" in host else "ip4"
+    try:
+        return multiaddr.Multiaddr(f"/{proto}/{host}/tcp/{port}")
+    except (ValueError, TypeError, BaseLibp2pError) as exc:
+        raise ConfigError(f"p2p_host {host!r} is not an IP address: {exc}") from exc
+
+
+def parse_peer_multiaddr(addr: str) -> tuple[PeerId, multiaddr.Multiaddr]:
+    """Split ``/ip4/.../tcp/.../p2p/<peer ID>`` into the peer ID and the full multiaddr.
+
+    Raises:
+        ConfigError: not a multiaddr, or it lacks the ``/p2p/<peer ID>`` part.
+    """
+    try:
+        ma = multiaddr.Multiaddr(addr)
+        info = info_from_p2p_addr(ma)
+    except (ValueError, TypeError, InvalidAddrError, BaseLibp2pError) as exc:
+        raise ConfigError(f"bad peer multiaddr {addr!r} (want /ip4/<ip>/tcp/<port>/p2p/<peer ID>): {exc}") from exc
+    return PeerId(info.peer_id.to_base58()), ma
+
+
+def _interface_ipv4() -> list[str]:
+    ips: list[str] = []
+    for adapter in ifaddr.get_adapters():
+        for ip in adapter.ips:
+            if ip.is_IPv4 and isinstance(ip.ip, str) and ip.ip not in ips:
+                ips.append(ip.ip)
+    return ips
+
+
+def _expand_unspecified(addrs: Sequence[multiaddr.Multiaddr]) -> list[multiaddr.Multiaddr]:
+    """Replace ``/ip4/0.0.0.0/...`` by one address per interface (libp2p's ``AddrsFactory``)."""
+    out: list[multiaddr.Multiaddr] = []
+    for addr in addrs:
+        text = str(addr)
+        if text.startswith("/ip4/0.0.0.0/"):
+            rest = text[len("/ip4/0.0.0.0") :]
+            out.extend(multiaddr.Multiaddr(f"/ip4/{ip}{rest}") for ip in _interface_ipv4())
+        elif text not in {str(a) for a in out}:
+            out.append(addr)
+    return out
+
+
+class _ConnNotifee(INotifee):
+    """Forwards connect/disconnect events into a bounded memory stream (never blocks the swarm)."""
+
+    def __init__(self, send: anyio.abc.ObjectSendStream[tuple[str, PeerId]]) -> None:
+        self._send = send
+
+    def _put(self, kind: str, conn: INetConn) -> None:
+        peer = PeerId(conn.muxed_conn.peer_id.to_base58())
+        try:
+            self._send.send_nowait((kind, peer))
+        except anyio.WouldBlock:
+            log.warning("connection event queue full; dropped %s of %s", kind, peer)
+        except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+            pass
+
+    async def connected(self, network: INetwork, conn: INetConn) -> None:
+        self._put("connected", conn)
+
+    async def disconnected(self, network: INetwork, conn: INetConn) -> None:
+        self._put("disconnected", conn)
+
+    async def opened_stream(self, network: INetwork, stream: INetStream) -> None:
+        pass
+
+    async def closed_stream(self, network: INetwork, stream: INetStream) -> None:
+        pass
+
+    async def listen(self, network: INetwork, multiaddr: multiaddr.Multiaddr) -> None:
+        pass
+
+    async def listen_close(self, network: INetwork, multiaddr: multiaddr.Multiaddr) -> None:
+        pass
+
+
+class Libp2pHost:
+    """A py-libp2p host speaking TCP + Noise + Yamux under the node's own key.
+
+    Args:
+        identity: the node's key; its peer ID becomes the libp2p peer ID.
+        listen: multiaddrs to listen on.
+
+    Raises:
+        ConfigError: libp2p derived a different peer ID from the key than potluck did.
+    """
+
+    def __init__(self, identity: NodeIdentity, listen: Sequence[multiaddr.Multiaddr]) -> None:
+        self.identity = identity
+        self.listen = list(listen)
+        key_pair = create_new_key_pair(identity.private_bytes_raw())
+        noise = NoiseTransport(key_pair, noise_privkey=create_x25519_key_pair().private_key)
+        self.host: IHost = new_host(
+            key_pair=key_pair,
+            sec_opt={NOISE_PROTOCOL_ID: noise},
+            muxer_opt={YAMUX_PROTOCOL_ID: Yamux},
+            listen_addrs=self.listen,
+            addrs_factory=_expand_unspecified,
+        )
+        libp2p_id = self.host.get_id().to_base58()
+        if libp2p_id != identity.peer_id:
+            raise ConfigError(f"libp2p derived peer ID {libp2p_id}, potluck {identity.peer_id}")
+        self.peer_id = identity.peer_id
+        self._events_send, self.events = anyio.create_memory_object_stream[tuple[str, PeerId]](_CONN_EVENTS)
+        self.host.get_network().register_notifee(_ConnNotifee(self._events_send))
+
+    @asynccontextmanager
+    async def running(self) -> AsyncIterator[None]:
+        """Listen until the block exits; the swarm, its listeners and connections close after it."""
+        async with self.host.run(self.listen):
+            log.info("libp2p host %s listening on %s", self.peer_id, ", ".join(self.addrs()))
+            try:
+                yield
+            finally:
+                self._events_send.close()
+
+    def addrs(self) -> list[str]:
+        """Announced multiaddrs, each ending in ``/p2p/<peer ID>``."""
+        return [str(a) for a in self.host.get_addrs()]
+
+    def connected_peers(self) -> list[PeerId]:
+        return [PeerId(p.to_base58()) for p in self.host.get_connected_peers()]
+
+    def set_handler(self, protocol: str, handler: StreamHandler) -> None:
+        """Serve ``protocol``: ``handler(stream, remote_peer_id)``; the stream is closed after it.
+
+        The remote peer ID is the one Noise authenticated. Errors the handler lets through are
+        logged and the stream is reset; they never reach the swarm.
+        """
+
+        async def wrapped(stream: INetStream) -> None:
+            peer = PeerId(stream.muxed_conn.peer_id.to_base58())
+            try:
+                await handler(stream, peer)
+            except (PotluckError, BaseLibp2pError, OSError, TimeoutError) as exc:
+                log.debug("%s handler for %s ended: %s", protocol, peer, exc)
+                await _reset_quietly(stream)
+                return
+            await _close_quietly(stream)
+
+        self.host.set_stream_handler(protocol, wrapped)  # type: ignore[arg-type]
+
+    async def connect(self, addr: multiaddr.Multiaddr | str, timeout: float = 10.0) -> PeerId:
+        """Dial a peer by its full multiaddr (with ``/p2p/<peer ID>``).
+
+        Raises:
+            ConfigError: the address lacks a peer ID.
+            ConnectError: the dial failed or took longer than ``timeout`` seconds.
+        """
+        peer, ma = parse_peer_multiaddr(str(addr))
+        if peer == self.peer_id:
+            raise ConnectError("refusing to dial ourselves")
+        try:
+            with anyio.fail_after(timeout):
+                await self.host.connect(info_from_p2p_addr(ma))
+        except TimeoutError as exc:
+            raise ConnectError(f"dialling {addr} timed out after {timeout} s") from exc
+        except (BaseLibp2pError, OSError) as exc:
+            raise ConnectError(f"dialling {addr} failed: {type(exc).__name__}: {exc}") from exc
+        return peer
+
+    async def open_stream(self, peer: PeerId, protocol: str, timeout: float = 10.0) -> INetStream:
+        """Open a stream to a connected (or known) peer and negotiate ``protocol``.
+
+        Raises:
+            ConnectError: no connection could be made or the peer does not speak ``protocol``.
+        """
+        try:
+            with anyio.fail_after(timeout):
+                return await self.host.new_stream(ID.from_base58(peer), [protocol])  # type: ignore[arg-type]
+        except TimeoutError as exc:
+            raise ConnectError(f"opening {protocol} to {peer} timed out after {timeout} s") from exc
+        except (BaseLibp2pError, OSError, ValueError) as exc:
+            raise ConnectError(f"opening {protocol} to {peer} failed: {type(exc).__name__}: {exc}") from exc
+
+    async def disconnect(self, peer: PeerId) -> None:
+        try:
+            await self.host.disconnect(ID.from_base58(peer))
+        except (BaseLibp2pError, OSError) as exc:
+            log.debug("disconnecting %s: %s", peer, exc)
+
+    def add_addrs(self, peer: PeerId, addrs: Sequence[str], ttl: int = 600) -> None:
+        """Remember addresses of ``peer`` in the peerstore (learned from its signed record)."""
+        mas: list[Any] = []
+        for a in addrs:
+            try:
+                mas.append(multiaddr.Multiaddr(a).decapsulate(multiaddr.Multiaddr(f"/p2p/{peer}")))
+            except (ValueError, TypeError, BaseLibp2pError):
+                continue
+        if mas:
+            self.host.get_peerstore().add_addrs(ID.from_base58(peer), mas, ttl)
+
+
+async def _close_quietly(stream: INetStream) -> None:
+    try:
+        await stream.close()
+    except (BaseLibp2pError, OSError):
+        pass
+
+
+async def _reset_quietly(stream: INetStream) -> None:
+    try:
+        await stream.reset()
+    except (BaseLibp2pError, OSError):
+        pass
