@@ -1,0 +1,91 @@
+"""Helpers to run real ``potluck`` processes in end-to-end tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+POTLUCK = [sys.executable, "-m", "potluck.cli"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def offline_env(home: Path, **extra: str) -> dict[str, str]:
+    """Environment for a node process: isolated dirs, no network to Hugging Face."""
+    env = dict(os.environ)
+    env.update(
+        {
+            "POTLUCK_DATA_DIR": str(home / "data"),
+            "POTLUCK_CACHE_DIR": str(home / "cache"),
+            "XDG_CONFIG_HOME": str(home / "config"),
+            "HF_HUB_OFFLINE": "1",
+            "COLUMNS": "200",
+        }
+    )
+    env.update(extra)
+    return env
+
+
+class NodeProcess:
+    """A ``potluck node start`` subprocess; stdout+stderr go to ``log``."""
+
+    def __init__(self, home: Path, *args: str, port: int | None = None, env: dict[str, str] | None = None):
+        home.mkdir(parents=True, exist_ok=True)
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = home / "node.log"
+        self._fh = self.log.open("wb")
+        self.proc = subprocess.Popen(
+            [*POTLUCK, "node", "start", "--port", str(self.port), *args],
+            stdout=self._fh,
+            stderr=subprocess.STDOUT,
+            env=env or offline_env(home),
+        )
+
+    def wait_ready(self, timeout: float = 120.0) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"node exited with {self.proc.returncode}:\n{self.output()}")
+            try:
+                with urllib.request.urlopen(self.url + "/healthz", timeout=2) as resp:
+                    health = json.loads(resp.read())
+                if health["status"] == "ok":
+                    return health
+            except OSError:
+                pass
+            time.sleep(0.2)
+        raise AssertionError(f"node not ready after {timeout} s:\n{self.output()}")
+
+    def output(self) -> str:
+        if not self._fh.closed:
+            self._fh.flush()
+        return self.log.read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGINT, timeout: float = 30.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._fh.close()
+        return self.proc.returncode
+
+    def __enter__(self) -> NodeProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop(signal.SIGKILL if exc[0] else signal.SIGINT)
