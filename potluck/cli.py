@@ -27,6 +27,7 @@ models_app = typer.Typer(help="List and download models.", no_args_is_help=True)
 app.add_typer(node_app, name="node")
 app.add_typer(models_app, name="models")
 # Subsystem command groups register here: app.add_typer(<their app>, name="<group>").
+app.add_typer(__import__("potluck.sharding.cli", fromlist=["shard_app"]).shard_app, name="shard")
 
 console = Console(stderr=True)
 out = Console()
