@@ -67,9 +67,14 @@ class ByteStream(Protocol):
 
 
 def configure_socket(sock: socket.socket) -> None:
-    """TCP_NODELAY, keepalive and 4 MiB buffers: latency, not bandwidth, dominates the star."""
+    """TCP_NODELAY, 4 MiB buffers (latency, not bandwidth, dominates the star) and a short TCP
+    keepalive (probe after 5 s idle, every 2 s, 3 probes), so a peer whose host vanished without a
+    FIN/RST is noticed in about 11 s even by a member waiting without a deadline."""
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for name, value in (("TCP_KEEPIDLE", 5), ("TCP_KEEPINTVL", 2), ("TCP_KEEPCNT", 3)):
+        if hasattr(socket, name):  # Linux; other platforms keep their defaults
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
     for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
         sock.setsockopt(socket.SOL_SOCKET, opt, _SOCKET_BUFFER_BYTES)
 

@@ -23,6 +23,7 @@ worker raises :class:`~potluck.errors.TransferError` when the master goes away o
 from __future__ import annotations
 
 import logging
+import math
 import socket
 import time
 from typing import Any
@@ -280,12 +281,19 @@ class StarWorker:
     """Rank 1..N-1 of a star group, connected to the master. Build it with :meth:`connect`."""
 
     def __init__(
-        self, channel: FrameChannel, rank: int, world_size: int, timeout_s: float, wire_dtype: np.dtype[Any]
+        self,
+        channel: FrameChannel,
+        rank: int,
+        world_size: int,
+        timeout_s: float,
+        wire_dtype: np.dtype[Any],
+        idle_timeout_s: float = math.inf,
     ) -> None:
         self.channel = channel
         self.rank = rank
         self.world_size = world_size
         self.timeout_s = timeout_s
+        self.idle_timeout_s = idle_timeout_s
         self.wire_dtype = wire_dtype
         self._closed = False
 
@@ -299,9 +307,15 @@ class StarWorker:
         timeout_s: float = 10.0,
         wire_dtype: Any = np.float32,
         *,
+        idle_timeout_s: float = math.inf,
         max_frame_bytes: int = frames.DEFAULT_MAX_FRAME_BYTES,
     ) -> StarWorker:
         """Connect to the master at ``address`` and authenticate as ``rank``.
+
+        ``timeout_s`` bounds the connection, the handshake and every :meth:`all_reduce`;
+        ``idle_timeout_s`` bounds :meth:`receive`, the wait for the master's next broadcast, which may
+        legitimately be long while the group is idle (default: no deadline; a master that dies still
+        shows up as a closed connection, and one whose host vanishes through TCP keepalive in ~11 s).
 
         Raises:
             ConnectError: no TCP connection, or it broke during the handshake, within ``timeout_s``.
@@ -328,12 +342,12 @@ class StarWorker:
         except (PeerRefused, ProtocolViolation):
             channel.close()
             raise
-        return cls(channel, rank, world_size, timeout_s, wire)
+        return cls(channel, rank, world_size, timeout_s, wire, idle_timeout_s)
 
-    def _deadline(self, timeout_s: float | None) -> float:
+    def _deadline(self, timeout_s: float) -> float:
         if self._closed:
             raise ClosedError("star worker is closed")
-        return time.monotonic() + (self.timeout_s if timeout_s is None else timeout_s)
+        return time.monotonic() + timeout_s
 
     def broadcast(self, header: dict[str, Any], array: np.ndarray | None = None) -> None:
         raise TypeError("broadcast() is for the master; workers receive")
@@ -342,15 +356,16 @@ class StarWorker:
         """The next ``(header, array)`` broadcast by the master; the array is a fresh owned array.
 
         Args:
-            timeout_s: how long to wait (default: the worker's ``timeout_s``; ``math.inf`` while idle
-                between requests, when a master that crashes still shows up as a closed connection).
+            timeout_s: how long to wait, in seconds (default: ``idle_timeout_s`` given to :meth:`connect`).
 
         Raises:
             TransferError: the master closed the group, went away or sent nothing within the deadline.
             ProtocolViolation: the master sent something other than a broadcast.
             ClosedError: we closed this worker.
         """
-        frame = self.channel.recv(deadline=self._deadline(timeout_s))
+        frame = self.channel.recv(
+            deadline=self._deadline(self.idle_timeout_s if timeout_s is None else timeout_s)
+        )
         if frame.kind is not Kind.BROADCAST:
             raise ProtocolViolation(f"expected a BROADCAST frame from the master, got {frame.kind.name}")
         return frame.header, frame.array
@@ -364,7 +379,7 @@ class StarWorker:
             ClosedError: we closed this worker.
         """
         own = _check_reduce_input(array)
-        deadline = self._deadline(None)
+        deadline = self._deadline(self.timeout_s)
         wire = own if self.wire_dtype == np.float32 else own.astype(self.wire_dtype)
         self.channel.send_packed(Kind.PARTIAL, b"", wire, deadline=deadline)
         total = np.empty(own.shape, dtype=self.wire_dtype)
