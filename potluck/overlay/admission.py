@@ -63,7 +63,9 @@ class Admission:
     ) -> None:
         self.me = me
         self.swarm = swarm
-        self._key = hashlib.sha256(b"potluck-swarm/1\x00" + swarm.encode() + b"\x00" + (secret or "").encode()).digest()
+        self._key = hashlib.sha256(
+            b"potluck-swarm/1\x00" + swarm.encode() + b"\x00" + (secret or "").encode()
+        ).digest()
         self.allowlist = frozenset(allowlist)
         self.allowlist_only = allowlist_only
         self._metrics = metrics
@@ -71,7 +73,9 @@ class Admission:
 
     # ------------------------------------------------------------------ policy
     def mac(self, nonce: bytes, prover: str, verifier: str) -> bytes:
-        msg = b"\x00".join([b"potluck-admit/1", self.swarm.encode(), nonce, prover.encode(), verifier.encode()])
+        msg = b"\x00".join(
+            [b"potluck-admit/1", self.swarm.encode(), nonce, prover.encode(), verifier.encode()]
+        )
         return hmac.new(self._key, msg, hashlib.sha256).digest()
 
     def check_proof(self, proof: AdmitProof, nonce: bytes, prover: PeerId) -> str | None:
@@ -114,15 +118,17 @@ class Admission:
         self._admitted.add(peer)
 
     # ------------------------------------------------------------------ protocol (trio thread)
-    async def initiate(self, frames: FrameStream, remote: PeerId, timeout: float = ADMIT_TIMEOUT_S) -> None:
+    async def initiate(
+        self, frames: FrameStream, remote: PeerId, deadline_s: float = ADMIT_TIMEOUT_S
+    ) -> None:
         """Dialer side of the mutual handshake on a fresh ``/potluck/admit/1`` stream.
 
         Raises:
             PeerRefused: the remote refused us or failed its own proof.
             ProtocolViolation / TransferError: garbage or a broken stream.
-            TimeoutError: past ``timeout`` seconds.
+            TimeoutError: past ``deadline_s`` seconds.
         """
-        with anyio.fail_after(timeout):
+        with anyio.fail_after(deadline_s):
             nonce = secrets.token_bytes(32)
             await frames.send(AdmitChallenge(swarm=self.swarm, nonce=nonce))
             their_proof = _expect(await frames.recv(), AdmitProof)
@@ -137,13 +143,13 @@ class Admission:
                 raise PeerRefused(f"peer {remote} refused to admit us: {result.reason}")
             self._admit(remote)
 
-    async def respond(self, frames: FrameStream, remote: PeerId, timeout: float = ADMIT_TIMEOUT_S) -> None:
+    async def respond(self, frames: FrameStream, remote: PeerId, deadline_s: float = ADMIT_TIMEOUT_S) -> None:
         """Listener side of the handshake (the ``/potluck/admit/1`` stream handler).
 
         Raises:
             PeerRefused: the remote failed its proof (we told it so) or refused ours.
         """
-        with anyio.fail_after(timeout):
+        with anyio.fail_after(deadline_s):
             challenge = _expect(await frames.recv(), AdmitChallenge)
             if challenge.swarm != self.swarm:
                 await frames.send(AdmitResult(ok=False, reason="foreign_swarm"))

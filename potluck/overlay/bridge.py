@@ -218,7 +218,9 @@ class TrioThread:
         except trio.RunFinishedError as exc:
             raise ClosedError("the overlay is shut down") from exc
 
-    async def stream(self, agen_fn: Callable[..., AsyncIterator[T]], *args: Any, maxsize: int = 64) -> AsyncIterator[T]:
+    async def stream(
+        self, agen_fn: Callable[..., AsyncIterator[T]], *args: Any, maxsize: int = 64
+    ) -> AsyncIterator[T]:
         """Iterate, from asyncio, an async generator that runs in the trio thread.
 
         Items travel through a bounded queue of ``maxsize`` entries; the trio producer waits when it

@@ -64,7 +64,9 @@ def parse_peer_multiaddr(addr: str) -> tuple[PeerId, multiaddr.Multiaddr]:
         ma = multiaddr.Multiaddr(addr)
         info = info_from_p2p_addr(ma)
     except (ValueError, TypeError, InvalidAddrError, BaseLibp2pError) as exc:
-        raise ConfigError(f"bad peer multiaddr {addr!r} (want /ip4/<ip>/tcp/<port>/p2p/<peer ID>): {exc}") from exc
+        raise ConfigError(
+            f"bad peer multiaddr {addr!r} (want /ip4/<ip>/tcp/<port>/p2p/<peer ID>): {exc}"
+        ) from exc
     return PeerId(info.peer_id.to_base58()), ma
 
 
@@ -155,9 +157,24 @@ class Libp2pHost:
         self.host.get_network().register_notifee(_ConnNotifee(self._events_send))
 
     @asynccontextmanager
-    async def running(self) -> AsyncIterator[None]:
-        """Listen until the block exits; the swarm, its listeners and connections close after it."""
+    async def running(self, fallback_to_free_port: bool = True) -> AsyncIterator[None]:
+        """Listen until the block exits; the swarm, its listeners and connections close after it.
+
+        py-libp2p 0.8 only logs a failed listen; we check. When the configured port is busy and
+        ``fallback_to_free_port`` is set, listen on a free port of the same address instead.
+
+        Raises:
+            ConfigError: nothing could listen.
+        """
         async with self.host.run(self.listen):
+            if not self.host.get_transport_addrs() and fallback_to_free_port:
+                free = [multiaddr.Multiaddr(str(a).rsplit("/tcp/", 1)[0] + "/tcp/0") for a in self.listen]
+                log.warning(
+                    "cannot listen on %s (port busy?); using a free port", ", ".join(map(str, self.listen))
+                )
+                await self.host.get_network().listen(*free)
+            if not self.host.get_transport_addrs():
+                raise ConfigError(f"libp2p cannot listen on {', '.join(map(str, self.listen))}")
             log.info("libp2p host %s listening on %s", self.peer_id, ", ".join(self.addrs()))
             try:
                 yield
@@ -190,36 +207,36 @@ class Libp2pHost:
 
         self.host.set_stream_handler(protocol, wrapped)  # type: ignore[arg-type]
 
-    async def connect(self, addr: multiaddr.Multiaddr | str, timeout: float = 10.0) -> PeerId:
+    async def connect(self, addr: multiaddr.Multiaddr | str, deadline_s: float = 10.0) -> PeerId:
         """Dial a peer by its full multiaddr (with ``/p2p/<peer ID>``).
 
         Raises:
             ConfigError: the address lacks a peer ID.
-            ConnectError: the dial failed or took longer than ``timeout`` seconds.
+            ConnectError: the dial failed or took longer than ``deadline_s`` seconds.
         """
         peer, ma = parse_peer_multiaddr(str(addr))
         if peer == self.peer_id:
             raise ConnectError("refusing to dial ourselves")
         try:
-            with anyio.fail_after(timeout):
+            with anyio.fail_after(deadline_s):
                 await self.host.connect(info_from_p2p_addr(ma))
         except TimeoutError as exc:
-            raise ConnectError(f"dialling {addr} timed out after {timeout} s") from exc
+            raise ConnectError(f"dialling {addr} timed out after {deadline_s} s") from exc
         except (BaseLibp2pError, OSError) as exc:
             raise ConnectError(f"dialling {addr} failed: {type(exc).__name__}: {exc}") from exc
         return peer
 
-    async def open_stream(self, peer: PeerId, protocol: str, timeout: float = 10.0) -> INetStream:
+    async def open_stream(self, peer: PeerId, protocol: str, deadline_s: float = 10.0) -> INetStream:
         """Open a stream to a connected (or known) peer and negotiate ``protocol``.
 
         Raises:
             ConnectError: no connection could be made or the peer does not speak ``protocol``.
         """
         try:
-            with anyio.fail_after(timeout):
+            with anyio.fail_after(deadline_s):
                 return await self.host.new_stream(ID.from_base58(peer), [protocol])  # type: ignore[arg-type]
         except TimeoutError as exc:
-            raise ConnectError(f"opening {protocol} to {peer} timed out after {timeout} s") from exc
+            raise ConnectError(f"opening {protocol} to {peer} timed out after {deadline_s} s") from exc
         except (BaseLibp2pError, OSError, ValueError) as exc:
             raise ConnectError(f"opening {protocol} to {peer} failed: {type(exc).__name__}: {exc}") from exc
 

@@ -37,10 +37,17 @@ class OverlayMetrics:
             "potluck_overlay_frames_rejected", "Garbage, oversized or schema-invalid RPC frames", registry=r
         )
         self.rpc_calls = Counter(
-            "potluck_overlay_rpc_calls", "RPC calls served, by method and outcome", ["method", "outcome"], registry=r
+            "potluck_overlay_rpc_calls",
+            "RPC calls served, by method and outcome",
+            ["method", "outcome"],
+            registry=r,
         )
-        self.peers = Gauge("potluck_overlay_peers", "Peers in the cluster view (excluding this node)", registry=r)
-        self.rtt = Histogram("potluck_overlay_rtt_seconds", "Measured RPC ping round trips", buckets=_RTT_BUCKETS, registry=r)
+        self.peers = Gauge(
+            "potluck_overlay_peers", "Peers in the cluster view (excluding this node)", registry=r
+        )
+        self.rtt = Histogram(
+            "potluck_overlay_rtt_seconds", "Measured RPC ping round trips", buckets=_RTT_BUCKETS, registry=r
+        )
         self.forward_resumes = Counter(
             "potluck_overlay_forward_resumes", "Forwarded completions resumed on another peer", registry=r
         )

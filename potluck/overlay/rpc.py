@@ -97,7 +97,9 @@ class RpcServer:
         metrics: call and rejection counters.
     """
 
-    def __init__(self, bridge: TrioThread, app: RpcApp, admission: Admission, metrics: OverlayMetrics) -> None:
+    def __init__(
+        self, bridge: TrioThread, app: RpcApp, admission: Admission, metrics: OverlayMetrics
+    ) -> None:
         self.bridge = bridge
         self.app = app
         self.admission = admission
@@ -166,15 +168,15 @@ async def _send_quietly(frames: FrameStream, frame: WireModel) -> None:
 
 # ---------------------------------------------------------------------- client (trio thread)
 async def _open(host: Libp2pHost, peer: PeerId) -> FrameStream:
-    return FrameStream(await host.open_stream(peer, PROTOCOL, timeout=REQUEST_TIMEOUT_S))
+    return FrameStream(await host.open_stream(peer, PROTOCOL, deadline_s=REQUEST_TIMEOUT_S))
 
 
-async def _reply(frames: FrameStream, peer: PeerId, timeout: float) -> WireModel:
+async def _reply(frames: FrameStream, peer: PeerId, deadline_s: float) -> WireModel:
     try:
-        with anyio.fail_after(timeout):
+        with anyio.fail_after(deadline_s):
             frame = await frames.recv()
     except TimeoutError as exc:
-        raise TransferError(f"peer {peer} did not answer within {timeout} s") from exc
+        raise TransferError(f"peer {peer} did not answer within {deadline_s} s") from exc
     if isinstance(frame, ErrorFrame):
         raise_error_frame(frame, peer)
     return frame

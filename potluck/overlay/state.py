@@ -139,7 +139,14 @@ def parse_record(raw: bytes, swarm: str, now: float) -> SignedRecord:
     try:
         fields = msgpack.unpackb(body, raw=False, use_list=False)
         record = PeerRecord.model_validate(fields)
-    except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError, ValidationError) as exc:
+    except (
+        ValueError,
+        TypeError,
+        msgpack.ExtraData,
+        msgpack.FormatError,
+        msgpack.StackError,
+        ValidationError,
+    ) as exc:
         raise RecordRejected("malformed", str(exc).splitlines()[0]) from exc
     if not verify(record.peer_id, _SIG_CONTEXT + body, sig):
         raise RecordRejected("forged", f"signature does not match peer {record.peer_id}")

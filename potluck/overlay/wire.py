@@ -163,9 +163,7 @@ def decode_payload(payload: bytes) -> WireModel:
         ProtocolViolation: not msgpack, not a map with a known ``t``, or fails the schema.
     """
     try:
-        obj: Any = msgpack.unpackb(
-            payload, raw=False, use_list=False, strict_map_key=True
-        )
+        obj: Any = msgpack.unpackb(payload, raw=False, use_list=False, strict_map_key=True)
     except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
         raise ProtocolViolation(f"undecodable frame: {exc}") from exc
     if not isinstance(obj, dict):
@@ -173,7 +171,9 @@ def decode_payload(payload: bytes) -> WireModel:
     try:
         return _FRAME.validate_python(_lists_to_tuples(obj))  # type: ignore[no-any-return]
     except ValidationError as exc:
-        raise ProtocolViolation(f"invalid frame: {exc.error_count()} schema errors: {exc.errors()[0]['msg']}") from exc
+        raise ProtocolViolation(
+            f"invalid frame: {exc.error_count()} schema errors: {exc.errors()[0]['msg']}"
+        ) from exc
 
 
 def _lists_to_tuples(obj: Any) -> Any:
