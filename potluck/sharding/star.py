@@ -142,23 +142,35 @@ class StarMaster:
                 continue
             except OSError as exc:
                 raise ConnectError(f"accepting workers failed: {exc}") from exc
-            self._admit(sock, f"{addr[0]}:{addr[1]}", min(deadline, time.monotonic() + self.timeout_s))
+            configure_socket(sock)
+            channel = FrameChannel(
+                SocketStream(sock, peer=f"{addr[0]}:{addr[1]}"), max_frame_bytes=self.max_frame_bytes
+            )
+            self._admit(channel, min(deadline, time.monotonic() + self.timeout_s))
         if self._listener is not None:
             self._listener.close()
             self._listener = None
 
-    def _admit(self, sock: socket.socket, peer: str, deadline: float) -> None:
-        configure_socket(sock)
-        channel = FrameChannel(SocketStream(sock, peer=peer), max_frame_bytes=self.max_frame_bytes)
+    def admit(self, channel: FrameChannel, timeout_s: float | None = None) -> int | None:
+        """Authenticate a worker that reached us over another byte stream (the seam for the libp2p
+        stream fallback: wrap the stream in a :class:`FrameChannel` and pass it here).
+
+        Returns:
+            The worker's rank, or None when it was refused (logged; the channel is closed).
+        """
+        return self._admit(channel, time.monotonic() + (self.timeout_s if timeout_s is None else timeout_s))
+
+    def _admit(self, channel: FrameChannel, deadline: float) -> int | None:
         try:
             fields = auth.respond(channel, self._key, self._check_hello, deadline=deadline)
         except (PeerRefused, ProtocolViolation, TransferError) as exc:
-            log.warning("refused star connection from %s: %s", peer, exc)
+            log.warning("refused star connection from %s: %s", channel.peer, exc)
             channel.close()
-            return
-        rank = fields["rank"]
+            return None
+        rank: int = fields["rank"]
         self._channels[rank] = channel
-        log.info("star worker rank %d joined from %s", rank, peer)
+        log.info("star worker rank %d joined from %s", rank, channel.peer)
+        return rank
 
     def _check_hello(self, hello: dict[str, Any]) -> None:
         rank = hello.get("rank")
@@ -324,21 +336,43 @@ class StarWorker:
         """
         if not 1 <= rank < world_size:
             raise ValueError(f"worker rank must be in 1..{world_size - 1}, got {rank}")
-        wire = _wire_dtype(wire_dtype)
-        key = auth.check_key(session_key)
-        deadline = time.monotonic() + timeout_s
         try:
             sock = socket.create_connection(address, timeout=timeout_s)
         except OSError as exc:
             raise ConnectError(f"could not connect to star master at {address}: {exc}") from exc
         configure_socket(sock)
         channel = FrameChannel(SocketStream(sock), max_frame_bytes=max_frame_bytes)
+        return cls.over(
+            channel, rank, world_size, session_key, timeout_s, wire_dtype, idle_timeout_s=idle_timeout_s
+        )
+
+    @classmethod
+    def over(
+        cls,
+        channel: FrameChannel,
+        rank: int,
+        world_size: int,
+        session_key: bytes,
+        timeout_s: float = 10.0,
+        wire_dtype: Any = np.float32,
+        *,
+        idle_timeout_s: float = math.inf,
+    ) -> StarWorker:
+        """Authenticate as ``rank`` over an already open channel.
+
+        The channel may sit on any :class:`~potluck.sharding.channel.ByteStream`, e.g. the libp2p
+        stream fallback; the master side is :meth:`StarMaster.admit`. Same errors as :meth:`connect`;
+        the channel is closed when the handshake fails."""
+        if not 1 <= rank < world_size:
+            raise ValueError(f"worker rank must be in 1..{world_size - 1}, got {rank}")
+        wire = _wire_dtype(wire_dtype)
+        key = auth.check_key(session_key)
         hello = {"role": "star", "rank": rank, "world_size": world_size, "wire_dtype": _WIRE_DTYPES[wire]}
         try:
-            auth.initiate(channel, key, hello, deadline=deadline)
+            auth.initiate(channel, key, hello, deadline=time.monotonic() + timeout_s)
         except TransferError as exc:
             channel.close()
-            raise ConnectError(f"star handshake with {address} broke: {exc}") from exc
+            raise ConnectError(f"star handshake with {channel.peer} broke: {exc}") from exc
         except (PeerRefused, ProtocolViolation):
             channel.close()
             raise

@@ -448,3 +448,25 @@ def test_stopped_worker_process_raises_peer_failed_within_the_timeout() -> None:
             master_reduce(master, 8, 1024)
         assert info.value.rank == 1
         assert time.monotonic() - start < 6
+
+
+def test_another_byte_stream_slots_in_under_the_star() -> None:
+    """The star over a Unix socketpair via admit()/over(): the seam the libp2p-stream fallback uses."""
+    with StarMaster(2, KEY, timeout_s=5) as master:
+        a, b = socket.socketpair()
+        holder: dict[str, StarWorker] = {}
+        thread = threading.Thread(
+            target=lambda: holder.setdefault(
+                "w", StarWorker.over(FrameChannel(SocketStream(b, peer="pair")), 1, 2, KEY)
+            )
+        )
+        thread.start()
+        assert master.admit(FrameChannel(SocketStream(a, peer="pair"))) == 1
+        thread.join(timeout=10)
+        with holder["w"] as worker:
+            reducer = threading.Thread(
+                target=lambda: holder.setdefault("sum", worker.all_reduce(np.ones(3, np.float32)))
+            )
+            reducer.start()
+            assert np.array_equal(master.all_reduce(np.ones(3, np.float32)), np.full(3, 2, np.float32))
+            reducer.join(timeout=10)
