@@ -10,6 +10,7 @@ Accepted forms:
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,9 +78,18 @@ def download(spec: str, cache_dir: Path) -> Path:
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
+    from tqdm import TqdmExperimentalWarning
+    from tqdm.rich import tqdm_rich
+
     log.info("downloading %s from %s", hub.filename, hub.repo_id)
     try:
-        path = Path(hf_hub_download(hub.repo_id, hub.filename, cache_dir=_hub_cache(cache_dir)))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", TqdmExperimentalWarning)  # tqdm's rich bar is "experimental"
+            path = Path(
+                hf_hub_download(
+                    hub.repo_id, hub.filename, cache_dir=_hub_cache(cache_dir), tqdm_class=tqdm_rich
+                )
+            )
     except LocalEntryNotFoundError as exc:
         raise DownloadError(
             f"cannot download {spec}: no network connection to Hugging Face and no cached copy; "
