@@ -14,6 +14,7 @@ import os
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 from potluck.errors import GenerationError, ModelError, ModelFileError, RequestError
 from potluck.inference.backend import ChatMessage, ChatPrompt, GeneratedToken, ModelInfo, SamplingParams
@@ -63,7 +64,7 @@ class LlamaCppBackend:
         self._n_ctx = min(n_ctx, ctx_cap)
         self._n_threads = n_threads or os.cpu_count() or 1
         self._n_batch = n_batch
-        self._llm = None  # type: ignore[var-annotated]
+        self._llm: Any = None  # llama_cpp.Llama once loaded
         self._info = ModelInfo(
             model_id=model_id,
             architecture=self._summary.architecture,
@@ -75,7 +76,7 @@ class LlamaCppBackend:
             path=str(path),
             size_bytes=self._summary.size_bytes,
         )
-        self._formatter = None
+        self._formatter: Any = None  # Jinja2ChatFormatter when the GGUF has a template
 
     @property
     def info(self) -> ModelInfo:
@@ -129,7 +130,7 @@ class LlamaCppBackend:
             self._n_ctx,
         )
 
-    def _require(self):  # type: ignore[no-untyped-def]
+    def _require(self) -> Any:
         if self._llm is None:
             raise ModelError("model is not loaded")
         return self._llm

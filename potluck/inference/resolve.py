@@ -77,7 +77,6 @@ def download(spec: str, cache_dir: Path) -> Path:
         raise DownloadError(f"{spec!r} is not a Hugging Face file; use 'owner/repo:file.gguf'")
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
-
     from tqdm import TqdmExperimentalWarning
     from tqdm.rich import tqdm_rich
 

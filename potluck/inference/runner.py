@@ -13,14 +13,16 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
+from typing import Any, TypeVar
 
 from potluck.errors import GenerationError, Overloaded, PotluckError
 from potluck.inference.backend import Backend, GeneratedToken, SamplingParams
 
 _DONE = object()
+T = TypeVar("T")
 
 
 class _Failed:
@@ -54,11 +56,11 @@ class ModelRunner:
         """Generations in progress (0 or 1)."""
         return self._active
 
-    async def run_blocking(self, fn, *args):  # type: ignore[no-untyped-def]
+    async def run_blocking(self, fn: Callable[..., T], *args: Any) -> T:
         """Run a blocking backend call (tokenize, render) on the worker thread."""
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
-    async def stream(self, prompt: str, params: SamplingParams) -> AsyncIterator[list[GeneratedToken]]:
+    async def stream(self, prompt: str, params: SamplingParams) -> AsyncGenerator[list[GeneratedToken], None]:
         """Generate after ``prompt``; yield batches of tokens as they arrive.
 
         Raises:
@@ -82,7 +84,7 @@ class ModelRunner:
 
     async def _stream_locked(
         self, prompt: str, params: SamplingParams
-    ) -> AsyncIterator[list[GeneratedToken]]:
+    ) -> AsyncGenerator[list[GeneratedToken], None]:
         loop = asyncio.get_running_loop()
         # Bounded by construction: the worker puts at most max_tokens + 1 items.
         queue: asyncio.Queue[object] = asyncio.Queue()

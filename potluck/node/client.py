@@ -19,7 +19,7 @@ class ClientError(PotluckError):
 
 def _open(req: urllib.request.Request, timeout: float) -> Any:
     try:
-        return urllib.request.urlopen(req, timeout=timeout)  # noqa: S310 (http only, user-given URL)
+        return urllib.request.urlopen(req, timeout=timeout)
     except urllib.error.HTTPError as exc:
         try:
             message = json.loads(exc.read())["error"]["message"]

@@ -8,7 +8,7 @@ router (:mod:`potluck.node.router`) picks one per request. Implementations: :cla
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, replace
 from typing import Protocol
 
@@ -61,9 +61,12 @@ RouteEvent = TextDelta | Finished
 class Route(Protocol):
     """Somewhere a completion can run."""
 
-    model_id: str
+    @property
+    def model_id(self) -> str:
+        """The model this route serves."""
+        ...
 
-    def stream(self, request: GenerationRequest) -> AsyncIterator[RouteEvent]:
+    def stream(self, request: GenerationRequest) -> AsyncGenerator[RouteEvent, None]:
         """Yield text deltas, then one ``Finished``.
 
         Raises:
@@ -88,7 +91,7 @@ class LocalRoute:
     def model_id(self) -> str:
         return self.info.model_id
 
-    async def stream(self, request: GenerationRequest) -> AsyncIterator[RouteEvent]:
+    async def stream(self, request: GenerationRequest) -> AsyncGenerator[RouteEvent, None]:
         backend = self.runner.backend
         params = request.params
         if request.messages is not None:

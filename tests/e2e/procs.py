@@ -31,6 +31,11 @@ def offline_env(home: Path, **extra: str) -> dict[str, str]:
             "XDG_CONFIG_HOME": str(home / "config"),
             "HF_HUB_OFFLINE": "1",
             "COLUMNS": "200",
+            # Overlay: loopback only, a free port, no zeroconf on the host's real LAN (tests that
+            # want them override these through ``extra``).
+            "POTLUCK_P2P_HOST": "127.0.0.1",
+            "POTLUCK_P2P_PORT": "0",
+            "POTLUCK_LAN_DISCOVERY": "false",
         }
     )
     env.update(extra)

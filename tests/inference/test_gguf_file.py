@@ -36,7 +36,7 @@ def test_truncated_fixture_is_rejected(tmp_path, model_path, keep):
     data = model_path("q8_0").read_bytes()
     cut = tmp_path / "cut.gguf"
     cut.write_bytes(data[: max(24, int(len(data) * keep))])
-    with pytest.raises(ModelFileError, match="truncated|malformed"):
+    with pytest.raises(ModelFileError, match=r"truncated|malformed"):
         inspect_gguf(cut)
 
 

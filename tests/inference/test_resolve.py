@@ -28,5 +28,5 @@ def test_uncached_hub_model_offline_is_a_clear_error(tmp_path, monkeypatch):
     import huggingface_hub.constants as c
 
     monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
-    with pytest.raises(DownloadError, match="--model PATH|cannot download"):
+    with pytest.raises(DownloadError, match=r"--model PATH|cannot download"):
         resolve_model("nobody/nothing-GGUF:model.gguf", tmp_path)
