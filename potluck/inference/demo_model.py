@@ -63,8 +63,12 @@ def _weights(rng: np.random.Generator) -> dict[str, np.ndarray]:
     return w
 
 
-def write_demo_model(path: Path) -> Path:
+def write_demo_model(path: Path, chat_template: str | None = None) -> Path:
     """Write the demo GGUF to ``path`` (atomically; same bytes every time).
+
+    Args:
+        path: destination file.
+        chat_template: Jinja chat template to store as ``tokenizer.chat_template`` (none by default).
 
     Returns:
         ``path``.
@@ -94,6 +98,8 @@ def write_demo_model(path: Path) -> Path:
     writer.add_unk_token_id(0)
     writer.add_add_bos_token(True)
     writer.add_add_eos_token(False)
+    if chat_template is not None:
+        writer.add_chat_template(chat_template)
     for name, tensor in _weights(np.random.default_rng(SEED)).items():
         raw_dtype = GGMLQuantizationType.F16 if tensor.dtype == np.float16 else GGMLQuantizationType.F32
         writer.add_tensor(name, tensor, raw_dtype=raw_dtype)

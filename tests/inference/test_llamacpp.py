@@ -81,3 +81,22 @@ def test_demo_model_is_deterministic_and_loads_in_llama_cpp(tmp_path):
         assert ids[0] == 1 and len(ids) > 5  # BOS + byte-level tokens
     finally:
         backend.close()
+
+
+def test_chat_template_from_gguf_metadata_is_used(tmp_path):
+    from potluck.inference.demo_model import write_demo_model
+
+    template = (
+        "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{{ eos_token }}{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    )
+    path = write_demo_model(tmp_path / "templated.gguf", chat_template=template)
+    backend = LlamaCppBackend(path, "templated", n_ctx=512)
+    backend.load()
+    try:
+        chat = backend.render_chat([ChatMessage("user", "hi")])
+        assert chat.prompt == "<|user|>hi</s><|assistant|>"
+        assert "</s>" in chat.stop
+        assert "".join(t.text for t in backend.generate(chat.prompt, GREEDY, threading.Event()))
+    finally:
+        backend.close()
