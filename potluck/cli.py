@@ -11,7 +11,7 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -27,17 +27,18 @@ models_app = typer.Typer(help="List and download models.", no_args_is_help=True)
 app.add_typer(node_app, name="node")
 app.add_typer(models_app, name="models")
 # Subsystem command groups register here: app.add_typer(<their app>, name="<group>").
+app.add_typer(__import__("potluck.overlay.cli", fromlist=["peers_app"]).peers_app, name="peers")
 app.add_typer(__import__("potluck.sharding.cli", fromlist=["shard_app"]).shard_app, name="shard")
 
 console = Console(stderr=True)
 out = Console()
 
 ConfigOpt = Annotated[
-    Optional[Path], typer.Option("--config", "-c", help="TOML config file (default: platformdirs config dir).")
+    Path | None, typer.Option("--config", "-c", help="TOML config file (default: platformdirs config dir).")
 ]
-DataDirOpt = Annotated[Optional[Path], typer.Option("--data-dir", help="Node key and state directory.")]
+DataDirOpt = Annotated[Path | None, typer.Option("--data-dir", help="Node key and state directory.")]
 UrlOpt = Annotated[
-    Optional[str], typer.Option("--url", help="Node API base URL (default: http://<host>:<port> from settings).")
+    str | None, typer.Option("--url", help="Node API base URL (default: http://<host>:<port> from settings).")
 ]
 
 
@@ -57,14 +58,14 @@ def fail(message: str, code: int = 1) -> typer.Exit:
     return typer.Exit(code)
 
 
-def settings_or_exit(config: Optional[Path], **flags: object) -> Settings:
+def settings_or_exit(config: Path | None, **flags: object) -> Settings:
     try:
         return load_settings(config, **flags)
     except PotluckError as exc:
         raise fail(str(exc)) from exc
 
 
-def api_url(settings: Settings, url: Optional[str]) -> str:
+def api_url(settings: Settings, url: str | None) -> str:
     if url:
         return url.rstrip("/")
     host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
@@ -74,18 +75,26 @@ def api_url(settings: Settings, url: Optional[str]) -> str:
 @node_app.command("start")
 def node_start(
     model: Annotated[
-        Optional[str], typer.Option("--model", "-m", help="GGUF path or Hugging Face 'owner/repo:file.gguf'.")
+        str | None, typer.Option("--model", "-m", help="GGUF path or Hugging Face 'owner/repo:file.gguf'.")
     ] = None,
-    host: Annotated[Optional[str], typer.Option("--host", help="Address to listen on.")] = None,
-    port: Annotated[Optional[int], typer.Option("--port", "-p", help=f"HTTP port (default {DEFAULT_PORT}).")] = None,
+    host: Annotated[str | None, typer.Option("--host", help="Address to listen on.")] = None,
+    port: Annotated[int | None, typer.Option("--port", "-p", help=f"HTTP port (default {DEFAULT_PORT}).")] = None,
     backend: Annotated[
-        Optional[str], typer.Option("--backend", help="Inference backend: llama.cpp or onnxruntime.")
+        str | None, typer.Option("--backend", help="Inference backend: llama.cpp or onnxruntime.")
     ] = None,
-    n_ctx: Annotated[Optional[int], typer.Option("--ctx", help="Context length in tokens.")] = None,
-    max_queue: Annotated[Optional[int], typer.Option("--max-queue", help="Queued requests before 429.")] = None,
+    n_ctx: Annotated[int | None, typer.Option("--ctx", help="Context length in tokens.")] = None,
+    max_queue: Annotated[int | None, typer.Option("--max-queue", help="Queued requests before 429.")] = None,
     config: ConfigOpt = None,
     data_dir: DataDirOpt = None,
-    log_level: Annotated[Optional[str], typer.Option("--log-level", help="debug, info, warning, error.")] = None,
+    log_level: Annotated[str | None, typer.Option("--log-level", help="debug, info, warning, error.")] = None,
+    bootstrap: Annotated[
+        list[str] | None, typer.Option("--bootstrap", help="Peer multiaddr to join through (repeatable).")
+    ] = None,
+    swarm: Annotated[str | None, typer.Option("--swarm", help="Swarm name.")] = None,
+    swarm_secret: Annotated[
+        str | None, typer.Option("--swarm-secret", help="Secret of a private swarm.", envvar=None)
+    ] = None,
+    p2p_port: Annotated[int | None, typer.Option("--p2p-port", help="libp2p TCP port (0: any free).")] = None,
 ) -> None:
     """Start a node: load a model and serve the OpenAI-compatible API until Ctrl-C."""
     settings = settings_or_exit(
@@ -98,6 +107,10 @@ def node_start(
         max_queue=max_queue,
         data_dir=data_dir,
         log_level=log_level,
+        bootstrap=bootstrap or None,
+        swarm=swarm,
+        swarm_secret=swarm_secret,
+        p2p_port=p2p_port,
     )
     setup_logging(settings.log_level)
     from potluck.node.daemon import run_node
@@ -111,10 +124,10 @@ def node_start(
 @app.command()
 def chat(
     prompt: Annotated[str, typer.Argument(help="What to ask.")],
-    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Model id (default: the node's).")] = None,
+    model: Annotated[str | None, typer.Option("--model", "-m", help="Model id (default: the node's).")] = None,
     max_tokens: Annotated[int, typer.Option("--max-tokens", "-n", help="Most tokens to generate.")] = 256,
     temperature: Annotated[float, typer.Option("--temperature", "-t", help="Sampling temperature.")] = 0.8,
-    system: Annotated[Optional[str], typer.Option("--system", help="System message.")] = None,
+    system: Annotated[str | None, typer.Option("--system", help="System message.")] = None,
     url: UrlOpt = None,
     config: ConfigOpt = None,
 ) -> None:
@@ -177,7 +190,7 @@ def models_list(config: ConfigOpt = None) -> None:
 @models_app.command("pull")
 def models_pull(
     spec: Annotated[
-        Optional[str], typer.Argument(help="Hugging Face 'owner/repo:file.gguf' (default: the default model).")
+        str | None, typer.Argument(help="Hugging Face 'owner/repo:file.gguf' (default: the default model).")
     ] = None,
     config: ConfigOpt = None,
 ) -> None:

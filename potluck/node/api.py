@@ -21,7 +21,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from contextlib import aclosing
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -61,6 +61,7 @@ class ApiState:
     metrics: NodeMetrics
     peer_id: str
     started_at: float  # time.monotonic()
+    cluster: Callable[[], dict[str, Any]] | None = None  # the overlay's state view, when it runs
 
 
 API_STATE = web.AppKey("api_state", ApiState)
@@ -282,8 +283,8 @@ async def _send(response: web.StreamResponse, obj: dict[str, Any]) -> None:
 
 
 async def _observed(
-    events: AsyncIterator[TextDelta | Finished], metrics: NodeMetrics, model: str, t0: float
-) -> AsyncIterator[TextDelta | Finished]:
+    events: AsyncGenerator[TextDelta | Finished, None], metrics: NodeMetrics, model: str, t0: float
+) -> AsyncGenerator[TextDelta | Finished, None]:
     """Pass events through, recording TTFT, latency and token counts."""
     first = True
     async with aclosing(events) as it:
@@ -336,6 +337,14 @@ async def node_info(request: web.Request) -> web.Response:
     )
 
 
+async def cluster_info(request: web.Request) -> web.Response:
+    """``GET /api/cluster``: the swarm's signed-state view as this node sees it."""
+    state = request.app[API_STATE]
+    if state.cluster is None:
+        return web.json_response(error_body("this node runs without the overlay (p2p disabled)", "not_found"), status=404)
+    return web.json_response(state.cluster())
+
+
 def build_app(state: ApiState) -> web.Application:
     """The aiohttp application serving the API for ``state``."""
     app = web.Application(client_max_size=state.settings.max_body_bytes, middlewares=[errors_middleware])
@@ -346,4 +355,5 @@ def build_app(state: ApiState) -> web.Application:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/api/node", node_info)
+    app.router.add_get("/api/cluster", cluster_info)
     return app

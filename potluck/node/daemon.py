@@ -11,9 +11,10 @@ import asyncio
 import logging
 import signal
 import time
-from contextlib import AsyncExitStack, asynccontextmanager
 from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
 from types import TracebackType
+from typing import Any
 
 from aiohttp import web
 from rich.console import Console
@@ -58,6 +59,7 @@ class Node:
         self._model: ResolvedModel | None = None
         self._backend: Backend | None = None
         self._runners: list[ModelRunner] = []
+        self.overlay = _make_overlay(settings, self.identity, self.router, self.metrics)
 
     def _queue_depth(self) -> float:
         return float(sum(r.runner.queue_depth for r in self.router.local_routes if isinstance(r, LocalRoute)))
@@ -81,12 +83,19 @@ class Node:
         await self._stack.enter_async_context(self.tasks)
         await self._stack.enter_async_context(self._http())
         # Route providers and overlay services enter the stack here, after the API is up.
+        if self.overlay is not None:
+            from potluck.overlay.routes import PeerRouteProvider
+
+            await self._stack.enter_async_context(self.overlay)
+            self.router.add_provider(PeerRouteProvider(self.overlay))
+            self.tasks.start(self._watch_overlay(), "overlay-watch")
         self.tasks.start(self._load(self._backend), "load-model")
 
     @asynccontextmanager
     async def _http(self) -> AsyncIterator[None]:
         s = self.settings
         state = ApiState(s, self.router, self.metrics, self.identity.peer_id, time.monotonic())
+        state.cluster = self.overlay.cluster_view if self.overlay is not None else None
         runner = web.AppRunner(
             build_app(state), handler_cancellation=True, shutdown_timeout=SHUTDOWN_GRACE_S, access_log=None
         )
@@ -104,6 +113,11 @@ class Node:
         finally:
             log.info("stopping the API")
             await runner.cleanup()
+
+    async def _watch_overlay(self) -> None:
+        assert self.overlay is not None
+        await self.overlay.failed.wait()
+        raise PotluckError(f"the overlay failed: {self.overlay.failure}")
 
     async def _load(self, backend: Backend) -> None:
         t0 = time.perf_counter()
@@ -128,6 +142,17 @@ class Node:
     @property
     def is_demo(self) -> bool:
         return bool(self._model and self._model.is_demo)
+
+
+def _make_overlay(settings: Settings, identity: NodeIdentity, router: Router, metrics: NodeMetrics) -> Any:
+    """The overlay service (not started), or ``None`` when ``p2p_enabled`` is off."""
+    if not settings.p2p_enabled:
+        return None
+    from potluck import __version__
+    from potluck.overlay.local import LocalServing
+    from potluck.overlay.service import OverlayService
+
+    return OverlayService(settings, identity, LocalServing(router), metrics.registry, __version__)
 
 
 def _banner(node: Node, console: Console) -> None:

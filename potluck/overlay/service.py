@@ -133,7 +133,12 @@ class OverlayService:
 
     @property
     def failed(self) -> asyncio.Event:
+        """Set when a background loop of the service died (the node then shuts down)."""
         return self._tasks.failed
+
+    @property
+    def failure(self) -> BaseException | None:
+        return self._tasks.failure
 
     def start_task(self, coro: Any, name: str) -> None:
         """Run a background coroutine owned by the service (cancelled and awaited on exit)."""
