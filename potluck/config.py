@@ -98,6 +98,9 @@ class Settings(BaseSettings):
     anti_entropy_interval_s: float = Field(
         15.0, gt=0, le=3600, description="Seconds between full-state syncs with connected peers."
     )
+    serve_rate_limit_tps: float = Field(
+        0.0, ge=0, le=1e6, description="Cap on tokens/s this node streams to swarm peers (0: no cap)."
+    )
 
     @classmethod
     def settings_customise_sources(

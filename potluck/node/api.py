@@ -341,7 +341,8 @@ async def cluster_info(request: web.Request) -> web.Response:
     """``GET /api/cluster``: the swarm's signed-state view as this node sees it."""
     state = request.app[API_STATE]
     if state.cluster is None:
-        return web.json_response(error_body("this node runs without the overlay (p2p disabled)", "not_found"), status=404)
+        body = error_body("this node runs without the overlay (p2p disabled)", "not_found")
+        return web.json_response(body, status=404)
     return web.json_response(state.cluster())
 
 

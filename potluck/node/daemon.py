@@ -152,7 +152,8 @@ def _make_overlay(settings: Settings, identity: NodeIdentity, router: Router, me
     from potluck.overlay.local import LocalServing
     from potluck.overlay.service import OverlayService
 
-    return OverlayService(settings, identity, LocalServing(router), metrics.registry, __version__)
+    local = LocalServing(router, settings.serve_rate_limit_tps)
+    return OverlayService(settings, identity, local, metrics.registry, __version__)
 
 
 def _banner(node: Node, console: Console) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -42,8 +42,8 @@ def peers_table(view: dict[str, Any]) -> Table:
 
 @peers_app.callback(invoke_without_command=True)
 def peers(
-    url: Annotated[Optional[str], typer.Option("--url", help="Node API base URL (default: from settings).")] = None,
-    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="TOML config file.")] = None,
+    url: Annotated[str | None, typer.Option("--url", help="Node API base URL (default: from settings).")] = None,
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="TOML config file.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the raw view as JSON.")] = False,
 ) -> None:
     """List the peers in the swarm: peer ID, addrs, models, load, RTT, trust tier, last seen."""

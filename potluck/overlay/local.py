@@ -8,6 +8,7 @@ answer (the ARCHITECTURE's "replay the prompt plus the tokens already produced")
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from collections.abc import AsyncIterator
@@ -42,10 +43,13 @@ class LocalServing:
 
     Args:
         router: the node's router (its local routes are what we serve).
+        rate_limit_tps: most tokens per second streamed to peers (0: no cap); a donor node keeps
+            its owner's machine usable this way (tokens beyond the cap wait, they are not dropped).
     """
 
-    def __init__(self, router: Router) -> None:
+    def __init__(self, router: Router, rate_limit_tps: float = 0.0) -> None:
         self.router = router
+        self.rate_limit_tps = rate_limit_tps
         self.decode_tps = 0.0  # exponential moving average over served generations
 
     def _routes(self) -> list[LocalRoute]:
@@ -105,6 +109,8 @@ class LocalServing:
         async for event in route.stream(gen):
             if isinstance(event, TextDelta):
                 n += event.n_tokens
+                if self.rate_limit_tps > 0:
+                    await asyncio.sleep(max(0.0, t0 + n / self.rate_limit_tps - time.perf_counter()))
                 yield TokenFrame(text=event.text, n_tokens=event.n_tokens)
             elif isinstance(event, Finished):
                 elapsed = time.perf_counter() - t0

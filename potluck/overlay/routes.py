@@ -122,7 +122,9 @@ class PeerRoute:
                             self.service.record_success(peer)
                             # A resumed peer counted the replayed text as prompt; report the original.
                             yield Finished(
-                                frame.finish_reason, max(0, frame.prompt_tokens - tokens_before), tokens_done
+                                frame.finish_reason,
+                                max(0, frame.prompt_tokens - tokens_before),
+                                tokens_before + frame.completion_tokens,
                             )
                             return
                 raise GenerationError(f"peer {peer} ended the stream without finishing")
