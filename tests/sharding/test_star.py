@@ -82,10 +82,7 @@ def test_all_reduce_sums_in_rank_order(n: int, wire: type) -> None:
     shapes = [(256,), (4096,), (3, 5), (2, 2, 2, 2), ()]
 
     def body(worker: StarWorker) -> list[np.ndarray]:
-        return [
-            worker.all_reduce(partial(i, worker.rank, int(np.prod(s))).reshape(s))
-            for i, s in enumerate(shapes)
-        ]
+        return [worker.all_reduce(partial(i, worker.rank, int(np.prod(s))).reshape(s)) for i, s in enumerate(shapes)]
 
     with group(n, body, wire_dtype=wire) as (master, workers):
         assert isinstance(master, Collective)
@@ -384,9 +381,7 @@ def spawn_workers(master: StarMaster, key: bytes) -> list[subprocess.Popen[bytes
 
 
 @contextmanager
-def process_group(
-    n: int, wire: type, timeout_s: float
-) -> Iterator[tuple[StarMaster, list[subprocess.Popen[bytes]]]]:
+def process_group(n: int, wire: type, timeout_s: float) -> Iterator[tuple[StarMaster, list[subprocess.Popen[bytes]]]]:
     key = auth.new_session_key()
     master = StarMaster(n, key, timeout_s=timeout_s, wire_dtype=wire)
     procs = spawn_workers(master, key)

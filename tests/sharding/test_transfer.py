@@ -68,9 +68,7 @@ class Sender(threading.Thread):
         assert not self.is_alive()
 
 
-def fetch(
-    shards: dict[tuple[str, str], tuple[Path, Manifest]], cache: Path, **kw: Any
-) -> tuple[Path, Sender]:
+def fetch(shards: dict[tuple[str, str], tuple[Path, Manifest]], cache: Path, **kw: Any) -> tuple[Path, Sender]:
     with authenticated_pair() as (sender_channel, receiver_channel):
         sender = Sender(sender_channel, shards)
         try:
@@ -154,9 +152,7 @@ def test_empty_shard(tmp_path: Path) -> None:
     assert path.read_bytes() == b"" and sender.served == 0
 
 
-def test_transfer_over_the_star_connection_then_all_reduce(
-    tmp_path: Path, shard: tuple[Path, Manifest]
-) -> None:
+def test_transfer_over_the_star_connection_then_all_reduce(tmp_path: Path, shard: tuple[Path, Manifest]) -> None:
     """The worker fetches its shard over its authenticated star channel; the collective still works."""
     master = StarMaster(2, KEY, timeout_s=10)
     out: dict[str, Any] = {}

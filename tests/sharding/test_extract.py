@@ -1,0 +1,142 @@
+"""Shard extraction: lossless Q4_0/Q8_0 -> MatMulNBits repacking, slicing, K-quant re-quantization, shard files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from gguf import GGML_QUANT_SIZES, GGUFReader, GGUFWriter, quants
+from gguf import GGMLQuantizationType as QT
+
+from potluck.errors import ModelFileError
+from potluck.sharding.extract import nbits_dequantize, q4_0_to_nbits, q8_0_to_nbits, slice_linear
+from potluck.sharding.gguf_tensors import open_gguf, tensor_map
+from potluck.sharding.onnx_ops import GraphBuilder, session_options
+from potluck.sharding.shard_file import read_shard, write_shard
+
+RNG = np.random.default_rng(7)
+
+
+@pytest.mark.parametrize(("qtype", "repack", "bits"), [(QT.Q4_0, q4_0_to_nbits, 4), (QT.Q8_0, q8_0_to_nbits, 8)])
+def test_repack_is_lossless_against_gguf_dequantize(qtype, repack, bits) -> None:
+    w = RNG.standard_normal((48, 256)).astype(np.float32)
+    raw = quants.quantize(w, qtype)
+    b, scales = repack(raw)
+    assert b.shape == (48, 256 // 32, 32 * bits // 8) and scales.shape == (48 * 8,)
+    np.testing.assert_array_equal(nbits_dequantize(b, scales, bits), quants.dequantize(raw, qtype))
+
+
+def test_q4_0_nibble_order_is_matmulnbits_low_nibble_first() -> None:
+    # one block with elements 0..15 -> q = 8 + (i % 8) - 4 ... build by hand from the GGUF layout
+    q = (np.arange(32) % 16).astype(np.uint8)  # element i has quant value i % 16
+    block = np.zeros(18, np.uint8)
+    block[:2] = np.frombuffer(np.float16(1.0).tobytes(), np.uint8)
+    block[2:] = q[:16] | (q[16:] << 4)  # GGUF: byte j = element j (low), element j+16 (high)
+    b, _ = q4_0_to_nbits(block.reshape(1, 18))
+    assert b[0, 0, 0] == (q[0] | (q[1] << 4))  # MatMulNBits: byte i = element 2i (low), 2i+1 (high)
+    assert b[0, 0, 15] == (q[30] | (q[31] << 4))
+
+
+@pytest.mark.parametrize("kind", ["q4_0", "q8_0", "f16", "f32"])
+def test_slices_of_fixture_tensors_match_dequantized_rows_and_columns(model_path, kind) -> None:
+    t = tensor_map(open_gguf(model_path(kind)))["blk.1.ffn_down.weight"]  # (256 out, 768 in)
+    full = quants.dequantize(t.data, QT(t.tensor_type)).reshape(256, 768)
+    layout, arrays = slice_linear(t, slice(None), slice(96, 416))
+    assert (layout["n"], layout["k"]) == (256, 320)
+    if "B" in arrays:
+        got = nbits_dequantize(arrays["B"], arrays["scales"], 4 if layout["kind"] == "q4" else 8)
+    else:
+        got = arrays["W"].astype(np.float32)
+    np.testing.assert_array_equal(got, full[:, 96:416])
+    with pytest.raises(ModelFileError, match="block") if kind.startswith("q") else _nothing():
+        slice_linear(t, slice(None), slice(0, 40))
+
+
+class _nothing:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+@pytest.mark.parametrize("kind", ["q4", "q8"])
+@pytest.mark.parametrize("accuracy_level", [0, 4])
+def test_matmulnbits_matches_dequantized_matmul(kind, accuracy_level) -> None:
+    w = RNG.standard_normal((64, 256)).astype(np.float32)
+    raw = quants.quantize(w, QT.Q4_0 if kind == "q4" else QT.Q8_0)
+    b, s = (q4_0_to_nbits if kind == "q4" else q8_0_to_nbits)(raw)
+    gb = GraphBuilder(accuracy_level=accuracy_level)
+    out = gb.linear("x", "lin", {"kind": kind, "n": 64, "k": 256}, {"lin.B": b, "lin.scales": s})
+    stage = gb.session([("x", 256)], [out], session_options(1, False))
+    x = RNG.standard_normal((3, 256)).astype(np.float32)
+    (y,) = stage.run(x)
+    ref = x @ quants.dequantize(raw, QT.Q4_0 if kind == "q4" else QT.Q8_0).T
+    # level 0 is exact up to float summation; level 4 quantizes x to int8 per block, as llama.cpp does
+    tol = 1e-4 if accuracy_level == 0 else 0.02
+    assert np.abs(y - ref).max() <= tol * np.abs(ref).max()
+
+
+def _kquant_gguf(path: Path, qtype: QT, rows: int = 8, cols: int = 512) -> None:
+    """A GGUF with one tensor of random but valid K-quant blocks (gguf.quants cannot quantize K-quants)."""
+    block, size = GGML_QUANT_SIZES[qtype]
+    raw = RNG.integers(0, 256, (rows, cols // block, size), dtype=np.uint8)
+    d = np.frombuffer(np.float16(0.01).tobytes(), np.uint8)
+    if qtype == QT.Q6_K:
+        raw[:, :, -2:] = d  # d is the last field; scales (int8) before it
+    else:
+        raw[:, :, 0:2] = d  # Q4_K: d, dmin first
+        raw[:, :, 2:4] = np.frombuffer(np.float16(0.005).tobytes(), np.uint8)
+    w = GGUFWriter(str(path), "llama")
+    w.add_tensor("t.weight", raw.reshape(rows, -1), raw_dtype=qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@pytest.mark.parametrize(("qtype", "kind", "max_rel_rms"), [(QT.Q6_K, "q8", 0.01), (QT.Q4_K, "q4", 0.2)])
+def test_k_quants_are_requantized_with_a_bounded_error(tmp_path, qtype, kind, max_rel_rms) -> None:
+    path = tmp_path / "k.gguf"
+    _kquant_gguf(path, qtype)
+    t = GGUFReader(str(path)).tensors[0]
+    exact = quants.dequantize(t.data, qtype).reshape(8, 512)
+    layout, arrays = slice_linear(t, slice(2, 6), slice(64, 320))
+    assert layout["kind"] == kind
+    got = nbits_dequantize(arrays["B"], arrays["scales"], 4 if kind == "q4" else 8)
+    ref = exact[2:6, 64:320]
+    rel = np.sqrt(((got - ref) ** 2).mean() / (ref**2).mean())
+    print(f"{qtype.name} -> {kind}: relative RMS error {rel:.4f}")
+    assert 0 < rel < max_rel_rms
+
+
+def test_shard_file_round_trip_and_memory_map(tmp_path) -> None:
+    tensors = {
+        "a": RNG.standard_normal((3, 5)).astype(np.float32),
+        "b": np.arange(7, dtype=np.uint8),
+        "c": np.zeros((0, 4), np.float16),
+    }
+    path = tmp_path / "x.pshard"
+    write_shard(path, {"rank": 2, "nested": {"k": [1, 2]}}, tensors)
+    shard = read_shard(path)
+    assert shard.meta == {"rank": 2, "nested": {"k": [1, 2]}}
+    for name, arr in tensors.items():
+        np.testing.assert_array_equal(shard.tensors[name], arr)
+        assert shard.tensors[name].dtype == arr.dtype
+    assert isinstance(shard.tensors["a"].base, np.memmap) or not shard.tensors["a"].flags.writeable
+
+
+def test_corrupt_shard_files_are_rejected(tmp_path) -> None:
+    path = tmp_path / "x.pshard"
+    write_shard(path, {"rank": 0}, {"a": np.ones((64, 64), np.float32)})
+    data = path.read_bytes()
+    (tmp_path / "trunc").write_bytes(data[:-100])
+    (tmp_path / "magic").write_bytes(b"NOTSHARD" + data[8:])
+    (tmp_path / "header").write_bytes(data[:24] + b"\xc1" * 40 + data[64:])
+    (tmp_path / "empty").write_bytes(b"")
+    for name, why in [("trunc", "truncated"), ("magic", "not a potluck shard"), ("header", None), ("empty", None)]:
+        with pytest.raises(ModelFileError, match=why):
+            read_shard(tmp_path / name)
+    with pytest.raises(ModelFileError):
+        read_shard(tmp_path / "missing")
