@@ -1,0 +1,145 @@
+"""Privacy sanitizer evaluation: leak rate per entity type, over-redaction, round trip, ms per KB.
+
+Usage::
+
+    .venv/bin/python bench/privacy_eval.py [--data ../shared/data/pii/dev.jsonl] [--no-anchor] [--show-leaks N]
+
+Input: JSON lines ``{"text", "spans": [{"type", "value", "start", "end"}]}``.
+
+* leak rate (per labelled type): share of labelled values still present verbatim in the
+  sanitized text (what would leave the node);
+* over-redaction: share of characters outside every labelled span that were replaced;
+* exact round trip: share of texts with ``restore(sanitize(text)) == text``;
+* ms per KB: sanitize wall time per KiB of UTF-8 input, one call per text (after a warm-up).
+
+Anchor, side by side: presidio's stock ``AnalyzerEngine`` with all predefined recognizers on the
+same offline no-op NLP engine (no spaCy model can be installed), replacing its detections with
+the same placeholders. Ratios are ours / anchor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from potluck.privacy.analyzer import Detector  # noqa: E402
+from potluck.privacy.entities import Span, resolve_overlaps  # noqa: E402
+from potluck.privacy.sanitizer import Sanitizer  # noqa: E402
+
+GOALS = {  # leak-rate goals from the issue
+    "EMAIL_ADDRESS": 0.0, "PHONE_NUMBER": 0.0, "CREDIT_CARD": 0.0, "IBAN_CODE": 0.0, "US_SSN": 0.0,
+    "IP_ADDRESS": 0.0, "SECRET": 0.0, "PERSON": 0.05, "STREET_ADDRESS": 0.05, "ORGANIZATION": 0.05,
+}
+
+
+class AnchorDetector(Detector):
+    """presidio out of the box (all predefined recognizers, no NLP model)."""
+
+    def __init__(self) -> None:
+        from presidio_analyzer import AnalyzerEngine, RecognizerRegistry
+        from presidio_analyzer.nlp_engine import NoOpNlpEngine
+
+        nlp = NoOpNlpEngine(models=[{"lang_code": "en", "model_name": "none"}])
+        nlp.load()
+        reg = RecognizerRegistry()
+        reg.load_predefined_recognizers(nlp_engine=nlp)
+        reg.remove_recognizer("SpacyRecognizer")
+        reg.remove_recognizer("EmailRecognizer")  # its tldextract fetches the suffix list online
+        from potluck.privacy.recognizers import OfflineEmailRecognizer
+
+        reg.add_recognizer(OfflineEmailRecognizer())
+        self.engine = AnalyzerEngine(registry=reg, nlp_engine=nlp, supported_languages=["en"])
+        self.min_score = 0.0
+
+    def detect(self, text: str) -> list[Span]:
+        res = self.engine.analyze(text=text, language="en", score_threshold=0.0)
+        return resolve_overlaps(Span(r.start, r.end, r.entity_type, r.score) for r in res)
+
+
+def evaluate(sanitizer: Sanitizer, rows: list[dict], show_leaks: int = 0) -> dict:
+    for row in rows[:20]:  # warm-up
+        sanitizer.sanitize([row["text"]])
+    leaks: Counter[str] = Counter()
+    totals: Counter[str] = Counter()
+    leaked_examples: dict[str, list[str]] = defaultdict(list)
+    unlabelled = over = roundtrip = 0
+    n_bytes = 0
+    elapsed = 0.0
+    for row in rows:
+        text = row["text"]
+        n_bytes += len(text.encode())
+        t0 = time.perf_counter()
+        result = sanitizer.sanitize([text])
+        elapsed += time.perf_counter() - t0
+        sanitized = result.texts[0]
+        roundtrip += result.restorer().restore(sanitized) == text
+        labelled = [False] * len(text)
+        for s in row["spans"]:
+            for i in range(s["start"], s["end"]):
+                labelled[i] = True
+        replaced = [False] * len(text)
+        for r in result.replacements[0]:
+            for i in range(r.start, r.end):
+                replaced[i] = True
+        for i, c in enumerate(text):
+            if not labelled[i] and not c.isspace():
+                unlabelled += 1
+                over += replaced[i]
+        for s in row["spans"]:
+            totals[s["type"]] += 1
+            if s["value"].strip() and s["value"] in sanitized:
+                leaks[s["type"]] += 1
+                if len(leaked_examples[s["type"]]) < show_leaks:
+                    leaked_examples[s["type"]].append(f"{s['value']!r} in {sanitized!r}")
+    return {
+        "leak": {t: leaks[t] / n for t, n in totals.items()},
+        "totals": dict(totals),
+        "over_redaction": over / max(unlabelled, 1),
+        "round_trip": roundtrip / len(rows),
+        "ms_per_kb": elapsed * 1000 / (n_bytes / 1024),
+        "examples": dict(leaked_examples),
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "pii" / "dev.jsonl")
+    ap.add_argument("--no-anchor", action="store_true", help="skip the stock-presidio anchor run")
+    ap.add_argument("--show-leaks", type=int, default=0, help="print up to N leaked values per type")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.ERROR)
+    rows = [json.loads(line) for line in args.data.read_text().splitlines() if line.strip()]
+    t0 = time.perf_counter()
+    ours = evaluate(Sanitizer(), rows, args.show_leaks)
+    print(f"data: {args.data} ({len(rows)} texts); setup+run {time.perf_counter() - t0:.1f} s")
+    anchor = None if args.no_anchor else evaluate(Sanitizer(AnchorDetector()), rows)
+    print(f"{'entity type':16s} {'n':>5s} {'leak':>7s} {'goal':>6s}" + ("" if anchor is None else f" {'anchor':>7s}"))
+    for etype in sorted(ours["totals"], key=lambda t: -ours["totals"][t]):
+        goal = GOALS.get(etype)
+        line = f"{etype:16s} {ours['totals'][etype]:5d} {ours['leak'][etype]:7.1%} " + (
+            f"{goal:6.0%}" if goal is not None else "     -")
+        if anchor is not None:
+            line += f" {anchor['leak'][etype]:7.1%}"
+        if goal is not None:
+            line += "  ok" if ours["leak"][etype] <= goal else "  MISSED"
+        print(line)
+    for key, label in (("over_redaction", "over-redaction"), ("round_trip", "exact round trip")):
+        print(f"{label:18s} {ours[key]:7.2%}" + ("" if anchor is None else f"   anchor {anchor[key]:7.2%}"))
+    print(f"{'ms per KB':18s} {ours['ms_per_kb']:7.3f}" + (
+        "" if anchor is None else f"   anchor {anchor['ms_per_kb']:7.3f}   ratio {ours['ms_per_kb'] / anchor['ms_per_kb']:.2f}x"))
+    for etype, examples in ours["examples"].items():
+        for ex in examples:
+            print(f"  leak {etype}: {ex}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

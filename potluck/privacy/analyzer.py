@@ -1,0 +1,166 @@
+"""Detection: a presidio ``AnalyzerEngine`` that runs fully offline, and the overlap rule on top.
+
+No spaCy model can be installed here and nothing may be downloaded at run time, so the engine
+uses presidio's :class:`~presidio_analyzer.nlp_engine.NoOpNlpEngine` (no tokens, no NER) and only
+recognizers that need no NLP artifacts:
+
+* presidio's regex + checksum recognizers: credit cards (Luhn), IBAN (ISO 13616 mod 97),
+  US SSN (invalid-range filter), IP addresses (``ipaddress`` validation), Bitcoin (Base58Check /
+  bech32), MAC addresses, e-mail (offline public-suffix check);
+* ours (:mod:`.recognizers`): provider keys and tokens, bearer/basic credentials, JWTs, private
+  key blocks, passwords in assignments and URLs, high-entropy tokens, phone numbers
+  (``phonenumbers``), passports, Ethereum/bech32 addresses, card and IBAN shapes;
+* names, organisations and places (:mod:`.names`) and street addresses (:mod:`.addresses`) from
+  word lists, casing and context.
+
+Each recognizer that can only fire on texts with a digit (or an ``@``) is gated by that cheap test.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable
+
+from presidio_analyzer import AnalyzerEngine, EntityRecognizer, RecognizerRegistry, RecognizerResult
+from presidio_analyzer.context_aware_enhancers import ContextAwareEnhancer
+from presidio_analyzer.nlp_engine import NlpArtifacts, NoOpNlpEngine
+from presidio_analyzer.predefined_recognizers import (
+    CreditCardRecognizer,
+    CryptoRecognizer,
+    IbanRecognizer,
+    IpRecognizer,
+    MacAddressRecognizer,
+    UsSsnRecognizer,
+)
+
+from potluck.errors import PrivacyError
+from potluck.privacy.addresses import AddressRecognizer
+from potluck.privacy.entities import Span, resolve_overlaps
+from potluck.privacy.lexicon import Lexicon
+from potluck.privacy.names import ProperNounRecognizer
+from potluck.privacy.recognizers import own_recognizers
+
+log = logging.getLogger(__name__)
+
+
+_DIGIT = re.compile(r"\d")
+_THREE_DIGITS = re.compile(r"\d{3}")
+_FOUR_DIGITS = re.compile(r"\d{4}")
+_IP_HINT = re.compile(r"\d\.\d|[0-9A-Fa-f]:[0-9A-Fa-f]|::")
+_BTC_HINT = re.compile(r"\b(?:[13][1-9A-HJ-NP-Za-km-z]{25}|bc1)")
+_MAC_HINT = re.compile(r"[0-9A-Fa-f]{2}[:-][0-9A-Fa-f]{2}[:-]|[0-9A-Fa-f]{4}\.[0-9A-Fa-f]{4}")
+
+
+def _has_digit(text: str) -> bool:
+    return _DIGIT.search(text) is not None
+
+
+class NoContextEnhancer(ContextAwareEnhancer):
+    """Context words cannot be used without tokens (no-op NLP engine); our context rules live in the
+    recognizers' own patterns instead. Returns the results unchanged."""
+
+    def __init__(self) -> None:
+        super().__init__(context_similarity_factor=0.0, min_score_with_context_similarity=0.0,
+                         context_prefix_count=0, context_suffix_count=0)
+
+    def enhance_using_context(
+        self,
+        text: str,
+        raw_results: list[RecognizerResult],
+        nlp_artifacts: NlpArtifacts,
+        recognizers: list[EntityRecognizer],
+        context: list[str] | None = None,
+    ) -> list[RecognizerResult]:
+        return raw_results
+
+
+class GatedRecognizer(EntityRecognizer):
+    """Runs ``inner`` only on texts for which the cheap ``gate`` holds (a speed-up, never a filter:
+    every gate is a necessary condition of the inner patterns)."""
+
+    def __init__(self, inner: EntityRecognizer, gate: Callable[[str], object]) -> None:
+        self.inner = inner
+        self.gate = gate
+        super().__init__(
+            supported_entities=list(inner.supported_entities),
+            name=f"Gated{inner.name}",
+            supported_language=inner.supported_language,
+            context=list(inner.context),
+        )
+
+    def load(self) -> None:
+        """The inner recognizer loaded itself."""
+
+    def analyze(
+        self, text: str, entities: list[str], nlp_artifacts: NlpArtifacts | None = None
+    ) -> list[RecognizerResult]:
+        if not self.gate(text):
+            return []
+        return self.inner.analyze(text, entities, nlp_artifacts)
+
+
+class FastAnalyzerEngine(AnalyzerEngine):
+    """presidio's engine without the per-recognizer context pass (it needs tokens we do not have)."""
+
+    def _enhance_using_context(self, text, raw_results, nlp_artifacts, recognizers, context=None):  # type: ignore[no-untyped-def]
+        return raw_results
+
+
+def build_engine(lexicon: Lexicon | None = None) -> AnalyzerEngine:
+    """A presidio ``AnalyzerEngine`` with the recognizers listed in the module docstring.
+
+    Raises:
+        PrivacyError: presidio could not be set up (nothing can be sanitized: fail closed).
+    """
+    lex = lexicon or Lexicon.load()
+    try:
+        nlp = NoOpNlpEngine(models=[{"lang_code": "en", "model_name": "none"}])
+        nlp.load()
+        registry = RecognizerRegistry(supported_languages=["en"])
+        for rec, gate in (
+            (CreditCardRecognizer(), _FOUR_DIGITS.search),
+            (IbanRecognizer(), _has_digit),
+            (UsSsnRecognizer(), _THREE_DIGITS.search),
+            (IpRecognizer(), _IP_HINT.search),
+            (CryptoRecognizer(), _BTC_HINT.search),
+            (MacAddressRecognizer(), _MAC_HINT.search),
+        ):
+            registry.add_recognizer(GatedRecognizer(rec, gate))
+        for rec in own_recognizers():
+            registry.add_recognizer(rec)
+        registry.add_recognizer(ProperNounRecognizer(lex))
+        registry.add_recognizer(AddressRecognizer(lex))
+        return FastAnalyzerEngine(registry=registry, nlp_engine=nlp, supported_languages=["en"],
+                              default_score_threshold=0.0, context_aware_enhancer=NoContextEnhancer())
+    except (ValueError, TypeError, ImportError, OSError) as exc:
+        raise PrivacyError(f"cannot set up the presidio analyzer: {exc}") from exc
+
+
+class Detector:
+    """Finds sensitive spans in text.
+
+    Args:
+        engine: a presidio engine (default :func:`build_engine`).
+        min_score: detections scoring below this are dropped.
+    """
+
+    def __init__(self, engine: AnalyzerEngine | None = None, min_score: float = 0.0) -> None:
+        self.engine = engine or build_engine()
+        self.min_score = min_score
+
+    def detect(self, text: str) -> list[Span]:
+        """Disjoint sensitive spans of ``text``, sorted by start (overlaps: the longest wins).
+
+        Raises:
+            PrivacyError: detection failed; the caller must send nothing (fail closed).
+        """
+        if not text:
+            return []
+        try:
+            results = self.engine.analyze(text=text, language="en", score_threshold=self.min_score)
+        except Exception as exc:  # any failure inside presidio or a recognizer: fail closed
+            log.error("sensitive-data detection failed: %s", type(exc).__name__)
+            raise PrivacyError(f"sensitive-data detection failed ({type(exc).__name__}); nothing was sent") \
+                from exc
+        return resolve_overlaps(Span(r.start, r.end, r.entity_type, r.score) for r in results)

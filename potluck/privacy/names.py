@@ -1,0 +1,248 @@
+"""Names of people, organisations and places without an NER model: name lists plus casing and context.
+
+Rules (a model-free variant of the capitalisation features of classic NER, Collins & Singer
+1999 "Unsupervised models for named entity classification", and gazetteer lookup):
+
+1. Tokens are maximal letter runs (inner ``-``/``'`` allowed, possessive ``'s`` dropped).
+2. A capitalised token is a *candidate* when it is a known given/family name, or rare in English
+   (wordfreq Zipf below ``rare_zipf``); at the start of a sentence, where capitals say nothing,
+   a known name must also be uncommon as a word and a rare token must be rarer still.
+3. Capitalised tokens separated by single spaces (plus initials, name particles such as ``van``
+   or ``ten``, and ``&``/``and``/``of`` between capitals) form a *run*. A run becomes one span
+   if it holds a candidate, or if it has two or more capitalised words in mid-sentence.
+4. The type comes from context and lists: a title or "my name is" before it, or a known given
+   name in it, says PERSON; a legal form or organisation word at its end, or a "``X, Y and Z``"
+   shape, says ORGANIZATION; all tokens being place names says LOCATION; otherwise NAME.
+5. Lower-case "given family" pairs (``patricia desrosiers``) count when both are uncommon words;
+   in a text without any capital letter, known names that are not common words and very rare
+   words take the place of capitalised tokens.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import NamedTuple
+
+from presidio_analyzer import EntityRecognizer, RecognizerResult
+from presidio_analyzer.nlp_engine import NlpArtifacts
+
+from potluck.privacy import entities as E
+from potluck.privacy.lexicon import Lexicon
+
+_TOKEN = re.compile(r"[^\W\d_]+(?:[-'’][^\W\d_]+)*\.?")
+_SENTENCE_BREAK = set(".!?:;\n\"“”(>*•–—|[")
+_TITLES = frozenset(
+    "mr mr. mrs mrs. ms ms. miss dr dr. prof prof. sir madam dame lord lady mx mx. herr frau".split()
+)
+_PARTICLES = frozenset("van von der den de da del della di du la le ten ter bin al el dos das".split())
+_CONNECTORS = frozenset({"&", "and", "of", "And", "Of", "for", "the"})
+_PERSON_CUES = re.compile(
+    r"(?i)(?:\bname\s+is|\bnamed|\bcalled|\bi\s+am|\bi'm|\bdear|\bhi|\bhello|\bthanks|\bsincerely|"
+    r"\bregards|\bassistant\s+to|\bby|\bwith|\bmeet|\bask|\bsaid|\btold|\bcontact|\blast\s+name\??|"
+    r"\bfirst\s+name\??|\bfull\s+name\??|\buser:|\bpatient:?)\s*$"
+)
+_ORG_CUES = re.compile(
+    r"(?i)(?:\bwork(?:s|ed|ing)?\s+(?:at|for)|\bemployed\s+by|\bjoined|\bcompany|\bemployer|"
+    r"\bfirm|\bat)\s*$"
+)
+_FIRM = re.compile(r"\b([A-Z][^\W\d_]+(?:-[A-Z][^\W\d_]+)?), ([A-Z][^\W\d_]+),? (?:and|&) ([A-Z][^\W\d_]+)\b")
+
+
+_NAME_CUE = re.compile(
+    r"(?i)\b(?:my\s+name\s+is|name\s*:|call\s+me|(?:last|first|full|sur)\s*name\s*(?:is|\?|:))\s*"
+    r"([^\W\d_][\w'’-]*(?: [^\W\d_][\w'’-]*)?)"
+)
+_FIRM_LOWER = re.compile(r"\b([^\W\d_]+(?:-[^\W\d_]+)?), ([^\W\d_]+),? (?:and|&) ([^\W\d_]+)\b")
+
+
+class _Tok(NamedTuple):
+    start: int
+    end: int
+    word: str
+
+
+class ProperNounRecognizer(EntityRecognizer):
+    """PERSON / ORGANIZATION / LOCATION / NAME spans from casing, name lists and context.
+
+    Args:
+        lexicon: word lists (:meth:`Lexicon.load`).
+        rare_zipf: a capitalised token rarer than this in English (Zipf scale) is a candidate.
+    """
+
+    def __init__(self, lexicon: Lexicon, rare_zipf: float = 3.6) -> None:
+        self.lex = lexicon
+        self.rare_zipf = rare_zipf
+        self._given_lower = frozenset(w.lower() for w in lexicon.given_names)
+        self._family_lower = frozenset(w.lower() for w in lexicon.family_names)
+        super().__init__(
+            supported_entities=[E.PERSON, E.ORGANIZATION, E.LOCATION, E.NAME], name="PotluckProperNouns"
+        )
+
+    def load(self) -> None:
+        """Word lists come with the lexicon."""
+
+    # --- token features ---------------------------------------------------------------------------
+
+    @staticmethod
+    def _tokens(text: str) -> list[_Tok]:
+        out = []
+        for m in _TOKEN.finditer(text):
+            word, end = m.group(0), m.end()
+            if word.endswith((".",)) and not (len(word) == 2 or word.lower() in _TITLES):
+                word, end = word[:-1], end - 1
+            if word.endswith(("'s", "’s")):
+                word, end = word[:-2], end - 2
+            if word:
+                out.append(_Tok(m.start(), end, word))
+        return out
+
+    @staticmethod
+    def _sentence_initial(text: str, start: int) -> bool:
+        i = start - 1
+        while i >= 0 and text[i] in " \t":
+            i -= 1
+        if i < 0:
+            return True
+        if text[i] == ".":  # "Ms. Jones", "J. Smith": a title or an initial is no sentence end
+            j = i
+            while j > 0 and text[j - 1].isalpha():
+                j -= 1
+            return not (i - j == 1 or text[j:i].lower() + "." in _TITLES)
+        return text[i] in _SENTENCE_BREAK
+
+    def _capitalised(self, word: str, lower_mode: bool = False) -> bool:
+        if lower_mode:
+            return self._lower_candidate(word)
+        return word[0].isupper() and (len(word) == 1 or not word[1:].isupper() or len(word) >= 4)
+
+    def _lower_candidate(self, word: str) -> bool:
+        """In an all-lower-case text: a known name that is not a common word, or a very rare word."""
+        if word in self.lex.common_words or len(word) < 3:
+            return False
+        z = self.lex.zipf_of(word)
+        known = word in self._given_lower or word in self._family_lower
+        return (known and z < 4.8) or (z < 2.0 and len(word) >= 4)
+
+    def _is_name(self, word: str) -> bool:
+        w = word.title() if word.isupper() else word
+        return self.lex.is_name(w)
+
+    def _candidate(self, text: str, tok: _Tok, lower_mode: bool = False) -> bool:
+        word = tok.word.rstrip(".")
+        if lower_mode:
+            return self._lower_candidate(word)
+        if len(word) < 2 or word.lower() in _TITLES or word.lower() in self.lex.common_words:
+            return False
+        z = self.lex.zipf_of(word)
+        if self._sentence_initial(text, tok.start):
+            return (self._is_name(word) and z < 5.5) or z < 2.5
+        return self._is_name(word) or z < self.rare_zipf
+
+    # --- runs -------------------------------------------------------------------------------------
+
+    def _runs(self, text: str, toks: list[_Tok], lower_mode: bool) -> list[list[_Tok]]:
+        """Groups of capitalised tokens joined by single spaces (plus particles, initials, connectors)."""
+        runs: list[list[_Tok]] = []
+        cur: list[_Tok] = []
+        for i, tok in enumerate(toks):
+            joinable = bool(cur) and text[cur[-1].end : tok.start] in (" ", " & ")
+            cap = self._capitalised(tok.word, lower_mode)
+            inner = tok.word in _PARTICLES or tok.word in _CONNECTORS
+            if cur and joinable and tok.word.lower() in self.lex.org_words:
+                cur.append(tok)
+                continue
+            nxt = toks[i + 1] if i + 1 < len(toks) else None
+            if cap and (joinable or not cur):
+                cur.append(tok)
+            elif cap:
+                runs.append(cur)
+                cur = [tok]
+            elif inner and joinable and nxt is not None and self._capitalised(nxt.word, lower_mode) \
+                    and text[tok.end : nxt.start] == " ":
+                cur.append(tok)
+            else:
+                if cur:
+                    runs.append(cur)
+                cur = []
+        if cur:
+            runs.append(cur)
+        return runs
+
+    def _span_of_run(self, text: str, run: list[_Tok], lower_mode: bool) -> tuple[list[_Tok], bool] | None:
+        """The entity part of a run and whether a title preceded it, or ``None``.
+
+        Two or more capitalised tokens form an entity even at a sentence start (all but the first
+        carry information); a single token must be a candidate or follow a title.
+        """
+        titled = False
+        while run and (run[0].word.lower() in _TITLES or run[0].word in _CONNECTORS):
+            titled = titled or run[0].word.lower() in _TITLES
+            run = run[1:]
+        while run and not lower_mode and len(run) > 1 and self._sentence_initial(text, run[0].start) \
+                and run[0].word.lower() in self.lex.common_words:
+            run = run[1:]
+        while run and (run[-1].word in _CONNECTORS or run[-1].word in _PARTICLES):
+            run = run[:-1]
+        if not run:
+            return None
+        if titled or len(run) >= 2 or self._candidate(text, run[0], lower_mode):
+            return run, titled
+        return None
+
+    def _type_of(self, text: str, run: list[_Tok], titled: bool) -> str:
+        before = text[max(0, run[0].start - 40) : run[0].start]
+        words = [t.word.rstrip(".") for t in run]
+        words = [w.title() if w.islower() else w for w in words]
+        prev = re.findall(r"[\w.]+", before)[-1:] if before.strip() else []
+        if words[-1].lower() in self.lex.org_words or any(w in ("&", "And") for w in words):
+            return E.ORGANIZATION
+        if titled or (prev and prev[0].lower() in _TITLES) or _PERSON_CUES.search(before):
+            return E.PERSON
+        if any(w in self.lex.given_names for w in words) or (
+            len(words) >= 2 and words[-1] in self.lex.family_names
+        ):
+            return E.PERSON
+        if all(w in self.lex.places for w in words):
+            return E.LOCATION
+        if _ORG_CUES.search(before):
+            return E.ORGANIZATION
+        if len(words) == 1 and words[0] in self.lex.family_names:
+            return E.PERSON
+        return E.NAME
+
+    def _lowercase_names(self, text: str, toks: list[_Tok]) -> list[RecognizerResult]:
+        out = []
+        for a, b in zip(toks, toks[1:]):
+            if not (a.word.islower() and b.word.islower()) or text[a.end : b.start] != " ":
+                continue
+            if (a.word in self._given_lower and self.lex.zipf_of(a.word) < 4.0
+                    and (b.word in self._family_lower or self.lex.zipf_of(b.word) < 2.5)
+                    and self.lex.zipf_of(b.word) < 3.5):
+                out.append(RecognizerResult(E.PERSON, a.start, b.end, 0.5))
+        return out
+
+    def analyze(
+        self, text: str, entities: list[str], nlp_artifacts: NlpArtifacts | None = None
+    ) -> list[RecognizerResult]:
+        toks = self._tokens(text)
+        lower_mode = len(toks) >= 3 and not any(c.isupper() for c in text)
+        out: list[RecognizerResult] = []
+        for run in self._runs(text, toks, lower_mode):
+            found = self._span_of_run(text, run, lower_mode)
+            if found:
+                span, titled = found
+                etype = self._type_of(text, span, titled)
+                out.append(RecognizerResult(etype, span[0].start, span[-1].end, 0.6))
+        firm = _FIRM_LOWER if lower_mode else _FIRM
+        out.extend(RecognizerResult(E.ORGANIZATION, m.start(), m.end(), 0.7) for m in firm.finditer(text))
+        if not lower_mode:
+            out.extend(self._lowercase_names(text, toks))
+        for m in _NAME_CUE.finditer(text):
+            words = m.group(1).split()
+            while words and (words[-1].lower() in self.lex.common_words or self.lex.zipf_of(words[-1]) >= 4.0):
+                words.pop()
+            if words:
+                end = m.start(1) + len(" ".join(words))
+                if text[m.start(1) : end] == " ".join(words):
+                    out.append(RecognizerResult(E.PERSON, m.start(1), end, 0.7))
+        return out

@@ -1,0 +1,325 @@
+"""Our own presidio recognizers: secrets and keys, phone numbers, passports, crypto, card/IBAN shapes.
+
+Every recognizer here is a presidio :class:`~presidio_analyzer.EntityRecognizer` (patterns plus
+a validation check, as presidio declares them) so it runs inside the same ``AnalyzerEngine`` as
+presidio's own checksum recognizers. They need no NLP artifacts.
+
+Provider token formats follow the providers' published prefixes (GitHub "About authentication
+to GitHub" token prefixes, Stripe API keys docs, Slack token types, AWS IAM identifiers, Google
+API keys, OpenAI/Anthropic/Hugging Face key prefixes) and the gitleaks default rule set.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import phonenumbers
+import tldextract
+from presidio_analyzer import EntityRecognizer, RecognizerResult
+from presidio_analyzer.nlp_engine import NlpArtifacts
+from presidio_analyzer.predefined_recognizers import EmailRecognizer
+
+from potluck.privacy import entities as E
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One regex rule: ``group`` selects the sensitive part (0 = whole match)."""
+
+    regex: re.Pattern[str]
+    entity: str
+    score: float = 0.9
+    group: int | str = 0
+    validate: Callable[[str], bool] | None = None
+    needles: tuple[str, ...] = ()  # the rule runs only if one of these occurs in the lower-cased text
+
+
+_DIGIT = re.compile(r"\d")
+
+
+def _has_digit(text: str) -> bool:
+    return _DIGIT.search(text) is not None
+
+
+class RegexRecognizer(EntityRecognizer):
+    """Runs precompiled :class:`Rule` s; an optional cheap ``gate`` skips texts that cannot match."""
+
+    def __init__(self, name: str, rules: Sequence[Rule], gate: Callable[[str], bool] | None = None) -> None:
+        self.rules = tuple(rules)
+        self.gate = gate
+        super().__init__(supported_entities=sorted({r.entity for r in rules}), name=name)
+
+    def load(self) -> None:
+        """Nothing to load: the rules are compiled at import."""
+
+    def analyze(
+        self, text: str, entities: list[str], nlp_artifacts: NlpArtifacts | None = None
+    ) -> list[RecognizerResult]:
+        if self.gate is not None and not self.gate(text):
+            return []
+        out: list[RecognizerResult] = []
+        lower = text.lower()
+        for rule in self.rules:
+            if rule.needles:
+                for needle in rule.needles:
+                    if needle in lower:
+                        break
+                else:
+                    continue
+            for m in rule.regex.finditer(text):
+                start, end = m.span(rule.group)
+                if start < 0 or end <= start:
+                    continue
+                if rule.validate is not None and not rule.validate(text[start:end]):
+                    continue
+                out.append(RecognizerResult(rule.entity, start, end, rule.score))
+        return out
+
+
+# --- secrets -----------------------------------------------------------------------------------
+
+_KEY_NAMES = (
+    r"pass(?:word|wd|phrase)?|pwd|secret(?:[_-]?key)?|api[_-]?key|apikey|access[_-]?key(?:[_-]?id)?|"
+    r"(?:access|auth|refresh|bearer|session|id)[_-]?token|token|client[_-]?secret|private[_-]?key|"
+    r"account[_-]?key|shared[_-]?access[_-]?key|credentials?|auth"
+)
+
+
+def _shannon_bits(s: str) -> float:
+    """Shannon entropy of the characters of ``s``, in bits per character."""
+    n = len(s)
+    return -sum(c / n * math.log2(c / n) for c in Counter(s).values())
+
+
+def _looks_random(s: str) -> bool:
+    classes = sum((any(c.islower() for c in s), any(c.isupper() for c in s), any(c.isdigit() for c in s)))
+    return classes >= 2 and _shannon_bits(s) >= 3.3
+
+
+SECRET_RULES = (
+    # PEM / OpenSSH / PGP private key blocks (RFC 7468 labels)
+    Rule(
+        re.compile(
+            r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----.*?-----END (?:[A-Z0-9]+ )*PRIVATE KEY"
+            r"(?: BLOCK)?-----",
+            re.S,
+        ),
+        E.SECRET,
+        1.0,
+        needles=("-----begin",),
+    ),
+    # JSON Web Token: base64url header "{"... . payload . signature (RFC 7519)
+    Rule(re.compile(r"\beyJ[A-Za-z0-9_-]{5,}\.eyJ[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]{8,}"), E.SECRET, 1.0, needles=("eyj",)),
+    # provider tokens with documented prefixes
+    Rule(re.compile(r"\b(?:AKIA|ASIA|ABIA|ACCA|AGPA|AIDA|AROA|ANPA|ANVA|APKA)[0-9A-Z]{16}\b"), E.SECRET, 1.0,
+         needles=("akia", "asia", "abia", "acca", "agpa", "aida", "aroa", "anpa", "anva", "apka")),
+    Rule(re.compile(r"\bgh[pousr]_[A-Za-z0-9]{30,255}\b|\bgithub_pat_[A-Za-z0-9_]{22,255}"), E.SECRET, 1.0,
+         needles=("gh", "github_pat_")),
+    Rule(re.compile(r"\bglpat-[A-Za-z0-9_-]{20,}"), E.SECRET, 1.0, needles=("glpat-",)),
+    Rule(re.compile(r"\bsk-(?:ant-|proj-|svcacct-|admin-|or-v1-)?[A-Za-z0-9_-]{20,}"), E.SECRET, 1.0, needles=("sk-",)),
+    Rule(re.compile(r"\b(?:sk|pk|rk)_(?:live|test)_[A-Za-z0-9]{16,}"), E.SECRET, 1.0, needles=("_live_", "_test_")),
+    Rule(re.compile(r"\bxox[abposre]-[A-Za-z0-9-]{10,}"), E.SECRET, 1.0, needles=("xox",)),
+    Rule(re.compile(r"https://hooks\.slack\.com/services/[A-Za-z0-9/_-]{20,}"), E.SECRET, 1.0, needles=("hooks.slack",)),
+    Rule(re.compile(r"\bAIza[0-9A-Za-z_-]{35}"), E.SECRET, 1.0, needles=("aiza",)),
+    Rule(re.compile(r"\bya29\.[0-9A-Za-z_-]{20,}"), E.SECRET, 1.0, needles=("ya29.",)),
+    Rule(re.compile(r"\bhf_[A-Za-z0-9]{30,}\b"), E.SECRET, 1.0, needles=("hf_",)),
+    Rule(re.compile(r"\bnpm_[A-Za-z0-9]{36}\b"), E.SECRET, 1.0, needles=("npm_",)),
+    Rule(re.compile(r"\bpypi-[A-Za-z0-9_-]{50,}"), E.SECRET, 1.0, needles=("pypi-",)),
+    Rule(re.compile(r"\bSG\.[A-Za-z0-9_-]{16,}\.[A-Za-z0-9_-]{16,}"), E.SECRET, 1.0, needles=("sg.",)),
+    Rule(re.compile(r"\b(?:SK|AC)[0-9a-fA-F]{32}\b"), E.SECRET, 0.9, needles=("sk", "ac")),
+    Rule(re.compile(r"\b\d{8,10}:AA[A-Za-z0-9_-]{33}\b"), E.SECRET, 1.0, needles=(":aa",)),  # Telegram bot token
+    Rule(re.compile(r"\b(?:dop|doo|dor)_v1_[a-f0-9]{64}\b"), E.SECRET, 1.0, needles=("_v1_",)),  # DigitalOcean
+    # Authorization headers (RFC 6750 bearer, RFC 7617 basic)
+    Rule(re.compile(r"(?i)\bbearer\s+([A-Za-z0-9._~+/=-]{12,})"), E.SECRET, 1.0, 1, needles=("bearer",)),
+    Rule(re.compile(r"(?i)\bbasic\s+([A-Za-z0-9+/]{12,}={0,2})"), E.SECRET, 0.9, 1, needles=("basic",)),
+    # user:password@ in any URL, connection strings included (RFC 3986 userinfo)
+    Rule(re.compile(r"\b[A-Za-z][A-Za-z0-9+.-]{1,20}://[^\s:/@'\"]{1,128}:([^\s@/'\"]{1,256})@"), E.SECRET, 1.0, 1, needles=("://",)),
+    # key = value / key: value assignments (config files, env, ADO connection strings, JSON)
+    Rule(
+        re.compile(
+            rf"(?i)(?<![A-Za-z0-9])[\"']?(?:[A-Za-z0-9]+[_-])*(?:{_KEY_NAMES})[\"']?\s*(?:=|:|=>|:=)\s*"
+            r"(?:\"(?P<dq>[^\"\n]{1,512})\"|'(?P<sq>[^'\n]{1,512})'|(?P<bare>[^\s'\";,]{1,512}))"
+        ),
+        E.SECRET,
+        0.95,
+        "bare",
+        needles=("=", ":"),
+    ),
+    Rule(
+        re.compile(
+            rf"(?i)(?<![A-Za-z0-9])[\"']?(?:[A-Za-z0-9]+[_-])*(?:{_KEY_NAMES})[\"']?\s*(?:=|:|=>|:=)\s*"
+            r"\"(?P<dq>[^\"\n]{1,512})\""
+        ),
+        E.SECRET,
+        0.95,
+        "dq",
+        needles=("=\"", ":\"", "= \"", ": \""),
+    ),
+    Rule(
+        re.compile(
+            rf"(?i)(?<![A-Za-z0-9])[\"']?(?:[A-Za-z0-9]+[_-])*(?:{_KEY_NAMES})[\"']?\s*(?:=|:|=>|:=)\s*"
+            r"'(?P<sq>[^'\n]{1,512})'"
+        ),
+        E.SECRET,
+        0.95,
+        "sq",
+        needles=("='", ":'", "= '", ": '"),
+    ),
+    # natural language: "my password is hunter2", "the pin is 1234"
+    Rule(
+        re.compile(r"(?i)\b(?:password|passphrase|passcode|pin|api key|token|secret)\s+(?:is|was|=)\s*:?\s*"
+                   r"[\"'“]?([^\s\"'”]{3,256}?)[\"'”]?(?=[\s.,;!?]*(?:\s|$))"),
+        E.SECRET,
+        0.9,
+        1,
+        needles=("password", "passphrase", "passcode", "pin ", "api key", "token", "secret"),
+    ),
+    # long random-looking tokens of unknown providers (high entropy, mixed character classes)
+    Rule(re.compile(r"(?<![A-Za-z0-9_/+=-])[A-Za-z0-9_+/=-]{32,}"), E.SECRET, 0.6, 0, _looks_random),
+)
+
+# --- crypto, MAC, passport -------------------------------------------------------------------------
+
+OTHER_RULES = (
+    Rule(re.compile(r"\b0x[a-fA-F0-9]{40}\b"), E.CRYPTO, 0.9),  # Ethereum address (EIP-55)
+    Rule(re.compile(r"\b(?:bc1|tb1)[ac-hj-np-z02-9]{25,87}\b"), E.CRYPTO, 0.9),  # bech32 (BIP-173)
+    Rule(re.compile(r"\b[LM3][a-km-zA-HJ-NP-Z1-9]{26,33}\b"), E.CRYPTO, 0.5, 0, _has_digit),  # LTC/P2SH
+    Rule(
+        re.compile(
+            r"(?i)\bpassport(?:\s+(?:no\.?|number|num|#|id))?\s*(?:is|:|#|was)?\s*:?\s*(?P<v>[A-Z0-9]{1,3}[ -]?"
+            r"[A-Z0-9]{4,9})\b"
+        ),
+        E.PASSPORT,
+        0.9,
+        "v",
+        _has_digit,
+    ),
+)
+
+# --- card and IBAN shapes (presidio's checksum recognizers run beside these) -----------------------
+
+
+def luhn_ok(digits: str) -> bool:
+    """Luhn (ISO/IEC 7812-1 annex B) check over the digits of ``digits``."""
+    nums = [int(c) for c in digits if c.isdigit()]
+    total = 0
+    for i, d in enumerate(reversed(nums)):
+        if i % 2:
+            d = d * 2 - 9 if d > 4 else d * 2
+        total += d
+    return len(nums) >= 12 and total % 10 == 0
+
+
+# IBAN lengths per country (ISO 13616 registry, SWIFT IBAN Registry release 2024)
+IBAN_LENGTHS = {
+    "AD": 24, "AE": 23, "AL": 28, "AT": 20, "AZ": 28, "BA": 20, "BE": 16, "BG": 22, "BH": 22, "BR": 29,
+    "BY": 28, "CH": 21, "CR": 22, "CY": 28, "CZ": 24, "DE": 22, "DK": 18, "DO": 28, "EE": 20, "EG": 29,
+    "ES": 24, "FI": 18, "FO": 18, "FR": 27, "GB": 22, "GE": 22, "GI": 23, "GL": 18, "GR": 27, "GT": 28,
+    "HR": 21, "HU": 28, "IE": 22, "IL": 23, "IQ": 23, "IS": 26, "IT": 27, "JO": 30, "KW": 30, "KZ": 20,
+    "LB": 28, "LC": 32, "LI": 21, "LT": 20, "LU": 20, "LV": 21, "MC": 27, "MD": 24, "ME": 22, "MK": 19,
+    "MR": 27, "MT": 31, "MU": 30, "NL": 18, "NO": 15, "PK": 24, "PL": 28, "PS": 29, "PT": 25, "QA": 29,
+    "RO": 24, "RS": 22, "SA": 24, "SC": 31, "SE": 24, "SI": 19, "SK": 24, "SM": 27, "ST": 25, "SV": 28,
+    "TL": 23, "TN": 24, "TR": 26, "UA": 29, "VA": 22, "VG": 24, "XK": 20,
+}  # fmt: skip
+
+
+def iban_shape_ok(value: str) -> bool:
+    """Country code known and length right; the mod-97 checksum is presidio's (it scores higher)."""
+    compact = re.sub(r"[\s-]", "", value).upper()
+    return IBAN_LENGTHS.get(compact[:2]) == len(compact)
+
+
+SHAPE_RULES = (
+    Rule(re.compile(r"(?<![\w-])(?:\d[ -]?){11,18}\d(?![\w-])"), E.CREDIT_CARD, 0.8, 0, luhn_ok),
+    Rule(re.compile(r"(?i)\b[A-Z]{2}\d{2}(?:[ -]?[A-Z0-9]){11,30}\b"), E.IBAN_CODE, 0.8, 0, iban_shape_ok),
+)
+
+
+# --- phone numbers ---------------------------------------------------------------------------------
+
+_PHONE_CANDIDATE = re.compile(
+    r"(?<![\w+.-])(?:\+|00)?\(?\d[\d ().\-/]{4,22}\d(?:\s?(?:x|ext\.?|#)\s?\d{1,6})?(?![\w])"
+)
+_DATE_LIKE = re.compile(r"\d{4}-\d{2}-\d{2}|\d{1,2}/\d{1,2}/\d{2,4}|\d{1,2}:\d{2}")
+_PHONE_REGIONS = ("US", "GB", "DE", "FR", "IT", "ES", "NL", "SE", "NO", "DK", "FI", "CH", "AT", "BE", "PL",
+                  "PT", "BR", "IN", "AU", "CA", "IL", "JP", "CN", "RU", "MX", "ZA", "IE", "CZ", "HU", "GR")
+
+
+class PhoneRecognizer(EntityRecognizer):
+    """Phone numbers: a broad candidate regex, then ``phonenumbers`` length/prefix checks.
+
+    A candidate with a leading ``+``/``00`` is parsed as international; otherwise it is kept if it
+    is a possible number in any of ``regions``. Dates and times are skipped. Candidates need 7 to
+    15 digits (ITU-T E.164 caps numbers at 15 digits).
+    """
+
+    def __init__(self, regions: Sequence[str] = _PHONE_REGIONS) -> None:
+        self.regions = tuple(regions)
+        super().__init__(supported_entities=[E.PHONE_NUMBER], name="PotluckPhoneRecognizer")
+
+    def load(self) -> None:
+        """Nothing to load."""
+
+    def analyze(
+        self, text: str, entities: list[str], nlp_artifacts: NlpArtifacts | None = None
+    ) -> list[RecognizerResult]:
+        if not _has_digit(text):
+            return []
+        out = []
+        for m in _PHONE_CANDIDATE.finditer(text):
+            cand = m.group(0)
+            main = re.split(r"\s?(?:x|ext\.?|#)\s?(?=\d)", cand)[0]
+            n_digits = sum(c.isdigit() for c in main)
+            if not 7 <= n_digits <= 15 or _DATE_LIKE.fullmatch(cand.strip()) or _DATE_LIKE.search(cand):
+                continue
+            if self._possible(main):
+                out.append(RecognizerResult(E.PHONE_NUMBER, m.start(), m.end(), 0.75))
+        return out
+
+    def _possible(self, number: str) -> bool:
+        intl = number.startswith(("+", "00"))
+        for region in (None,) if intl else self.regions:
+            try:
+                parsed = phonenumbers.parse(number if not number.startswith("00") else "+" + number[2:], region)
+            except phonenumbers.NumberParseException:
+                continue
+            if phonenumbers.is_possible_number(parsed):
+                return True
+        return False
+
+
+class OfflineEmailRecognizer(EmailRecognizer):
+    """presidio's email recognizer with the bundled public-suffix snapshot (never fetched)."""
+
+    def analyze(
+        self, text: str, entities: list[str], nlp_artifacts: NlpArtifacts | None = None,
+        regex_flags: int | None = None,
+    ) -> list[RecognizerResult]:
+        if "@" not in text:
+            return []
+        return super().analyze(text, entities, nlp_artifacts, regex_flags)
+
+    def load(self) -> None:
+        self._extract = tldextract.TLDExtract(suffix_list_urls=(), cache_dir=None)
+        self._extract("warm.up.example.com")  # builds the suffix trie now, not on the first e-mail
+
+    def validate_result(self, pattern_text: str) -> bool:
+        return self._extract(pattern_text).fqdn != ""
+
+
+def own_recognizers() -> list[EntityRecognizer]:
+    """Every recognizer defined in this module, ready for a presidio registry."""
+    return [
+        RegexRecognizer("PotluckSecretRecognizer", SECRET_RULES),
+        RegexRecognizer("PotluckIdentifierRecognizer", OTHER_RULES, _has_digit),
+        RegexRecognizer("PotluckNumberShapeRecognizer", SHAPE_RULES, _has_digit),
+        PhoneRecognizer(),
+        OfflineEmailRecognizer(),
+    ]
