@@ -6,27 +6,25 @@ import json
 import logging
 import tempfile
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
 
 from potluck.errors import PotluckError
 
-shard_app = typer.Typer(
-    help="Tensor parallelism: plan shards, generate across worker processes.", no_args_is_help=True
-)
+shard_app = typer.Typer(help="Tensor parallelism: plan shards, generate across worker processes.", no_args_is_help=True)
 console = Console(stderr=True)
 log = logging.getLogger(__name__)
 
 ModelOpt = Annotated[Path, typer.Option("--model", "-m", help="GGUF file.", exists=True, dir_okay=False)]
 NodesOpt = Annotated[int, typer.Option("--nodes", "-n", min=1, max=64, help="Ranks (master + N-1 workers).")]
 SpeedsOpt = Annotated[
-    Optional[str], typer.Option("--speeds", help="Comma-separated relative speeds per rank (default: equal).")
+    str | None, typer.Option("--speeds", help="Comma-separated relative speeds per rank (default: equal).")
 ]
 
 
-def _nodes(n: int, speeds: Optional[str], ram_bytes: int):  # type: ignore[no-untyped-def]
+def _nodes(n: int, speeds: str | None, ram_bytes: int):  # type: ignore[no-untyped-def]
     from potluck.sharding.plan import NodeCapability
 
     values = [float(s) for s in speeds.split(",")] if speeds else [1.0] * n
@@ -74,13 +72,11 @@ def generate_cmd(
     temperature: Annotated[float, typer.Option("--temperature", "-t", min=0.0)] = 0.8,
     top_k: Annotated[int, typer.Option("--top-k", min=0)] = 40,
     top_p: Annotated[float, typer.Option("--top-p", min=0.0, max=1.0)] = 0.95,
-    seed: Annotated[Optional[int], typer.Option("--seed")] = None,
-    stop: Annotated[Optional[list[str]], typer.Option("--stop", help="Stop string (repeatable).")] = None,
-    n_ctx: Annotated[
-        Optional[int], typer.Option("--ctx", min=16, help="Context (default: the model's, <= 2048).")
-    ] = None,
+    seed: Annotated[int | None, typer.Option("--seed")] = None,
+    stop: Annotated[list[str] | None, typer.Option("--stop", help="Stop string (repeatable).")] = None,
+    n_ctx: Annotated[int | None, typer.Option("--ctx", min=16, help="Context (default: the model's, <= 2048).")] = None,
     speeds: SpeedsOpt = None,
-    shard_dir: Annotated[Optional[Path], typer.Option("--shard-dir", help="Worker shard cache.")] = None,
+    shard_dir: Annotated[Path | None, typer.Option("--shard-dir", help="Worker shard cache.")] = None,
     timeout: Annotated[float, typer.Option("--timeout", min=0.1, help="All-reduce deadline (s).")] = 10.0,
     as_json: Annotated[bool, typer.Option("--json", help='Print {"tokens": [...], "text": ...}.')] = False,
 ) -> None:

@@ -43,7 +43,7 @@ def test_heterogeneous_speeds_give_proportional_shares() -> None:
         for s in plan.shares
     ]
     total = sum(work)
-    for share, w, want in zip(plan.shares, work, (0.25, 0.5, 0.25)):
+    for share, w, want in zip(plan.shares, work, (0.25, 0.5, 0.25), strict=True):
         assert w / total == pytest.approx(want, abs=0.02), share
     assert [s.kv_count for s in plan.shares] == [2, 4, 2]
 
