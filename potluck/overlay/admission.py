@@ -25,6 +25,7 @@ import hmac
 import logging
 import secrets
 from collections.abc import Iterable
+from typing import TypeVar
 
 import anyio
 
@@ -36,6 +37,7 @@ from potluck.overlay.wire import AdmitChallenge, AdmitProof, AdmitResult, FrameS
 log = logging.getLogger(__name__)
 
 PROTOCOL = "/potluck/admit/1"
+F = TypeVar("F", bound=WireModel)
 ADMIT_TIMEOUT_S = 10.0
 _MAX_ADMIT_FRAME = 1024
 
@@ -173,7 +175,10 @@ def admit_frames(stream: object) -> FrameStream:
     return FrameStream(stream, max_frame=_MAX_ADMIT_FRAME)  # type: ignore[arg-type]
 
 
-def _expect(frame: WireModel, kind: type[WireModel]) -> WireModel:  # type: ignore[misc]
-    if not isinstance(frame, kind):
-        raise ProtocolViolation(f"expected {kind.__name__}, got {type(frame).__name__}")
-    return frame
+def _expect(frame: WireModel, kind: type[F]) -> F:
+    """``frame`` as ``kind``; a refusal from the remote becomes ``PeerRefused``."""
+    if isinstance(frame, kind):
+        return frame
+    if isinstance(frame, AdmitResult) and not frame.ok:
+        raise PeerRefused(f"the peer refused to admit us: {frame.reason}")
+    raise ProtocolViolation(f"expected {kind.__name__}, got {type(frame).__name__}")

@@ -77,6 +77,8 @@ class TrioThread:
         self._ready: concurrent.futures.Future[None] = concurrent.futures.Future()
         self._done: asyncio.Future[None] | None = None
         self._closing = False
+        self.crashed = asyncio.Event()  # set (on the asyncio loop) when the trio side died after start
+        self.failure: BaseException | None = None
 
     # ----------------------------------------------------------------- thread checks
     def in_trio_thread(self) -> bool:
@@ -131,9 +133,14 @@ class TrioThread:
         try:
             trio.run(self._trio_main)
         except BaseException as exc:  # the thread must always report back
-            log.error("overlay trio thread ended with %r", exc, exc_info=exc)
+            while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+                exc = exc.exceptions[0]
+            self.failure = exc
             if not self._ready.done():
                 self._ready.set_exception(exc)
+            else:
+                log.error("overlay trio thread crashed: %r", exc, exc_info=exc)
+                loop.call_soon_threadsafe(self.crashed.set)
         finally:
             if not self._ready.done():
                 self._ready.set_exception(ClosedError("the overlay thread stopped before it was ready"))

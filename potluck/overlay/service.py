@@ -116,6 +116,7 @@ class OverlayService:
             self._tasks.start(self._anti_entropy(), "anti-entropy")
             self._tasks.start(self._expire(), "expiry")
             self._tasks.start(self._probe_rtt(), "rtt")
+            self._tasks.start(self._watch_bridge(), "bridge-watch")
             await self._stack.enter_async_context(Discovery(self))
         except BaseException:
             await self._stack.aclose()
@@ -275,6 +276,10 @@ class OverlayService:
         before = self.state.digest()
         await self._merge_from(peer, resp.records)
         return sum(1 for p, seq in self.state.digest().items() if before.get(p) != seq)
+
+    async def _watch_bridge(self) -> None:
+        await self.bridge.crashed.wait()
+        raise ClosedError(f"the libp2p host stopped: {self.bridge.failure!r}")
 
     async def _heartbeat(self) -> None:
         while True:
