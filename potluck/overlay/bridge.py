@@ -133,8 +133,9 @@ class TrioThread:
         try:
             trio.run(self._trio_main)
         except BaseException as exc:  # the thread must always report back
-            while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
-                exc = exc.exceptions[0]
+            inner = getattr(exc, "exceptions", None)  # a (Base)ExceptionGroup of one: unwrap it
+            while isinstance(inner, tuple) and len(inner) == 1:
+                exc, inner = inner[0], getattr(inner[0], "exceptions", None)
             self.failure = exc
             if not self._ready.done():
                 self._ready.set_exception(exc)
