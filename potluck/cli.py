@@ -29,6 +29,7 @@ app.add_typer(models_app, name="models")
 # Subsystem command groups register here: app.add_typer(<their app>, name="<group>").
 app.add_typer(__import__("potluck.overlay.cli", fromlist=["peers_app"]).peers_app, name="peers")
 app.add_typer(__import__("potluck.sharding.cli", fromlist=["shard_app"]).shard_app, name="shard")
+app.add_typer(__import__("potluck.privacy.cli", fromlist=["privacy_app"]).privacy_app, name="privacy")
 
 console = Console(stderr=True)
 out = Console()

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import platformdirs
-from pydantic import Field, ValidationError
+from pydantic import Field, SecretStr, ValidationError
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -101,6 +101,28 @@ class Settings(BaseSettings):
     serve_rate_limit_tps: float = Field(
         0.0, ge=0, le=1e6, description="Cap on tokens/s this node streams to swarm peers (0: no cap)."
     )
+
+    # --- privacy --------------------------------------------------------------------------
+    privacy: Literal["strict", "standard", "off"] = Field(
+        "standard",
+        description="strict: sensitive requests stay on your devices; standard: sanitize before "
+        "community peers and the cloud; off. Per request: X-Potluck-Privacy header.",
+    )
+    cloud_url: str | None = Field(
+        None, description="OpenAI-compatible upstream base URL (e.g. https://host/v1); its models appear as cloud/<name>."
+    )
+    cloud_model: list[str] = Field(
+        default_factory=list, description="Upstream model names to offer (default: ask the upstream's /models)."
+    )
+    cloud_api_key: SecretStr | None = Field(
+        None, description="Upstream API key (env POTLUCK_CLOUD_API_KEY); never logged."
+    )
+    cloud_connect_timeout_s: float = Field(10.0, gt=0, le=600, description="Upstream connect deadline, seconds.")
+    cloud_read_timeout_s: float = Field(
+        60.0, gt=0, le=3600, description="Longest silence inside an upstream stream, seconds."
+    )
+    cloud_total_timeout_s: float = Field(600.0, gt=0, le=86400, description="Upstream request deadline, seconds.")
+    cloud_retries: int = Field(2, ge=0, le=10, description="Upstream retries before a stream starts.")
 
     @classmethod
     def settings_customise_sources(

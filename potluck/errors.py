@@ -22,6 +22,7 @@ Third-party exceptions are translated at the boundary where they enter potluck
     │   ├── PeerRefused             the peer refused us (admission, policy)
     │   └── ProtocolViolation       garbage, oversized or schema-invalid frame
     └── PrivacyError                sanitization failed; nothing was sent (fail closed)
+        └── PolicyRefused           privacy level 'strict' keeps this request on tier <= 1 (HTTP 403)
 
 ``PotluckWarning`` is the base of our own warnings; the test suite turns it into errors.
 """
@@ -123,6 +124,10 @@ class ProtocolViolation(NetworkError):
 
 class PrivacyError(PotluckError):
     """Sanitization failed; the request was not sent anywhere."""
+
+
+class PolicyRefused(PrivacyError):
+    """The privacy policy forbids sending this request to the chosen destination; nothing was sent."""
 
 
 class PotluckWarning(UserWarning):

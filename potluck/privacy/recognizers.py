@@ -182,7 +182,7 @@ SECRET_RULES = (
         needles=("password", "passphrase", "passcode", "pin ", "api key", "token", "secret"),
     ),
     # long random-looking tokens of unknown providers (high entropy, mixed character classes)
-    Rule(re.compile(r"(?<![A-Za-z0-9_/+=-])[A-Za-z0-9_+/=-]{32,}"), E.SECRET, 0.6, 0, _looks_random),
+    Rule(re.compile(r"(?<![A-Za-z0-9_/+=-])[A-Za-z0-9_+/-]{32,}={0,2}"), E.SECRET, 0.6, 0, _looks_random),
 )
 
 # --- crypto, MAC, passport -------------------------------------------------------------------------

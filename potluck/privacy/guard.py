@@ -1,0 +1,212 @@
+"""The privacy guard: every route to tier >= 2 goes through it.
+
+:class:`PrivacyGuard` wraps a :class:`~potluck.node.routes.Route` (or a whole
+:class:`~potluck.node.router.RouteProvider`) whose ``tier`` attribute is 2 (community peers) or 3
+(cloud). Per request it
+
+1. reads the privacy level (``X-Potluck-Privacy`` header, else the node's ``privacy`` setting);
+2. sanitizes every message (and the prompt and stop strings) with one placeholder mapping,
+   in a worker thread; ``strict`` refuses if anything sensitive was found;
+3. writes the audit record, then sends the sanitized request to the inner route;
+4. restores placeholders in the streamed reply (:class:`~potluck.privacy.restore.StreamRestorer`).
+
+Fail closed: if the sanitizer cannot be built, detection raises, or the audit record cannot be
+written, the inner route is never called and the client gets :class:`~potluck.errors.PrivacyError`.
+A route without a ``tier`` attribute is treated as tier 3.
+
+Usage (the node does this; the overlay's peer routes carry ``tier``)::
+
+    guard = PrivacyGuard(AuditLog.in_data_dir(settings.data_dir), settings.privacy)
+    router.add_provider(guard.wrap_provider(PeerRouteProvider(overlay)))   # tier-2 peers guarded
+    route = guard.wrap(some_route)                                          # or one route
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing
+from dataclasses import replace
+
+from potluck.errors import PolicyRefused, PrivacyError
+from potluck.inference.backend import ChatMessage
+from potluck.node.router import ModelListing, RouteProvider
+from potluck.node.routes import Finished, GenerationRequest, Route, RouteEvent, TextDelta
+from potluck.privacy.audit import AuditLog, AuditRecord
+from potluck.privacy.policy import PRIVACY_HEADER, Action, PrivacyLevel, Tier, decide, enforce_strict, parse_level
+from potluck.privacy.sanitizer import Sanitized, Sanitizer
+
+log = logging.getLogger(__name__)
+
+
+def route_tier(route: object) -> int:
+    """The trust tier a route declares; routes that declare none count as cloud (fail closed)."""
+    tier = getattr(route, "tier", Tier.CLOUD)
+    return int(tier) if isinstance(tier, int) else int(Tier.CLOUD)
+
+
+class PrivacyGuard:
+    """Applies the privacy policy to routes of tier >= 2 (see module docstring).
+
+    Args:
+        audit: where outbound requests are recorded (``None``: no audit file, tests only).
+        default_level: the level when a request has no ``X-Potluck-Privacy`` header.
+        sanitizer_factory: builds the sanitizer on first use (about a second; off the event loop).
+    """
+
+    def __init__(
+        self,
+        audit: AuditLog | None,
+        default_level: PrivacyLevel = "standard",
+        sanitizer_factory: Callable[[], Sanitizer] = Sanitizer,
+    ) -> None:
+        self.audit = audit
+        self.default_level = default_level
+        self._factory = sanitizer_factory
+        self._sanitizer: Sanitizer | None = None
+        self._lock = asyncio.Lock()
+
+    async def sanitizer(self) -> Sanitizer:
+        """The shared sanitizer, built on first use in a worker thread.
+
+        Raises:
+            PrivacyError: it cannot be built.
+        """
+        async with self._lock:
+            if self._sanitizer is None:
+                try:
+                    self._sanitizer = await asyncio.to_thread(self._factory)
+                except PrivacyError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - any set-up failure: fail closed
+                    raise PrivacyError(f"cannot set up the sanitizer ({type(exc).__name__}); nothing was sent") \
+                        from exc
+            return self._sanitizer
+
+    def wrap(self, route: Route) -> Route:
+        """``route`` itself if its tier is <= 1, else a guarded route."""
+        return route if route_tier(route) <= Tier.OWN else GuardedRoute(route, self)
+
+    def wrap_provider(self, provider: RouteProvider) -> RouteProvider:
+        """A provider whose routes of tier >= 2 are guarded."""
+        return GuardedProvider(provider, self)
+
+    async def prepare(self, request: GenerationRequest, level: PrivacyLevel, tier: int, destination: str) \
+            -> tuple[GenerationRequest, Sanitized]:
+        """Sanitize ``request`` for ``destination`` and write its audit record.
+
+        Raises:
+            PolicyRefused: level ``strict`` and sensitive content detected.
+            PrivacyError: sanitization or auditing failed (nothing may be sent).
+        """
+        sanitizer = await self.sanitizer()
+        messages = request.messages or ()
+        texts = [m.content for m in messages] + [request.prompt or ""] + list(request.params.stop)
+        try:
+            result = await asyncio.to_thread(sanitizer.sanitize, texts)
+        except PrivacyError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a bug in sanitization must not let raw text out
+            log.error("sanitization failed: %s", type(exc).__name__)
+            raise PrivacyError(f"sanitization failed ({type(exc).__name__}); nothing was sent") from exc
+        n_found = sum(result.entity_counts().values())
+        enforce_strict(level, tier, n_found)
+        out = result.texts
+        n = len(messages)
+        outbound = replace(
+            request,
+            messages=tuple(ChatMessage(m.role, t) for m, t in zip(messages, out[:n], strict=True))
+            if request.messages is not None
+            else None,
+            prompt=out[n] if request.prompt is not None else None,
+            params=replace(request.params, stop=tuple(out[n + 1 :])),
+        )
+        self._audit(destination, tier, level, Action.SANITIZE, result.entity_counts(), result.digest(),
+                    sum(len(t) for t in out))
+        return outbound, result
+
+    def _audit(self, destination: str, tier: int, level: str, action: Action, counts: dict[str, int],
+               digest: str, chars: int) -> None:
+        if self.audit is None:
+            return
+        record = AuditRecord(destination, tier, level, action.value, counts, digest, chars)
+        try:
+            self.audit.append(record)
+        except OSError as exc:
+            raise PrivacyError(f"cannot write the privacy audit record ({exc.strerror}); nothing was sent") \
+                from exc
+
+    def audit_raw(self, request: GenerationRequest, destination: str, tier: int, level: str) -> None:
+        """Audit a request sent unsanitized (level ``off``) to tier >= 2."""
+        import hashlib
+
+        texts = [m.content for m in request.messages or ()] + [request.prompt or ""]
+        digest = hashlib.sha256("\0".join(texts).encode()).hexdigest()
+        self._audit(destination, tier, level, Action.SEND_RAW, {}, digest, sum(len(t) for t in texts))
+
+
+class GuardedRoute:
+    """A route of tier >= 2 behind the privacy policy (created by :meth:`PrivacyGuard.wrap`)."""
+
+    def __init__(self, inner: Route, guard: PrivacyGuard) -> None:
+        self.inner = inner
+        self.guard = guard
+        self.tier = route_tier(inner)
+
+    @property
+    def model_id(self) -> str:
+        return self.inner.model_id
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[RouteEvent]:
+        """Sanitize, send, restore (see module docstring).
+
+        Raises:
+            RequestError: bad ``X-Potluck-Privacy`` value.
+            PolicyRefused / PrivacyError: nothing was sent.
+            Whatever the inner route raises.
+        """
+        level = parse_level(request.header(PRIVACY_HEADER), self.guard.default_level)
+        destination = self.inner.model_id
+        if decide(level, self.tier) is Action.SEND_RAW:
+            if self.tier >= Tier.COMMUNITY:
+                self.guard.audit_raw(request, destination, self.tier, level)
+            async with aclosing(self.inner.stream(request)) as events:
+                async for event in events:
+                    yield event
+            return
+        outbound, result = await self.guard.prepare(request, level, self.tier, destination)
+        restorer = result.restorer().stream()
+        held_tokens = 0
+        async with aclosing(self.inner.stream(outbound)) as events:
+            async for event in events:
+                if isinstance(event, TextDelta):
+                    text = restorer.feed(event.text)
+                    held_tokens += event.n_tokens
+                    if text:
+                        yield TextDelta(text, held_tokens)
+                        held_tokens = 0
+                elif isinstance(event, Finished):
+                    tail = restorer.flush()
+                    if tail:
+                        yield TextDelta(tail, held_tokens)
+                    yield event
+                    return
+
+
+class GuardedProvider:
+    """A :class:`RouteProvider` whose tier >= 2 routes go through the guard."""
+
+    def __init__(self, inner: RouteProvider, guard: PrivacyGuard) -> None:
+        self.inner = inner
+        self.guard = guard
+
+    def listings(self) -> list[ModelListing]:
+        return self.inner.listings()
+
+    def route_for(self, model: str) -> Route | None:
+        route = self.inner.route_for(model)
+        return None if route is None else self.guard.wrap(route)
+
+
+__all__ = ["GuardedProvider", "GuardedRoute", "PolicyRefused", "PrivacyGuard", "route_tier"]

@@ -1,0 +1,75 @@
+"""Cloud models as router routes: ``cloud/<name>`` in ``/v1/models``, always behind the privacy guard.
+
+:class:`CloudProvider` is a :class:`~potluck.node.router.RouteProvider` and an async context
+manager (it owns the :class:`~potluck.privacy.cloud.CloudClient` session). On entry it learns the
+model names: the configured ``cloud_model``, or else the upstream's ``GET /models`` (bounded by
+the client's deadlines; an unreachable upstream is logged and lists nothing).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Sequence
+from types import TracebackType
+
+from potluck.errors import NetworkError, ProtocolViolation, RequestError
+from potluck.node.router import ModelListing
+from potluck.node.routes import GenerationRequest, Route, RouteEvent
+from potluck.privacy.cloud import CloudClient, CloudConfig
+from potluck.privacy.guard import PrivacyGuard
+from potluck.privacy.policy import Tier
+
+log = logging.getLogger(__name__)
+
+PREFIX = "cloud/"
+
+
+class CloudRoute:
+    """One upstream model (tier 3). Use it only through :meth:`PrivacyGuard.wrap`."""
+
+    tier = int(Tier.CLOUD)
+
+    def __init__(self, client: CloudClient, upstream_model: str) -> None:
+        self.client = client
+        self.upstream_model = upstream_model
+        self.model_id = PREFIX + upstream_model
+
+    def stream(self, request: GenerationRequest) -> AsyncIterator[RouteEvent]:
+        return self.client.stream(request, self.upstream_model)
+
+
+class CloudProvider:
+    """Routes for ``cloud/<name>`` models.
+
+    Args:
+        config: the upstream.
+        guard: the privacy guard every cloud route goes through.
+        models: upstream model names to offer; empty: ask the upstream on entry.
+    """
+
+    def __init__(self, config: CloudConfig, guard: PrivacyGuard, models: Sequence[str] = ()) -> None:
+        self.client = CloudClient(config)
+        self.guard = guard
+        self.models = list(models)
+
+    async def __aenter__(self) -> CloudProvider:
+        await self.client.__aenter__()
+        if not self.models:
+            try:
+                self.models = await self.client.list_models()
+            except (NetworkError, ProtocolViolation, RequestError) as exc:
+                log.warning("cloud upstream %s lists no models: %s", self.client.config.base_url, exc)
+        log.info("cloud models: %s", ", ".join(PREFIX + m for m in self.models) or "none")
+        return self
+
+    async def __aexit__(self, et: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.client.__aexit__(et, exc, tb)
+
+    def listings(self) -> list[ModelListing]:
+        return [ModelListing(PREFIX + m, "cloud") for m in self.models]
+
+    def route_for(self, model: str) -> Route | None:
+        if not model.startswith(PREFIX) or model[len(PREFIX) :] not in self.models:
+            return None
+        return self.guard.wrap(CloudRoute(self.client, model[len(PREFIX) :]))
