@@ -155,9 +155,10 @@ class ProcessGroup:
         """
         if not 0 < failure.rank < len(self.nodes):
             raise GenerationError(f"cannot recover from a failure of rank {failure.rank}") from failure
-        log.warning(
-            "rank %d failed (%s); re-planning over %d nodes", failure.rank, failure, len(self.nodes) - 1
-        )
+        log.warning("rank %d failed (%s); re-planning over %d nodes", failure.rank, failure, len(self.nodes) - 1)
+        failed = self.procs.get(failure.rank)
+        if failed is not None and failed.poll() is None:
+            failed.kill()  # declared dead: a stalled worker must not come back into the group
         self._stop_all()
         del self.nodes[failure.rank]
         self._master = self._start()

@@ -1,0 +1,84 @@
+"""`potluck shard generate` over real worker processes and TCP sockets, against llama.cpp."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from potluck.inference.backend import SamplingParams
+from potluck.sharding.engine import EngineOptions
+from potluck.sharding.group import generate_ids
+from potluck.sharding.launch import ProcessGroup
+from potluck.sharding.plan import NodeCapability
+from tests.sharding.llama_ref import STEADY_PROMPT, greedy_tokens
+
+pytest.importorskip("llama_cpp")
+pytestmark = pytest.mark.e2e
+
+
+def potluck(*args: str) -> subprocess.CompletedProcess[str]:
+    exe = Path(sys.executable).parent / "potluck"
+    return subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=120, check=False)
+
+
+@pytest.mark.parametrize("kind", ["f32", "f16"])
+@pytest.mark.parametrize("n", [1, 2, 3, 4])
+def test_shard_generate_equals_llama_cpp_greedy(model_path, tmp_path, kind, n) -> None:
+    path = model_path(kind)
+    _, want = greedy_tokens(path)
+    res = potluck(
+        "shard",
+        "generate",
+        "--model",
+        str(path),
+        "--nodes",
+        str(n),
+        "--prompt",
+        STEADY_PROMPT,
+        "--max-tokens",
+        "48",
+        "--temperature",
+        "0",
+        "--json",
+        "--shard-dir",
+        str(tmp_path),
+    )
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert out["tokens"] == want
+    assert out["text"].startswith("er is there?")
+
+
+def test_shard_generate_reports_bad_input(tmp_path) -> None:
+    bogus = tmp_path / "x.gguf"
+    bogus.write_bytes(b"not a gguf at all")
+    res = potluck("shard", "generate", "--model", str(bogus), "--prompt", "hi")
+    assert res.returncode == 1
+    assert "error" in res.stderr and "Traceback" not in res.stderr
+
+
+@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGSTOP])
+def test_worker_killed_or_stalled_mid_generation_request_completes(model_path, tmp_path, how) -> None:
+    path = model_path("f32")
+    prompt_ids, want = greedy_tokens(path)
+    nodes = [NodeCapability(f"local-{i}", 1 << 30, 1.0) for i in range(3)]
+    got: list[int] = []
+    with ProcessGroup(path, nodes, EngineOptions(n_ctx=256), tmp_path, timeout_s=1.0) as group:
+        victim = group.pid(2)
+        try:
+            for token in generate_ids(group, prompt_ids, SamplingParams(max_tokens=48, temperature=0.0), set()):
+                got.append(token)
+                if len(got) == 10:
+                    os.kill(victim, how)
+            assert group.master.world_size == 2
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(victim, signal.SIGKILL)  # normally the group has already killed and reaped it
+    assert got == want
