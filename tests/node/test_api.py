@@ -181,17 +181,35 @@ async def test_prompt_longer_than_context_is_400(start_node, q8):
             assert "context" in (await resp.json())["error"]["message"]
 
 
-async def test_503_while_loading(tmp_path, model_path):
+async def test_503_while_loading(tmp_path, model_path, monkeypatch):
+    import threading
+
+    from potluck.inference.llamacpp import LlamaCppBackend
     from tests.node.conftest import node_settings, running_node
 
+    gate = threading.Event()
+    real_load = LlamaCppBackend.load
+
+    def gated_load(self):  # the real load, held until the test has seen the loading state
+        assert gate.wait(60)
+        real_load(self)
+
+    monkeypatch.setattr(LlamaCppBackend, "load", gated_load)
     settings = node_settings(tmp_path, model=str(model_path("q8_0")))
     async with running_node(settings, wait_ready=False) as node, aiohttp.ClientSession(node.url) as http:
-        if node.router.local_routes:
-            pytest.skip("model loaded before the first request could see the loading state")
         async with http.post("/v1/completions", json={"prompt": "x"}) as resp:
             assert resp.status == 503
             assert resp.headers["Retry-After"]
             assert (await resp.json())["error"]["code"] == "model_loading"
+        async with http.get("/healthz") as resp:
+            assert (await resp.json())["status"] == "loading"
+        gate.set()
+        for _ in range(400):
+            if node.router.local_routes:
+                break
+            await asyncio.sleep(0.05)
+        async with http.post("/v1/completions", json={"prompt": "x", "max_tokens": 2}) as resp:
+            assert resp.status == 200
 
 
 async def test_models_health_node_and_metrics(start_node, q8):
