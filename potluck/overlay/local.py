@@ -9,6 +9,7 @@ answer (the ARCHITECTURE's "replay the prompt plus the tokens already produced")
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import time
 from collections.abc import AsyncIterator
@@ -22,6 +23,8 @@ from potluck.node.router import Router
 from potluck.node.routes import Finished, GenerationRequest, LocalRoute, TextDelta
 from potluck.overlay.state import Hardware, Load, ModelAd
 from potluck.overlay.wire import FinishFrame, GenerateRequest, TokenFrame
+
+log = logging.getLogger(__name__)
 
 
 def to_generation_request(req: GenerateRequest) -> GenerationRequest:
@@ -93,6 +96,7 @@ class LocalServing:
         if route is None:
             raise ModelNotFound(f"model {req.model!r} is not served by this node")
         gen = to_generation_request(req)
+        log.info("serving %s for a peer%s", req.model, " (resumed)" if req.continuation else "")
         if req.continuation:
             if gen.messages is not None:
                 chat = route.runner.backend.render_chat(gen.messages)
