@@ -20,6 +20,12 @@ def create_backend(settings: Settings, path: Path) -> Backend:
     Raises:
         ModelFileError: the file is not a usable GGUF.
     """
+    if settings.backend == "onnxruntime":
+        from potluck.sharding.backend import OnnxRuntimeBackend
+
+        return OnnxRuntimeBackend(
+            path, model_id_for(settings, path), n_ctx=settings.n_ctx, n_threads=settings.n_threads
+        )
     return LlamaCppBackend(
         path,
         model_id_for(settings, path),

@@ -40,9 +40,7 @@ def model_id_of(path: Path) -> str:
 def plan_for(reader: GGUFReader, path: Path, nodes: Sequence[NodeCapability], n_ctx: int) -> ShardPlan:
     """Plan ``reader``'s model over ``nodes`` (first is the master)."""
     config = read_config(reader)
-    return make_plan(
-        plan_geometry(reader, config, n_ctx), list(nodes), model_id_of(path), config.n_heads, n_ctx
-    )
+    return make_plan(plan_geometry(reader, config, n_ctx), list(nodes), model_id_of(path), config.n_heads, n_ctx)
 
 
 class TPGroup(Protocol):
@@ -100,9 +98,7 @@ class ThreadGroup:
         for rank in range(1, plan.world_size):
             compute = RankCompute.from_shard(extract_shard(self.reader, plan, rank), self.options)
             member = self.star.members[rank]  # type: ignore[union-attr]
-            thread = threading.Thread(
-                target=self._run_worker, args=(member, compute), name=f"tp-worker-{rank}"
-            )
+            thread = threading.Thread(target=self._run_worker, args=(member, compute), name=f"tp-worker-{rank}")
             thread.start()
             self.threads.append(thread)
         shard0 = extract_shard(self.reader, plan, 0)
@@ -127,9 +123,7 @@ class ThreadGroup:
     def recover(self, failure: PeerFailed) -> TPMaster:
         if not 0 < failure.rank < len(self.nodes):
             raise GenerationError(f"cannot recover from a failure of rank {failure.rank}") from failure
-        log.warning(
-            "rank %d failed (%s); re-planning over %d nodes", failure.rank, failure, len(self.nodes) - 1
-        )
+        log.warning("rank %d failed (%s); re-planning over %d nodes", failure.rank, failure, len(self.nodes) - 1)
         self._stop_all()
         del self.nodes[failure.rank]
         self._master = self._start()
@@ -199,3 +193,20 @@ def generate_ids(
         if len(produced) >= params.max_tokens:
             return
         pending, pos = [token], len(prompt_ids) + len(produced) - 1
+
+
+class SoloGroup:
+    """A group of one: the master holds every layer (the ONNX Runtime backend, N = 1)."""
+
+    def __init__(self, master: TPMaster) -> None:
+        self._master = master
+
+    @property
+    def master(self) -> TPMaster:
+        return self._master
+
+    def recover(self, failure: PeerFailed) -> TPMaster:
+        raise GenerationError("a single-node group has no peers to lose") from failure
+
+    def close(self) -> None:
+        self._master.shutdown()
