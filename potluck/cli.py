@@ -96,6 +96,13 @@ def node_start(
         str | None, typer.Option("--swarm-secret", help="Secret of a private swarm.", envvar=None)
     ] = None,
     p2p_port: Annotated[int | None, typer.Option("--p2p-port", help="libp2p TCP port (0: any free).")] = None,
+    privacy: Annotated[str | None, typer.Option("--privacy", help="strict, standard or off.")] = None,
+    cloud_url: Annotated[
+        str | None, typer.Option("--cloud-url", help="OpenAI-compatible upstream base URL (models: cloud/<name>).")
+    ] = None,
+    cloud_model: Annotated[
+        list[str] | None, typer.Option("--cloud-model", help="Upstream model to offer (repeatable).")
+    ] = None,
 ) -> None:
     """Start a node: load a model and serve the OpenAI-compatible API until Ctrl-C."""
     settings = settings_or_exit(
@@ -112,6 +119,9 @@ def node_start(
         swarm=swarm,
         swarm_secret=swarm_secret,
         p2p_port=p2p_port,
+        privacy=privacy,
+        cloud_url=cloud_url,
+        cloud_model=cloud_model or None,
     )
     setup_logging(settings.log_level)
     from potluck.node.daemon import run_node

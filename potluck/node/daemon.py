@@ -83,12 +83,22 @@ class Node:
         await self._stack.enter_async_context(self.tasks)
         await self._stack.enter_async_context(self._http())
         # Route providers and overlay services enter the stack here, after the API is up.
+        # Every route of trust tier >= 2 (community peers, cloud) goes through the privacy guard.
+        from potluck.privacy.audit import AuditLog
+        from potluck.privacy.guard import PrivacyGuard
+
+        guard = PrivacyGuard(AuditLog.in_data_dir(s.data_dir), s.privacy)
         if self.overlay is not None:
             from potluck.overlay.routes import PeerRouteProvider
 
             await self._stack.enter_async_context(self.overlay)
-            self.router.add_provider(PeerRouteProvider(self.overlay))
+            self.router.add_provider(guard.wrap_provider(PeerRouteProvider(self.overlay)))
             self.tasks.start(self._watch_overlay(), "overlay-watch")
+        if s.cloud_url:
+            from potluck.privacy.provider import CloudProvider, cloud_config
+
+            cloud = await self._stack.enter_async_context(CloudProvider(cloud_config(s), guard, s.cloud_model))
+            self.router.add_provider(cloud)
         self.tasks.start(self._load(self._backend), "load-model")
 
     @asynccontextmanager

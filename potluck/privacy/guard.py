@@ -28,6 +28,7 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 from potluck.errors import PolicyRefused, PrivacyError
 from potluck.inference.backend import ChatMessage
@@ -35,9 +36,17 @@ from potluck.node.router import ModelListing, RouteProvider
 from potluck.node.routes import Finished, GenerationRequest, Route, RouteEvent, TextDelta
 from potluck.privacy.audit import AuditLog, AuditRecord
 from potluck.privacy.policy import PRIVACY_HEADER, Action, PrivacyLevel, Tier, decide, enforce_strict, parse_level
-from potluck.privacy.sanitizer import Sanitized, Sanitizer
+
+if TYPE_CHECKING:
+    from potluck.privacy.sanitizer import Sanitized, Sanitizer
 
 log = logging.getLogger(__name__)
+
+
+def _default_sanitizer() -> Sanitizer:
+    from potluck.privacy.sanitizer import Sanitizer  # presidio and the word lists load here, once
+
+    return Sanitizer()
 
 
 def route_tier(route: object) -> int:
@@ -59,11 +68,11 @@ class PrivacyGuard:
         self,
         audit: AuditLog | None,
         default_level: PrivacyLevel = "standard",
-        sanitizer_factory: Callable[[], Sanitizer] = Sanitizer,
+        sanitizer_factory: Callable[[], Sanitizer] | None = None,
     ) -> None:
         self.audit = audit
         self.default_level = default_level
-        self._factory = sanitizer_factory
+        self._factory = sanitizer_factory or _default_sanitizer
         self._sanitizer: Sanitizer | None = None
         self._lock = asyncio.Lock()
 

@@ -12,6 +12,7 @@ import logging
 from collections.abc import AsyncIterator, Sequence
 from types import TracebackType
 
+from potluck.config import Settings
 from potluck.errors import NetworkError, ProtocolViolation, RequestError
 from potluck.node.router import ModelListing
 from potluck.node.routes import GenerationRequest, Route, RouteEvent
@@ -36,6 +37,20 @@ class CloudRoute:
 
     def stream(self, request: GenerationRequest) -> AsyncIterator[RouteEvent]:
         return self.client.stream(request, self.upstream_model)
+
+
+def cloud_config(settings: Settings) -> CloudConfig:
+    """The upstream settings (``cloud_*``) as a :class:`CloudConfig`; requires ``cloud_url``."""
+    assert settings.cloud_url, "cloud_url is not set"
+    key = settings.cloud_api_key.get_secret_value() if settings.cloud_api_key is not None else None
+    return CloudConfig(
+        base_url=settings.cloud_url,
+        api_key=key or None,
+        connect_timeout_s=settings.cloud_connect_timeout_s,
+        read_timeout_s=settings.cloud_read_timeout_s,
+        total_timeout_s=settings.cloud_total_timeout_s,
+        max_retries=settings.cloud_retries,
+    )
 
 
 class CloudProvider:
