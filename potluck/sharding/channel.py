@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import math
 import socket
+import struct
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -38,6 +39,12 @@ __all__ = ["ByteStream", "Frame", "FrameChannel", "SocketStream", "configure_soc
 log = logging.getLogger(__name__)
 
 _SOCKET_BUFFER_BYTES = 4 * 1024 * 1024
+_TIMEVAL = struct.Struct("@ll")  # struct timeval {tv_sec; tv_usec}
+_REARM_SLACK_S = 0.05
+_SEQ = struct.Struct("<Q")
+_SEQ_OFFSET = 8  # of the sequence number in the frame prefix (see frames.PREFIX)
+_MAX_TEMPLATES = 64
+_UNKNOWN = -1.0  # kernel timeout state unknown: re-arm before the next call
 
 
 class ByteStream(Protocol):
@@ -80,39 +87,70 @@ def configure_socket(sock: socket.socket) -> None:
 
 
 class SocketStream:
-    """:class:`ByteStream` over a blocking TCP socket. Takes ownership of ``sock``."""
+    """:class:`ByteStream` over a blocking socket. Takes ownership of ``sock``.
+
+    Deadlines are enforced with kernel socket timeouts (``SO_RCVTIMEO`` / ``SO_SNDTIMEO``) on a
+    blocking socket rather than ``settimeout``, which would cost an ``ioctl`` and a ``poll`` per call:
+    the timeout is re-armed only when it would overshoot the deadline by more than 50 ms, and an early
+    kernel timeout before the deadline just retries. One syscall per send or receive on the fast path.
+    """
 
     def __init__(self, sock: socket.socket, *, peer: str = "") -> None:
+        sock.settimeout(None)  # blocking; deadlines come from the kernel timeouts below
         self._sock = sock
         self._closed = False
+        # Armed kernel timeouts in seconds: 0.0 none, _UNKNOWN to re-arm.
+        self._armed = {socket.SO_RCVTIMEO: _UNKNOWN, socket.SO_SNDTIMEO: _UNKNOWN}
         self.peer = peer or _peer_name(sock)
 
-    def _arm(self, deadline: float) -> None:
+    def _arm(self, option: int, deadline: float) -> None:
         if self._closed:
             raise ClosedError(f"stream to {self.peer} is closed")
+        armed = self._armed[option]
         if deadline == math.inf:
-            self._sock.settimeout(None)
+            if armed != 0.0:
+                self._set_timeout(option, 0.0)
             return
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise TransferError(f"deadline passed on the stream to {self.peer}")
-        self._sock.settimeout(remaining)
+        if armed <= 0.0 or armed > remaining + _REARM_SLACK_S:
+            self._set_timeout(option, remaining)
+
+    def _set_timeout(self, option: int, seconds: float) -> None:
+        whole = int(seconds)
+        micros = int((seconds - whole) * 1e6)
+        if seconds and not (whole or micros):
+            micros = 1  # 0 would mean "no timeout"
+        self._sock.setsockopt(socket.SOL_SOCKET, option, _TIMEVAL.pack(whole, micros))
+        self._armed[option] = seconds
+
+    def _expired(self, exc: OSError, deadline: float) -> bool:
+        """A kernel timeout: True if the deadline has passed, False to retry (timed out early)."""
+        if not isinstance(exc, BlockingIOError) or time.monotonic() >= deadline:
+            return True
+        self._armed = dict.fromkeys(self._armed, _UNKNOWN)  # re-arm precisely on the retry
+        return False
 
     def _translate(self, exc: OSError, what: str) -> Exception:
         if self._closed:
             return ClosedError(f"stream to {self.peer} was closed during {what}")
-        if isinstance(exc, TimeoutError):
+        if isinstance(exc, (BlockingIOError, TimeoutError)):
             return TransferError(f"{what} to/from {self.peer} timed out")
         return TransferError(f"{what} to/from {self.peer} failed: {exc}")
 
     def send(self, buffers: Sequence[bytes | memoryview], deadline: float) -> None:
-        views = [memoryview(b) for b in buffers if len(b)]
-        while views:
-            self._arm(deadline)
+        views = [memoryview(b) for b in buffers]
+        total = sum(v.nbytes for v in views)
+        while total:
+            self._arm(socket.SO_SNDTIMEO, deadline)
             try:
                 sent = self._sock.sendmsg(views)
             except OSError as exc:
+                if not self._expired(exc, deadline):
+                    continue
                 raise self._translate(exc, "send") from exc
+            total -= sent
             while sent:
                 n = views[0].nbytes
                 if sent >= n:
@@ -123,11 +161,15 @@ class SocketStream:
                     sent = 0
 
     def recv_into(self, buffers: Sequence[memoryview], deadline: float) -> int:
-        self._arm(deadline)
-        try:
-            n = self._sock.recvmsg_into(buffers)[0]
-        except OSError as exc:
-            raise self._translate(exc, "receive") from exc
+        while True:
+            self._arm(socket.SO_RCVTIMEO, deadline)
+            try:
+                n = self._sock.recvmsg_into(buffers)[0]
+                break
+            except OSError as exc:
+                if not self._expired(exc, deadline):
+                    continue
+                raise self._translate(exc, "receive") from exc
         if n == 0:
             if self._closed:
                 raise ClosedError(f"stream to {self.peer} is closed")
@@ -147,10 +189,12 @@ class SocketStream:
 
 def _peer_name(sock: socket.socket) -> str:
     try:
-        host, port = sock.getpeername()[:2]
+        name = sock.getpeername()
     except OSError:
         return "<unconnected>"
-    return f"{host}:{port}"
+    if isinstance(name, tuple):
+        return f"{name[0]}:{name[1]}"
+    return str(name) or f"<{sock.family.name}>"
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,6 +221,7 @@ class FrameChannel:
         self._recv_seq = 0
         self._prefix = bytearray(frames.PREFIX.size)
         self._prefix_view = memoryview(self._prefix)
+        self._templates: dict[tuple[Any, ...], bytearray] = {}  # prefixes of header-less array frames
 
     @property
     def peer(self) -> str:
@@ -202,11 +247,26 @@ class FrameChannel:
 
     def send_packed(self, kind: Kind, packed: bytes, array: np.ndarray | None, *, deadline: float) -> None:
         """:meth:`send` with a header already packed by :func:`frames.pack_header`."""
-        head, payload = frames.encode_packed(
-            kind, self._send_seq, packed, array, max_frame_bytes=self.max_frame_bytes
-        )
+        head, payload = frames.encode_packed(kind, self._send_seq, packed, array, max_frame_bytes=self.max_frame_bytes)
         self._send_seq += 1
         self.stream.send((head,) if payload is None else (head, payload), deadline)
+
+    def send_array(self, kind: Kind, array: np.ndarray, *, deadline: float) -> None:
+        """Fast path of :meth:`send` for a header-less frame of a :func:`frames.wire_array` (the
+        all-reduce): the prefix is validated once per (kind, dtype, shape), then only its sequence
+        number is patched in, and prefix + array go out in one ``sendmsg``."""
+        head = self._templates.get((True, kind, array.dtype.str, array.shape))
+        if head is None:
+            head = bytearray(frames.encode_packed(kind, 0, b"", array, max_frame_bytes=self.max_frame_bytes)[0])
+            self._remember((True, kind, array.dtype.str, array.shape), head)
+        _SEQ.pack_into(head, _SEQ_OFFSET, self._send_seq)
+        self._send_seq += 1
+        self.stream.send((head, memoryview(array.reshape(-1).view(np.uint8))), deadline)
+
+    def _remember(self, key: tuple[Any, ...], template: bytearray) -> None:
+        if len(self._templates) >= _MAX_TEMPLATES:
+            self._templates.clear()
+        self._templates[key] = template
 
     # -- receiving -----------------------------------------------------------------------------------
 
@@ -225,9 +285,7 @@ class FrameChannel:
     def _prefix_ok(self, max_frame_bytes: int | None) -> frames.Prefix:
         prefix = frames.decode_prefix(self._prefix, max_frame_bytes=max_frame_bytes or self.max_frame_bytes)
         if prefix.seq != self._recv_seq:
-            raise ProtocolViolation(
-                f"sequence number {prefix.seq} from {self.peer}, expected {self._recv_seq}"
-            )
+            raise ProtocolViolation(f"sequence number {prefix.seq} from {self.peer}, expected {self._recv_seq}")
         self._recv_seq += 1
         if prefix.kind is Kind.CLOSE:
             raise TransferError(f"{self.peer} closed the channel")
@@ -285,6 +343,17 @@ class FrameChannel:
                     got = 0
 
     def _expect(self, kind: Kind, out: np.ndarray) -> None:
+        # Fast path: the whole prefix is predictable; compare bytes, decode only to explain a mismatch.
+        key = (False, kind, out.dtype.str, out.shape)
+        template = self._templates.get(key)
+        if template is None:
+            code = frames.dtype_code(out.dtype)
+            template = bytearray(frames.encode_prefix(kind, 0, code, out.shape, 0, out.nbytes))
+            self._remember(key, template)
+        _SEQ.pack_into(template, _SEQ_OFFSET, self._recv_seq)
+        if self._prefix == template:
+            self._recv_seq += 1
+            return
         prefix = self._prefix_ok(None)
         if prefix.kind is not kind:
             raise ProtocolViolation(f"{self.peer} sent a {prefix.kind.name} frame, expected {kind.name}")

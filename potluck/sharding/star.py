@@ -109,7 +109,8 @@ class StarMaster:
         self.max_frame_bytes = max_frame_bytes
         self._key = auth.check_key(session_key)
         self._channels: dict[int, FrameChannel] = {}
-        self._partials: dict[int, np.ndarray] = {}
+        self._hot: list[tuple[int, FrameChannel, np.ndarray]] = []
+        self._wire_is_f32 = self.wire_dtype == np.float32
         self._failed: PeerFailed | None = None
         self._closed = False
         self._listener: socket.socket | None = socket.create_server((host, port), backlog=max(8, world_size))
@@ -243,28 +244,31 @@ class StarMaster:
         if self.world_size == 1:
             return own.copy()
         deadline = time.monotonic() + self.timeout_s
-        partials = self._partial_buffers(own.shape)
-        for rank, channel in sorted(self._channels.items()):
+        members = self._members(own.shape)  # [(rank, channel, partial buffer)] in rank order
+        for rank, channel, partial in members:
             try:
-                channel.recv_array_into(Kind.PARTIAL, partials[rank], deadline=deadline)
+                channel.recv_array_into(Kind.PARTIAL, partial, deadline=deadline)
             except (TransferError, ClosedError, ProtocolViolation) as exc:
                 raise self._fail(rank, exc, "all-reduce (partial sum)") from exc
         total = own.copy()
-        for rank in sorted(partials):
-            np.add(total, partials[rank], out=total)
-        wire = total if self.wire_dtype == np.float32 else total.astype(self.wire_dtype)
-        for rank, channel in sorted(self._channels.items()):
+        for _, _, partial in members:
+            np.add(total, partial, out=total)
+        wire = total if self._wire_is_f32 else total.astype(self.wire_dtype)
+        for rank, channel, _ in members:
             try:
-                channel.send_packed(Kind.REDUCED, b"", wire, deadline=deadline)
+                channel.send_array(Kind.REDUCED, wire, deadline=deadline)
             except (TransferError, ClosedError) as exc:
                 raise self._fail(rank, exc, "all-reduce (sum)") from exc
         return total if wire is total else wire.astype(np.float32)
 
-    def _partial_buffers(self, shape: tuple[int, ...]) -> dict[int, np.ndarray]:
-        first = next(iter(self._partials.values()), None)
-        if first is None or first.shape != shape:
-            self._partials = {r: np.empty(shape, dtype=self.wire_dtype) for r in self._channels}
-        return self._partials
+    def _members(self, shape: tuple[int, ...]) -> list[tuple[int, FrameChannel, np.ndarray]]:
+        """Workers in rank order with a reusable receive buffer of ``shape`` each."""
+        if not self._hot or self._hot[0][2].shape != shape:
+            self._hot = [
+                (rank, channel, np.empty(shape, dtype=self.wire_dtype))
+                for rank, channel in sorted(self._channels.items())
+            ]
+        return self._hot
 
     def channel(self, rank: int) -> FrameChannel:
         """The authenticated channel to ``rank``, e.g. for :mod:`potluck.sharding.transfer` before the
@@ -342,9 +346,7 @@ class StarWorker:
             raise ConnectError(f"could not connect to star master at {address}: {exc}") from exc
         configure_socket(sock)
         channel = FrameChannel(SocketStream(sock), max_frame_bytes=max_frame_bytes)
-        return cls.over(
-            channel, rank, world_size, session_key, timeout_s, wire_dtype, idle_timeout_s=idle_timeout_s
-        )
+        return cls.over(channel, rank, world_size, session_key, timeout_s, wire_dtype, idle_timeout_s=idle_timeout_s)
 
     @classmethod
     def over(
@@ -397,9 +399,7 @@ class StarWorker:
             ProtocolViolation: the master sent something other than a broadcast.
             ClosedError: we closed this worker.
         """
-        frame = self.channel.recv(
-            deadline=self._deadline(self.idle_timeout_s if timeout_s is None else timeout_s)
-        )
+        frame = self.channel.recv(deadline=self._deadline(self.idle_timeout_s if timeout_s is None else timeout_s))
         if frame.kind is not Kind.BROADCAST:
             raise ProtocolViolation(f"expected a BROADCAST frame from the master, got {frame.kind.name}")
         return frame.header, frame.array
@@ -415,7 +415,7 @@ class StarWorker:
         own = _check_reduce_input(array)
         deadline = self._deadline(self.timeout_s)
         wire = own if self.wire_dtype == np.float32 else own.astype(self.wire_dtype)
-        self.channel.send_packed(Kind.PARTIAL, b"", wire, deadline=deadline)
+        self.channel.send_array(Kind.PARTIAL, wire, deadline=deadline)
         total = np.empty(own.shape, dtype=self.wire_dtype)
         self.channel.recv_array_into(Kind.REDUCED, total, deadline=deadline)
         return total if self.wire_dtype == np.float32 else total.astype(np.float32)
