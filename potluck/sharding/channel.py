@@ -251,17 +251,24 @@ class FrameChannel:
         self._send_seq += 1
         self.stream.send((head,) if payload is None else (head, payload), deadline)
 
-    def send_array(self, kind: Kind, array: np.ndarray, *, deadline: float) -> None:
+    def send_array(self, kind: Kind, array: np.ndarray, *, deadline: float, payload: memoryview | None = None) -> None:
         """Fast path of :meth:`send` for a header-less frame of a :func:`frames.wire_array` (the
         all-reduce): the prefix is validated once per (kind, dtype, shape), then only its sequence
-        number is patched in, and prefix + array go out in one ``sendmsg``."""
-        head = self._templates.get((True, kind, array.dtype.str, array.shape))
+        number is patched in, and prefix + array go out in one ``sendmsg``.
+
+        Args:
+            payload: optional ready byte view of ``array`` (saves making one per receiver).
+        """
+        key = (True, kind, array.dtype.char, array.shape)
+        head = self._templates.get(key)
         if head is None:
             head = bytearray(frames.encode_packed(kind, 0, b"", array, max_frame_bytes=self.max_frame_bytes)[0])
-            self._remember((True, kind, array.dtype.str, array.shape), head)
+            self._remember(key, head)
         _SEQ.pack_into(head, _SEQ_OFFSET, self._send_seq)
         self._send_seq += 1
-        self.stream.send((head, memoryview(array.reshape(-1).view(np.uint8))), deadline)
+        if payload is None:
+            payload = memoryview(array.reshape(-1).view(np.uint8))
+        self.stream.send((head, payload), deadline)
 
     def _remember(self, key: tuple[Any, ...], template: bytearray) -> None:
         if len(self._templates) >= _MAX_TEMPLATES:
@@ -314,16 +321,20 @@ class FrameChannel:
         self._fill(views, deadline)
         return Frame(prefix.kind, frames.decode_header(header_buf), array)
 
-    def recv_array_into(self, kind: Kind, out: np.ndarray, *, deadline: float) -> None:
+    def recv_array_into(
+        self, kind: Kind, out: np.ndarray, *, deadline: float, payload: memoryview | None = None
+    ) -> None:
         """Receive a frame of ``kind`` with an empty header whose array has exactly ``out``'s dtype and
-        shape, straight into ``out`` (one scatter read of prefix + payload, no copy).
+        shape, straight into ``out`` (one scatter read of prefix + payload, no copy). ``payload`` is
+        an optional ready byte view of ``out`` (for reused buffers).
 
         Raises:
             ProtocolViolation: another kind, dtype, shape or a non-empty header (checked as soon as the
                 prefix has arrived, so a mismatch never waits for the deadline).
             TransferError: as :meth:`recv`.
         """
-        payload = memoryview(out.reshape(-1).view(np.uint8))
+        if payload is None:
+            payload = memoryview(out.reshape(-1).view(np.uint8))
         views = [self._prefix_view, payload] if payload.nbytes else [self._prefix_view]
         got_prefix = 0
         need = frames.PREFIX.size
@@ -344,7 +355,7 @@ class FrameChannel:
 
     def _expect(self, kind: Kind, out: np.ndarray) -> None:
         # Fast path: the whole prefix is predictable; compare bytes, decode only to explain a mismatch.
-        key = (False, kind, out.dtype.str, out.shape)
+        key = (False, kind, out.dtype.char, out.shape)
         template = self._templates.get(key)
         if template is None:
             code = frames.dtype_code(out.dtype)

@@ -109,7 +109,7 @@ class StarMaster:
         self.max_frame_bytes = max_frame_bytes
         self._key = auth.check_key(session_key)
         self._channels: dict[int, FrameChannel] = {}
-        self._hot: list[tuple[int, FrameChannel, np.ndarray]] = []
+        self._hot: list[tuple[int, FrameChannel, np.ndarray, memoryview]] = []
         self._wire_is_f32 = self.wire_dtype == np.float32
         self._failed: PeerFailed | None = None
         self._closed = False
@@ -244,30 +244,31 @@ class StarMaster:
         if self.world_size == 1:
             return own.copy()
         deadline = time.monotonic() + self.timeout_s
-        members = self._members(own.shape)  # [(rank, channel, partial buffer)] in rank order
-        for rank, channel, partial in members:
+        members = self._members(own.shape)  # [(rank, channel, partial buffer, its bytes)], rank order
+        for rank, channel, partial, view in members:
             try:
-                channel.recv_array_into(Kind.PARTIAL, partial, deadline=deadline)
+                channel.recv_array_into(Kind.PARTIAL, partial, deadline=deadline, payload=view)
             except (TransferError, ClosedError, ProtocolViolation) as exc:
                 raise self._fail(rank, exc, "all-reduce (partial sum)") from exc
         total = own.copy()
-        for _, _, partial in members:
+        for _, _, partial, _ in members:
             np.add(total, partial, out=total)
         wire = total if self._wire_is_f32 else total.astype(self.wire_dtype)
-        for rank, channel, _ in members:
+        wire_bytes = memoryview(wire.reshape(-1).view(np.uint8))
+        for rank, channel, _, _ in members:
             try:
-                channel.send_array(Kind.REDUCED, wire, deadline=deadline)
+                channel.send_array(Kind.REDUCED, wire, deadline=deadline, payload=wire_bytes)
             except (TransferError, ClosedError) as exc:
                 raise self._fail(rank, exc, "all-reduce (sum)") from exc
         return total if wire is total else wire.astype(np.float32)
 
-    def _members(self, shape: tuple[int, ...]) -> list[tuple[int, FrameChannel, np.ndarray]]:
-        """Workers in rank order with a reusable receive buffer of ``shape`` each."""
+    def _members(self, shape: tuple[int, ...]) -> list[tuple[int, FrameChannel, np.ndarray, memoryview]]:
+        """Workers in rank order with a reusable receive buffer of ``shape`` (and its byte view) each."""
         if not self._hot or self._hot[0][2].shape != shape:
-            self._hot = [
-                (rank, channel, np.empty(shape, dtype=self.wire_dtype))
-                for rank, channel in sorted(self._channels.items())
-            ]
+            self._hot = []
+            for rank, channel in sorted(self._channels.items()):
+                buf = np.empty(shape, dtype=self.wire_dtype)
+                self._hot.append((rank, channel, buf, memoryview(buf.reshape(-1).view(np.uint8))))
         return self._hot
 
     def channel(self, rank: int) -> FrameChannel:

@@ -1,0 +1,189 @@
+"""Star all-reduce latency: potluck's TCP star against a bare numpy-and-sockets star, in one run.
+
+For N = 2, 4, 8 members (master + N-1 worker processes, multiprocessing "spawn") and float32 payloads
+of 16 KiB and 64 KiB, both implementations run in the same processes, interleaved round by round:
+
+- **floor**: raw blocking TCP sockets with TCP_NODELAY, ``sendall`` of the array bytes and
+  ``recv_into`` a preallocated buffer, the master sums in rank order and sends the sum back. No
+  framing, no sequence numbers, no authentication: what a star all-reduce cannot go below in Python.
+- **potluck**: :class:`~potluck.sharding.star.StarMaster` / ``StarWorker`` (framed, sequenced,
+  HMAC-authenticated connections, deadlines on every call).
+
+The two run in interleaved blocks (floor block, potluck block, ...) so both see the same background
+load. Prints µs per all-reduce measured on the master (median of blocks, and the best block) and the
+ratio of the medians potluck / floor; the goal is <= 1.2x. Members share this machine's cores, so
+N > cores measures CPU time and scheduling as much as the network: read the ratio, not the
+absolute figure.
+
+``--transport libp2p`` is the hook for the libp2p-stream fallback: it needs a
+:class:`~potluck.sharding.channel.ByteStream` over a libp2p stream from the overlay, passed to
+``StarMaster.admit`` / ``StarWorker.over``; until the overlay provides one it exits with a message.
+
+Usage: ``.venv/bin/python bench/allreduce.py [--nodes 2 4 8] [--blocks 40] [--block 25]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import socket
+import statistics
+import sys
+import time
+from typing import Any
+
+import numpy as np
+
+from potluck.sharding.auth import new_session_key
+from potluck.sharding.star import StarMaster, StarWorker
+
+SIZES = (16 * 1024, 64 * 1024)  # payload bytes (float32)
+WARMUP = 30
+
+
+# -- the floor: a bare star ------------------------------------------------------------------------
+
+
+def _recv_exact(sock: socket.socket, view: memoryview) -> None:
+    while view.nbytes:
+        n = sock.recv_into(view)
+        if n == 0:
+            raise ConnectionError("peer closed")
+        view = view[n:]
+
+
+def _tcp(sock: socket.socket) -> socket.socket:
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+def bare_master_op(socks: list[socket.socket], bufs: list[np.ndarray], own: np.ndarray) -> np.ndarray:
+    for sock, buf in zip(socks, bufs, strict=True):
+        _recv_exact(sock, memoryview(buf).cast("B"))
+    total = own.copy()
+    for buf in bufs:
+        np.add(total, buf, out=total)
+    for sock in socks:
+        sock.sendall(total)
+    return total
+
+
+def bare_worker_op(sock: socket.socket, own: np.ndarray) -> np.ndarray:
+    sock.sendall(own)
+    total = np.empty_like(own)
+    _recv_exact(sock, memoryview(total).cast("B"))
+    return total
+
+
+# -- worker process --------------------------------------------------------------------------------
+
+
+def worker_main(rank: int, world: int, bare_addr: Any, star_addr: Any, key: bytes, plan: dict[str, int]) -> None:
+    bare = _tcp(socket.create_connection(bare_addr))
+    bare.sendall(bytes([rank]))
+    star = StarWorker.connect(star_addr, rank, world, key, timeout_s=60)
+    for size in SIZES:
+        own = np.random.default_rng(rank).standard_normal(size // 4).astype(np.float32)
+        for _ in range(WARMUP):
+            bare_worker_op(bare, own)
+            star.all_reduce(own)
+        for _ in range(plan["blocks"]):  # same schedule as the master: floor block, then star block
+            for _ in range(plan["block"]):
+                bare_worker_op(bare, own)
+            for _ in range(plan["block"]):
+                star.all_reduce(own)
+    star.close()
+    bare.close()
+
+
+# -- master ----------------------------------------------------------------------------------------
+
+
+def run_group(world: int, blocks: int, block: int) -> dict[tuple[str, int], list[float]]:
+    """µs per op of each block, per (implementation, payload bytes)."""
+    key = new_session_key()
+    star = StarMaster(world, key, timeout_s=60)
+    listener = socket.create_server(("127.0.0.1", 0), backlog=world)
+    ctx = mp.get_context("spawn")
+    plan = {"blocks": blocks, "block": block}
+    procs = [
+        ctx.Process(target=worker_main, args=(r, world, listener.getsockname(), star.address, key, plan))
+        for r in range(1, world)
+    ]  # the session key reaches the workers through the spawn pipe, never argv
+    for proc in procs:
+        proc.start()
+    try:
+        by_rank: dict[int, socket.socket] = {}
+        for _ in range(world - 1):
+            sock, _ = listener.accept()
+            by_rank[sock.recv(1)[0]] = _tcp(sock)
+        socks = [by_rank[r] for r in sorted(by_rank)]
+        star.accept_workers(timeout_s=120)
+        times: dict[tuple[str, int], list[float]] = {}
+        for size in SIZES:
+            own = np.random.default_rng(0).standard_normal(size // 4).astype(np.float32)
+            bufs = [np.empty_like(own) for _ in socks]
+            for _ in range(WARMUP):
+                floor_sum = bare_master_op(socks, bufs, own)
+                star_sum = star.all_reduce(own)
+            assert star_sum.tobytes() == floor_sum.tobytes(), "the two stars disagree"
+            # Interleaved blocks: both see the same background load on this shared machine.
+            for _ in range(blocks):
+                start = time.perf_counter()
+                for _ in range(block):
+                    bare_master_op(socks, bufs, own)
+                middle = time.perf_counter()
+                for _ in range(block):
+                    star.all_reduce(own)
+                end = time.perf_counter()
+                times.setdefault(("floor", size), []).append((middle - start) / block * 1e6)
+                times.setdefault(("potluck", size), []).append((end - middle) / block * 1e6)
+        return times
+    finally:
+        star.close()
+        listener.close()
+        for proc in procs:
+            proc.join(timeout=30)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--nodes", type=int, nargs="+", default=[2, 4, 8])
+    parser.add_argument("--blocks", type=int, default=40, help="interleaved blocks per implementation")
+    parser.add_argument("--block", type=int, default=25, help="all-reduces per block")
+    parser.add_argument("--transport", choices=["tcp", "libp2p"], default="tcp")
+    args = parser.parse_args()
+    if args.transport == "libp2p":
+        print(
+            "libp2p-stream fallback: not measurable yet; needs the overlay's libp2p ByteStream "
+            "(StarMaster.admit / StarWorker.over take it).",
+            file=sys.stderr,
+        )
+        return 2
+    print(
+        f"star all-reduce, float32, {args.blocks} interleaved blocks x {args.block} ops per implementation; "
+        "µs/op on the master: median of blocks (min)"
+    )
+    print(f"{'N':>3} {'payload':>8} {'floor µs':>16} {'potluck µs':>16} {'ratio':>6}")
+    began = time.perf_counter()
+    worst = 0.0
+    for world in args.nodes:
+        times = run_group(world, args.blocks, args.block)
+        for size in SIZES:
+            floor, ours = times["floor", size], times["potluck", size]
+            ratio = statistics.median(ours) / statistics.median(floor)
+            worst = max(worst, ratio)
+            print(
+                f"{world:>3} {size // 1024:>6}Ki {statistics.median(floor):>8.1f} ({min(floor):>5.1f}) "
+                f"{statistics.median(ours):>8.1f} ({min(ours):>5.1f}) {ratio:>5.2f}x",
+                flush=True,
+            )
+    print(f"worst ratio {worst:.2f}x (goal <= 1.20x); total {time.perf_counter() - began:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
