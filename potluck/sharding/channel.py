@@ -50,7 +50,7 @@ _UNKNOWN = -1.0  # kernel timeout state unknown: re-arm before the next call
 class ByteStream(Protocol):
     """A reliable, ordered byte stream with deadlines (TCP socket, later a libp2p stream)."""
 
-    def send(self, buffers: Sequence[bytes | memoryview], deadline: float) -> None:
+    def send(self, buffers: Sequence[bytes | bytearray | memoryview], deadline: float) -> None:
         """Send every byte of ``buffers`` in order (scatter-gather) before ``deadline``.
 
         Raises:
@@ -139,7 +139,7 @@ class SocketStream:
             return TransferError(f"{what} to/from {self.peer} timed out")
         return TransferError(f"{what} to/from {self.peer} failed: {exc}")
 
-    def send(self, buffers: Sequence[bytes | memoryview], deadline: float) -> None:
+    def send(self, buffers: Sequence[bytes | bytearray | memoryview], deadline: float) -> None:
         views = [memoryview(b) for b in buffers]
         total = sum(v.nbytes for v in views)
         while total:
@@ -267,7 +267,7 @@ class FrameChannel:
         _SEQ.pack_into(head, _SEQ_OFFSET, self._send_seq)
         self._send_seq += 1
         if payload is None:
-            payload = memoryview(array.reshape(-1).view(np.uint8))
+            payload = frames.byte_view(array)
         self.stream.send((head, payload), deadline)
 
     def _remember(self, key: tuple[Any, ...], template: bytearray) -> None:
@@ -317,7 +317,7 @@ class FrameChannel:
         if prefix.dtype is not DType.NONE:
             array = np.empty(prefix.shape, dtype=prefix.np_dtype)
             if prefix.payload_len:
-                views.append(memoryview(array.reshape(-1).view(np.uint8)))
+                views.append(frames.byte_view(array))
         self._fill(views, deadline)
         return Frame(prefix.kind, frames.decode_header(header_buf), array)
 
@@ -334,7 +334,7 @@ class FrameChannel:
             TransferError: as :meth:`recv`.
         """
         if payload is None:
-            payload = memoryview(out.reshape(-1).view(np.uint8))
+            payload = frames.byte_view(out)
         views = [self._prefix_view, payload] if payload.nbytes else [self._prefix_view]
         got_prefix = 0
         need = frames.PREFIX.size

@@ -45,6 +45,7 @@ __all__ = [
     "DType",
     "Kind",
     "Prefix",
+    "byte_view",
     "decode_header",
     "decode_prefix",
     "encode_frame",
@@ -120,6 +121,11 @@ class Prefix:
     def body_len(self) -> int:
         """Bytes after the prefix: header plus payload."""
         return self.header_len + self.payload_len
+
+
+def byte_view(array: np.ndarray) -> memoryview:
+    """The bytes of a C-contiguous array as a flat ``memoryview`` of format "B" (no copy)."""
+    return array.reshape(-1).view(np.uint8).data
 
 
 def dtype_code(dtype: np.dtype[Any]) -> DType:
@@ -214,18 +220,18 @@ def encode_packed(
 ) -> tuple[bytes, memoryview | None]:
     """:func:`encode_frame` with an already packed header (see :func:`pack_header`), so a broadcast
     packs its header once for all receivers."""
+    shape: tuple[int, ...] = ()
+    payload: memoryview | None = None
     if array is None:
-        code, shape, payload = DType.NONE, (), None
+        code = DType.NONE
     else:
         code = dtype_code(array.dtype)
         if not array.flags.c_contiguous or array.ndim > MAX_NDIM or array.dtype.str[0] == ">":
-            raise ProtocolViolation(
-                "payload array must be C-contiguous, little-endian, at most 4-D (see wire_array)"
-            )
+            raise ProtocolViolation("payload array must be C-contiguous, little-endian, at most 4-D (see wire_array)")
         shape = array.shape
         if any(d > 0xFFFFFFFF for d in shape):
             raise ProtocolViolation(f"array dimension too large for the wire: {shape}")
-        payload = memoryview(array.reshape(-1).view(np.uint8))
+        payload = byte_view(array)
     payload_len = 0 if payload is None else payload.nbytes
     total = PREFIX.size + len(packed) + payload_len
     if total > max_frame_bytes:
@@ -233,9 +239,7 @@ def encode_packed(
     return encode_prefix(kind, seq, code, shape, len(packed), payload_len) + packed, payload
 
 
-def decode_prefix(
-    buf: bytes | bytearray | memoryview, *, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
-) -> Prefix:
+def decode_prefix(buf: bytes | bytearray | memoryview, *, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> Prefix:
     """Parse and validate the 40-byte prefix.
 
     Raises:
@@ -265,9 +269,7 @@ def decode_prefix(
     elif dtype is DType.BYTES and ndim != 1:
         raise ProtocolViolation(f"bytes payload must be 1-D, got ndim={ndim}")
     elif plen != math.prod(shape) * _ITEMSIZE[dtype]:
-        raise ProtocolViolation(
-            f"payload length {plen} does not match shape {shape} x {_ITEMSIZE[dtype]} bytes"
-        )
+        raise ProtocolViolation(f"payload length {plen} does not match shape {shape} x {_ITEMSIZE[dtype]} bytes")
     if hlen > MAX_HEADER_BYTES:
         raise ProtocolViolation(f"header length {hlen} exceeds {MAX_HEADER_BYTES}")
     if PREFIX.size + hlen + plen > max_frame_bytes:

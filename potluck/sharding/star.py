@@ -13,10 +13,12 @@ received with one scatter read straight into preallocated buffers; sends are one
 prefix + array bytes, no copies.
 
 Timeouts: every operation has one deadline, ``timeout_s`` after it starts, covering all its sends and
-receives. On the master a worker that died, stalled past the deadline or sent a bad frame raises
-:class:`~potluck.errors.PeerFailed` with its ``rank``; the group is then broken: that rank's connection is
-closed and every later call raises the same ``PeerFailed`` (the engine re-plans with a new group). A
-worker raises :class:`~potluck.errors.TransferError` when the master goes away or stalls, and
+receives (a worker's wait for the next broadcast uses ``idle_timeout_s`` instead, no deadline by
+default, since a group may idle between requests). On the master a worker that died, stalled past
+the deadline or sent a bad frame raises :class:`~potluck.errors.PeerFailed` with its ``rank``; the
+group is then broken: that rank's connection is closed and every later call raises the same
+``PeerFailed`` (the engine re-plans with a new group). A worker raises
+:class:`~potluck.errors.TransferError` when the master goes away or stalls, and
 :class:`~potluck.errors.ClosedError` after its own :meth:`close`.
 """
 
@@ -254,7 +256,7 @@ class StarMaster:
         for _, _, partial, _ in members:
             np.add(total, partial, out=total)
         wire = total if self._wire_is_f32 else total.astype(self.wire_dtype)
-        wire_bytes = memoryview(wire.reshape(-1).view(np.uint8))
+        wire_bytes = frames.byte_view(wire)
         for rank, channel, _, _ in members:
             try:
                 channel.send_array(Kind.REDUCED, wire, deadline=deadline, payload=wire_bytes)
@@ -268,7 +270,7 @@ class StarMaster:
             self._hot = []
             for rank, channel in sorted(self._channels.items()):
                 buf = np.empty(shape, dtype=self.wire_dtype)
-                self._hot.append((rank, channel, buf, memoryview(buf.reshape(-1).view(np.uint8))))
+                self._hot.append((rank, channel, buf, frames.byte_view(buf)))
         return self._hot
 
     def channel(self, rank: int) -> FrameChannel:

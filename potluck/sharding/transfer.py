@@ -97,11 +97,7 @@ class Manifest:
         total, size, chunks = data["total_size"], data["chunk_size"], data["chunks"]
         if not isinstance(total, int) or isinstance(total, bool) or not 0 <= total <= MAX_SHARD_BYTES:
             raise ProtocolViolation(f"manifest total_size {total!r} is out of range")
-        if (
-            not isinstance(size, int)
-            or isinstance(size, bool)
-            or not MIN_CHUNK_BYTES <= size <= MAX_CHUNK_BYTES
-        ):
+        if not isinstance(size, int) or isinstance(size, bool) or not MIN_CHUNK_BYTES <= size <= MAX_CHUNK_BYTES:
             raise ProtocolViolation(f"manifest chunk_size {size!r} is out of range")
         if not isinstance(chunks, list) or len(chunks) != math.ceil(total / size):
             raise ProtocolViolation(
@@ -210,7 +206,7 @@ class _Source:
         """Chunk ``index`` as a uint8 view of the reused buffer (valid until the next read)."""
         length = self.manifest.chunk_len(index)
         view = self._buf[:length]
-        if os.preadv(self._fd, [memoryview(view)], index * self.manifest.chunk_size) != length:
+        if os.preadv(self._fd, [view.data], index * self.manifest.chunk_size) != length:
             raise OSError("shard file shrank while it was being served")
         return view
 
@@ -275,9 +271,7 @@ def fetch_shard(
     """
     folder = cache_dir(cache_root, model_hash, plan_hash)
     folder.mkdir(parents=True, exist_ok=True)
-    channel.send(
-        Kind.MANIFEST_REQ, {"model": model_hash, "plan": plan_hash}, deadline=time.monotonic() + timeout_s
-    )
+    channel.send(Kind.MANIFEST_REQ, {"model": model_hash, "plan": plan_hash}, deadline=time.monotonic() + timeout_s)
     frame = channel.recv(deadline=time.monotonic() + timeout_s)
     if frame.kind is Kind.REFUSED:
         channel.send(Kind.DONE, None, deadline=time.monotonic() + timeout_s)
@@ -327,9 +321,7 @@ def _download(channel: FrameChannel, manifest: Manifest, part: Path, timeout_s: 
         os.fsync(fd)
         whole = _hash_file(fd, manifest.total_size)
         if whole != manifest.file_sha256:
-            raise ProtocolViolation(
-                f"assembled shard hashes to {whole}, manifest says {manifest.file_sha256}"
-            )
+            raise ProtocolViolation(f"assembled shard hashes to {whole}, manifest says {manifest.file_sha256}")
     finally:
         os.close(fd)
 
@@ -355,14 +347,12 @@ def _fetch_chunks(
             raise ProtocolViolation(f"expected CHUNK {index}, got {frame.kind.name} {frame.header!r}")
         data = frame.array
         if data.nbytes != manifest.chunk_len(index):
-            raise ProtocolViolation(
-                f"chunk {index} is {data.nbytes} bytes, expected {manifest.chunk_len(index)}"
-            )
-        digest = hashlib.sha256(data).hexdigest()
+            raise ProtocolViolation(f"chunk {index} is {data.nbytes} bytes, expected {manifest.chunk_len(index)}")
+        digest = hashlib.sha256(data.data).hexdigest()
         if digest != manifest.chunks[index]:
             raise ProtocolViolation(f"chunk {index} hashes to {digest}, its name is {manifest.chunks[index]}")
         for position in missing[digest]:
-            os.pwrite(fd, data, position * manifest.chunk_size)
+            os.pwrite(fd, data.data, position * manifest.chunk_size)
 
 
 def _hash_at(fd: int, manifest: Manifest, index: int) -> str:
