@@ -52,6 +52,7 @@ _NAME_CUE = re.compile(
     r"(?i)\b(?:my\s+name\s+is|name\s*:|call\s+me|(?:last|first|full|sur)\s*name\s*(?:is|\?|:))\s*"
     r"([^\W\d_][\w'’-]*(?: [^\W\d_][\w'’-]*)?)"
 )
+_PRONOUN_I = re.compile(r"I(?:['’](?:m|ll|ve|d))?")
 _FIRM_LOWER = re.compile(r"\b([^\W\d_]+(?:-[^\W\d_]+)?), ([^\W\d_]+),? (?:and|&) ([^\W\d_]+)\b")
 
 
@@ -146,7 +147,7 @@ class ProperNounRecognizer(EntityRecognizer):
         cur: list[_Tok] = []
         for i, tok in enumerate(toks):
             joinable = bool(cur) and text[cur[-1].end : tok.start] in (" ", " & ")
-            cap = self._capitalised(tok.word, lower_mode)
+            cap = self._capitalised(tok.word, lower_mode) and not _PRONOUN_I.fullmatch(tok.word)
             inner = tok.word in _PARTICLES or tok.word in _CONNECTORS
             if cur and joinable and tok.word.lower() in self.lex.org_words:
                 cur.append(tok)

@@ -188,8 +188,11 @@ SECRET_RULES = (
 # --- crypto, MAC, passport -------------------------------------------------------------------------
 
 OTHER_RULES = (
-    Rule(re.compile(r"\b0x[a-fA-F0-9]{40}\b"), E.CRYPTO, 0.9),  # Ethereum address (EIP-55)
-    Rule(re.compile(r"\b(?:bc1|tb1)[ac-hj-np-z02-9]{25,87}\b"), E.CRYPTO, 0.9),  # bech32 (BIP-173)
+    # e-mail addresses whose domain is not in the public-suffix snapshot (presidio's check drops them)
+    Rule(re.compile(r"(?<![\w.+:/-])[\w.+-]{1,64}@[A-Za-z0-9-]{1,63}(?:\.[A-Za-z0-9-]{1,63})+"), E.EMAIL_ADDRESS, 0.5,
+         needles=("@",)),
+    Rule(re.compile(r"\b0x[a-fA-F0-9]{40}\b"), E.CRYPTO, 0.9, needles=("0x",)),  # Ethereum address (EIP-55)
+    Rule(re.compile(r"\b(?:bc1|tb1)[ac-hj-np-z02-9]{25,87}\b"), E.CRYPTO, 0.9, needles=("bc1", "tb1")),  # BIP-173
     Rule(re.compile(r"\b[LM3][a-km-zA-HJ-NP-Z1-9]{26,33}\b"), E.CRYPTO, 0.5, 0, _has_digit),  # LTC/P2SH
     Rule(
         re.compile(
@@ -200,6 +203,7 @@ OTHER_RULES = (
         0.9,
         "v",
         _has_digit,
+        needles=("passport",),
     ),
 )
 
@@ -247,6 +251,7 @@ SHAPE_RULES = (
 _PHONE_CANDIDATE = re.compile(
     r"(?<![\w+.-])(?:\+|00)?\(?\d[\d ().\-/]{4,22}\d(?:\s?(?:x|ext\.?|#)\s?\d{1,6})?(?![\w])"
 )
+_IPV4 = re.compile(r"\d{1,3}(?:\.\d{1,3}){3}")
 _DATE_LIKE = re.compile(r"\d{4}-\d{2}-\d{2}|\d{1,2}/\d{1,2}/\d{2,4}|\d{1,2}:\d{2}")
 _PHONE_REGIONS = ("US", "GB", "DE", "FR", "IT", "ES", "NL", "SE", "NO", "DK", "FI", "CH", "AT", "BE", "PL",
                   "PT", "BR", "IN", "AU", "CA", "IL", "JP", "CN", "RU", "MX", "ZA", "IE", "CZ", "HU", "GR")
@@ -277,10 +282,10 @@ class PhoneRecognizer(EntityRecognizer):
             cand = m.group(0)
             main = re.split(r"\s?(?:x|ext\.?|#)\s?(?=\d)", cand)[0]
             n_digits = sum(c.isdigit() for c in main)
-            if not 7 <= n_digits <= 15 or _DATE_LIKE.fullmatch(cand.strip()) or _DATE_LIKE.search(cand):
+            if not 7 <= n_digits <= 15 or _DATE_LIKE.search(cand) or _IPV4.fullmatch(cand):
                 continue
             if self._possible(main):
-                out.append(RecognizerResult(E.PHONE_NUMBER, m.start(), m.end(), 0.75))
+                out.append(RecognizerResult(E.PHONE_NUMBER, m.start(), m.end(), 0.45))
         return out
 
     def _possible(self, number: str) -> bool:
@@ -318,7 +323,7 @@ def own_recognizers() -> list[EntityRecognizer]:
     """Every recognizer defined in this module, ready for a presidio registry."""
     return [
         RegexRecognizer("PotluckSecretRecognizer", SECRET_RULES),
-        RegexRecognizer("PotluckIdentifierRecognizer", OTHER_RULES, _has_digit),
+        RegexRecognizer("PotluckIdentifierRecognizer", OTHER_RULES),
         RegexRecognizer("PotluckNumberShapeRecognizer", SHAPE_RULES, _has_digit),
         PhoneRecognizer(),
         OfflineEmailRecognizer(),

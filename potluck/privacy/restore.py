@@ -38,7 +38,7 @@ class Restorer:
         alt = "|".join(r"[ _]".join(regex.escape(part) for part in t.split("_")) for t in types)
         self._pattern = regex.compile(
             rf"(?P<open>[<\[{{])[ ]?(?i:(?P<bt>{alt}))[ _](?P<bn>\d{{1,6}})[ ]?(?P<close>[>\]}}])"
-            rf"|(?<![A-Za-z0-9_])(?P<t>{alt})[ _](?P<n>\d{{1,6}})(?![0-9])"
+            rf"|(?<![A-Za-z0-9_])(?P<t>{alt})[ _](?P<n>\d{{1,6}})(?![A-Za-z0-9_])"
         )
 
     def _replace(self, m: regex.Match[str]) -> str:

@@ -1,0 +1,130 @@
+"""Detection through the whole sanitizer, on hand-written inputs (none taken from the dev set)."""
+
+from __future__ import annotations
+
+import pytest
+
+from potluck.errors import PrivacyError
+from potluck.privacy.analyzer import Detector
+from potluck.privacy.entities import Span, resolve_overlaps
+from potluck.privacy.sanitizer import Sanitizer
+
+SECRETS = [
+    "AKIAIOSFODNN7EXAMPLE",
+    "ghp_16C7e42F292c6912E7710c838347Ae178B4a",
+    "github_pat_11ABCDEFG0123456789_abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUV",
+    "sk-proj-Xk29dKq81LmZ0pQr7sTu4VwY6zA3bC5eF",
+    "sk-ant-api03-Zk3mN8pQ2rT5vX7yB1dF4gH6jK9lM0nP",
+    "sk_live_4eC39HqLyjWDarjtT1zdp7dc",
+    "xoxb-2048-1234567890-AbCdEfGhIjKlMnOpQrStUvWx",
+    "AIzaSyD-9tSrke72PouQMnMX-a7eZSW0jkFMBWY",
+    "hf_aBcDeFgHiJkLmNoPqRsTuVwXyZ0123456789",
+    "glpat-Xy9zAb3CdEf5GhIj7KlM",
+    "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0.dozjgNryP4J3jVmNHl0w5N_XgL0n3I9PlFUP0THsR8U",
+]
+
+
+@pytest.mark.parametrize("secret", SECRETS)
+def test_provider_tokens(sanitizer, secret):
+    out = sanitizer.sanitize([f"here is the key {secret} for prod"]).texts[0]
+    assert secret not in out and "<SECRET_1>" in out
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        ("Authorization: Bearer abcDEF123456ghiJKL789", "abcDEF123456ghiJKL789"),
+        ('DB_PASSWORD="correct horse battery"', "correct horse battery"),
+        ("password: hunter2hunter2", "hunter2hunter2"),
+        ("my password is Tr0ub4dor&3", "Tr0ub4dor&3"),
+        ("postgres://admin:s3cr3tPw@db.internal:5432/app", "s3cr3tPw"),
+        ("Server=tcp:x.database.windows.net;User ID=sa;Password=P@ssw0rd!9;", "P@ssw0rd!9"),
+        ("api_key = 'q8Fj2LmN0pR4sT6v'", "q8Fj2LmN0pR4sT6v"),
+    ],
+)
+def test_credentials_in_context(sanitizer, text, value):
+    result = sanitizer.sanitize([text])
+    assert value not in result.texts[0]
+    assert result.entity_counts().get("SECRET", 0) >= 1
+
+
+def test_private_key_block(sanitizer):
+    block = "-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAA\nQyNTUxOQAAACDx\n-----END OPENSSH PRIVATE KEY-----"
+    out = sanitizer.sanitize([f"key:\n{block}\nthanks"]).texts[0]
+    assert "b3BlbnNzaC1rZXktdjEAAAAA" not in out and "BEGIN" not in out
+
+
+@pytest.mark.parametrize(
+    ("value", "etype"),
+    [
+        ("jane.roe@mail.example.com", "EMAIL_ADDRESS"),
+        ("+1 (415) 555-0132", "PHONE_NUMBER"),
+        ("020 7946 0018", "PHONE_NUMBER"),
+        ("+49 30 901820", "PHONE_NUMBER"),
+        ("5500 0000 0000 0004", "CREDIT_CARD"),
+        ("DE89370400440532013000", "IBAN_CODE"),
+        ("536-22-1234", "US_SSN"),
+        ("192.168.10.254", "IP_ADDRESS"),
+        ("2001:db8::8a2e:370:7334", "IP_ADDRESS"),
+        ("00:1A:2B:3C:4D:5E", "MAC_ADDRESS"),
+        ("0x52908400098527886E0F7030069857D2E4169EE7", "CRYPTO"),
+        ("bc1qar0srrr7xfkvy5l643lydnw9re59gtzzwf5mdq", "CRYPTO"),
+    ],
+)
+def test_structured_identifiers(sanitizer, value, etype):
+    result = sanitizer.sanitize([f"Record: {value} (see file)."])
+    assert value not in result.texts[0]
+    assert etype in result.entity_counts(), result
+
+
+def test_passport_with_context(sanitizer):
+    out = sanitizer.sanitize(["My passport number is X4829173 and it expires soon."]).texts[0]
+    assert "X4829173" not in out
+
+
+@pytest.mark.parametrize(
+    ("text", "values"),
+    [
+        ("Yesterday I met Henrike Vollmar at the station.", ["Henrike Vollmar"]),
+        ("Please forward this to Dr. Okonkwo before Friday.", ["Okonkwo"]),
+        ("my name is tamsin achterberg and i need help", ["tamsin achterberg"]),
+        ("She works for Quillonex Solutions in the city.", ["Quillonex Solutions"]),
+        ("Send it to 742 Evergreen Terrace, Springfield.", ["742 Evergreen Terrace"]),
+        ("Ship to Vesilahdenkatu 14 B, flat 3.", ["Vesilahdenkatu 14"]),
+        ("Our office: Rua das Flores 128, Porto.", ["Rua das Flores 128"]),
+    ],
+)
+def test_names_orgs_addresses(sanitizer, text, values):
+    out = sanitizer.sanitize([text]).texts[0]
+    for value in values:
+        assert value not in out, out
+
+
+def test_plain_prose_is_left_alone(sanitizer):
+    text = "The weather is nice today, so we will walk to the park and read a book."
+    assert sanitizer.sanitize([text]).texts[0] == text
+
+
+def test_history_shares_one_mapping_and_round_trips(sanitizer):
+    texts = ["I am Henrike Vollmar.", "Write to henrike@vollmar.example, signed Henrike Vollmar.", "<PERSON_1> is mine"]
+    result = sanitizer.sanitize(texts)
+    assert result.texts[0] == "I am <PERSON_2>."
+    assert "<PERSON_2>" in result.texts[1] and "<EMAIL_ADDRESS_1>" in result.texts[1]
+    assert result.texts[2] == "<PERSON_1> is mine"  # the user's own look-alike is not ours
+    restorer = result.restorer()
+    assert [restorer.restore(t) for t in result.texts] == texts
+    assert len(result.digest()) == 64
+
+
+def test_overlaps_resolve_to_longest():
+    spans = [Span(0, 5, "A", 0.9), Span(0, 12, "B", 0.5), Span(10, 20, "C", 1.0), Span(12, 14, "D")]
+    assert resolve_overlaps(spans) == [Span(0, 12, "B", 0.5), Span(12, 14, "D")]
+
+
+def test_detector_failure_is_privacy_error():
+    class Engine:
+        def analyze(self, **kwargs):
+            raise KeyError("boom")
+
+    with pytest.raises(PrivacyError, match="nothing was sent"):
+        Sanitizer(Detector(engine=Engine())).sanitize(["Henrike Vollmar"])  # type: ignore[arg-type]
