@@ -34,6 +34,14 @@ _ADDRESS_CUE = re.compile(
     r"(?P<addr>[^\n.;!?]{3,80}?)(?=[ \t]*(?:\n|[.;!?](?:\s|$)|$))"
 )
 _DIGIT = re.compile(r"\d")
+# last line of an address block: "Estonia 62488", "New Zealand 34694", "AB 1234 CD" (postcode after a place)
+_POSTCODE_LINE = re.compile(
+    r"(?m)^[ \t>?*-]*(?:[^\W\d_][\w'’.-]*[ \t]+){0,3}?[^\W\d_][\w'’.-]*,?[ \t]+(?P<zip>\d{3,6}(?:[ -]\d{2,4})?)[ \t]*$"
+)
+# a bare building number alone on a line, or before "Name. Name 12": part of a street line
+_LEADING_NUMBER = re.compile(r"(?m)^[ \t>?*-]*(?P<n>\d{1,6})[ \t]*$|(?<![\w.,-])(?P<n2>\d{3,6})(?=[ \t]+[^\W\d_]+\.?[ \t]+[^\W\d_]+[ \t]+\d)")
+# US military mail (USPS Publication 28, section 225)
+_MILITARY = re.compile(r"(?i)\b(?:PSC|CMR|Unit)[ \t]+\d{3,5},?[ \t]+Box[ \t]+\d{1,5}|\b(?:APO|FPO|DPO)[ \t]+(?:AA|AE|AP)[ \t]+\d{5}\b")
 _WORDS = re.compile(r"[^\W\d_]+\.?")
 _BLOCK_LINE = re.compile(r"[ \t>]*[^\n.!?;:]{1,60}")
 
@@ -109,6 +117,11 @@ class AddressRecognizer(EntityRecognizer):
         for m in _ADDRESS_CUE.finditer(text):
             if any(c.isdigit() for c in m.group("addr")):
                 out.append(RecognizerResult(E.STREET_ADDRESS, m.start("addr"), m.end("addr"), 0.65))
-        for regex in (_UNIT_RE, _PO_BOX):
+        for m in _POSTCODE_LINE.finditer(text):
+            out.append(RecognizerResult(E.ZIP_CODE, m.start("zip"), m.end("zip"), 0.5))
+        for m in _LEADING_NUMBER.finditer(text):  # "45818" on the line before or in front of a street
+            g = "n" if m.group("n") else "n2"
+            out.append(RecognizerResult(E.STREET_ADDRESS, m.start(g), m.end(g), 0.4))
+        for regex in (_UNIT_RE, _PO_BOX, _MILITARY):
             out.extend(RecognizerResult(E.STREET_ADDRESS, m.start(), m.end(), 0.6) for m in regex.finditer(text))
         return out

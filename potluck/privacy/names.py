@@ -211,6 +211,27 @@ class ProperNounRecognizer(EntityRecognizer):
             return E.PERSON
         return E.NAME
 
+    def _before_org_words(self, text: str, toks: list[_Tok]) -> list[RecognizerResult]:
+        """"<words> Inc." / "<Words> Agency": the words before an organisation word, in any case."""
+        out = []
+        for i, tok in enumerate(toks):
+            if i == 0 or tok.word.lower().rstrip(".") not in self.lex.org_words:
+                continue
+            if tok.word.islower() and tok.word.rstrip(".") in self.lex.common_words:  # "as", "co", "se"
+                continue
+            j = i
+            while j > 0 and i - j < 4 and text[toks[j - 1].end : toks[j].start] == " ":
+                prev = toks[j - 1].word
+                if prev.lower() in _TITLES or prev in _CONNECTORS or not (
+                    prev[0].isupper() or prev.lower() not in self.lex.common_words
+                ):
+                    break
+                j -= 1
+            if j < i:
+                end = tok.end + (1 if text[tok.end : tok.end + 1] == "." and tok.word.lower() in ("inc", "ltd", "co", "corp") else 0)
+                out.append(RecognizerResult(E.ORGANIZATION, toks[j].start, end, 0.55))
+        return out
+
     def _lowercase_names(self, text: str, toks: list[_Tok]) -> list[RecognizerResult]:
         out = []
         for a, b in zip(toks, toks[1:]):
@@ -238,6 +259,7 @@ class ProperNounRecognizer(EntityRecognizer):
         out.extend(RecognizerResult(E.ORGANIZATION, m.start(), m.end(), 0.7) for m in firm.finditer(text))
         if not lower_mode:
             out.extend(self._lowercase_names(text, toks))
+        out.extend(self._before_org_words(text, toks))
         for m in _NAME_CUE.finditer(text):
             words = m.group(1).split()
             while words and (words[-1].lower() in self.lex.common_words or self.lex.zipf_of(words[-1]) >= 4.0):
