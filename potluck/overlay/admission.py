@@ -65,9 +65,7 @@ class Admission:
     ) -> None:
         self.me = me
         self.swarm = swarm
-        self._key = hashlib.sha256(
-            b"potluck-swarm/1\x00" + swarm.encode() + b"\x00" + (secret or "").encode()
-        ).digest()
+        self._key = hashlib.sha256(b"potluck-swarm/1\x00" + swarm.encode() + b"\x00" + (secret or "").encode()).digest()
         self.allowlist = frozenset(allowlist)
         self.allowlist_only = allowlist_only
         self._metrics = metrics
@@ -75,9 +73,7 @@ class Admission:
 
     # ------------------------------------------------------------------ policy
     def mac(self, nonce: bytes, prover: str, verifier: str) -> bytes:
-        msg = b"\x00".join(
-            [b"potluck-admit/1", self.swarm.encode(), nonce, prover.encode(), verifier.encode()]
-        )
+        msg = b"\x00".join([b"potluck-admit/1", self.swarm.encode(), nonce, prover.encode(), verifier.encode()])
         return hmac.new(self._key, msg, hashlib.sha256).digest()
 
     def check_proof(self, proof: AdmitProof, nonce: bytes, prover: PeerId) -> str | None:
@@ -120,9 +116,7 @@ class Admission:
         self._admitted.add(peer)
 
     # ------------------------------------------------------------------ protocol (trio thread)
-    async def initiate(
-        self, frames: FrameStream, remote: PeerId, deadline_s: float = ADMIT_TIMEOUT_S
-    ) -> None:
+    async def initiate(self, frames: FrameStream, remote: PeerId, deadline_s: float = ADMIT_TIMEOUT_S) -> None:
         """Dialer side of the mutual handshake on a fresh ``/potluck/admit/1`` stream.
 
         Raises:
@@ -167,7 +161,7 @@ class Admission:
                 await frames.send(AdmitResult(ok=False, reason=reason))
                 raise self.refuse(remote, reason)
             self._admit(remote)
-            await frames.send(AdmitResult(ok=True))
+            await frames.send(AdmitResult(ok=True, reason=""))
 
 
 def admit_frames(stream: object) -> FrameStream:

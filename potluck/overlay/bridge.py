@@ -145,8 +145,13 @@ class TrioThread:
         finally:
             if not self._ready.done():
                 self._ready.set_exception(ClosedError("the overlay thread stopped before it was ready"))
+
+            def finish() -> None:
+                if not done.done():
+                    done.set_result(None)
+
             try:
-                loop.call_soon_threadsafe(lambda: done.done() or done.set_result(None))
+                loop.call_soon_threadsafe(finish)
             except RuntimeError:  # loop already closed: nobody is waiting any more
                 pass
 
@@ -226,9 +231,7 @@ class TrioThread:
         except trio.RunFinishedError as exc:
             raise ClosedError("the overlay is shut down") from exc
 
-    async def stream(
-        self, agen_fn: Callable[..., AsyncIterator[T]], *args: Any, maxsize: int = 64
-    ) -> AsyncIterator[T]:
+    async def stream(self, agen_fn: Callable[..., AsyncIterator[T]], *args: Any, maxsize: int = 64) -> AsyncIterator[T]:
         """Iterate, from asyncio, an async generator that runs in the trio thread.
 
         Items travel through a bounded queue of ``maxsize`` entries; the trio producer waits when it

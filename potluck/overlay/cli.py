@@ -19,10 +19,21 @@ def _fmt_models(models: list[dict[str, Any]]) -> str:
     return ", ".join(f"{m['id']} ({m['quantization']})" for m in models) or "-"
 
 
+def _fmt_path(conn: dict[str, Any] | None, is_self: bool) -> str:
+    """How the node reaches the peer (NAT traversal): direct, hole-punched, or relayed via <relay>."""
+    if is_self:
+        return "-"
+    if not conn:
+        return "not connected"
+    if conn["kind"] == "relayed":
+        return f"relayed via {conn['relay']}"
+    return str(conn["kind"])
+
+
 def peers_table(view: dict[str, Any]) -> Table:
     """A rich table of ``GET /api/cluster``: peer ID, addrs, models, load, RTT, tier, last seen."""
     table = Table(title=f"swarm {view['swarm']!r} seen from {view['peer_id']}")
-    for col in ("peer ID", "addrs", "models", "load", "RTT", "trust tier", "last seen"):
+    for col in ("peer ID", "addrs", "models", "load", "RTT", "path", "trust tier", "last seen"):
         table.add_column(col, overflow="fold")
     for p in view["peers"]:
         load = p["load"]
@@ -34,6 +45,7 @@ def peers_table(view: dict[str, Any]) -> Table:
             _fmt_models(p["models"]),
             f"queue {load['queue_depth']}, active {load['active']}",
             rtt,
+            _fmt_path(p.get("connection"), p["self"]),
             str(p["trust_tier"]),
             seen,
         )

@@ -117,9 +117,7 @@ class Discovery:
             raise
         log.info("zeroconf: advertising %s on %s", SERVICE_TYPE, ", ".join(ips))
 
-    def _on_change(
-        self, zeroconf: Zeroconf, service_type: str, name: str, state_change: ServiceStateChange
-    ) -> None:
+    def _on_change(self, zeroconf: Zeroconf, service_type: str, name: str, state_change: ServiceStateChange) -> None:
         if state_change in (ServiceStateChange.Added, ServiceStateChange.Updated):
             try:
                 self._found.put_nowait(name)
@@ -134,8 +132,7 @@ class Discovery:
             if not await info.async_request(self._zc.zeroconf, 3000):
                 continue
             props = {
-                k.decode(errors="replace"): (v or b"").decode(errors="replace")
-                for k, v in info.properties.items()
+                k.decode(errors="replace"): (v or b"").decode(errors="replace") for k, v in info.properties.items()
             }
             peer, swarm = props.get("peer_id", ""), props.get("swarm", "")
             if peer == self.service.peer_id:

@@ -45,9 +45,7 @@ class Sealer:
     """AEAD sealing of gossip payloads with a key derived from swarm name and secret."""
 
     def __init__(self, swarm: str, secret: str | None) -> None:
-        key = hashlib.sha256(
-            b"potluck-gossip/1\x00" + swarm.encode() + b"\x00" + (secret or "").encode()
-        ).digest()
+        key = hashlib.sha256(b"potluck-gossip/1\x00" + swarm.encode() + b"\x00" + (secret or "").encode()).digest()
         self._aead = ChaCha20Poly1305(key)
         self._aad = TOPIC.encode()
 

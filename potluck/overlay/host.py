@@ -15,15 +15,17 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, cast
 
 import anyio
 import ifaddr
 import multiaddr
+from anyio.streams.memory import MemoryObjectSendStream
 from libp2p import new_host
 from libp2p.abc import IHost, INetConn, INetStream, INetwork, INotifee
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
+from libp2p.custom_types import TProtocol
 from libp2p.exceptions import BaseLibp2pError
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import InvalidAddrError, info_from_p2p_addr
@@ -64,9 +66,7 @@ def parse_peer_multiaddr(addr: str) -> tuple[PeerId, multiaddr.Multiaddr]:
         ma = multiaddr.Multiaddr(addr)
         info = info_from_p2p_addr(ma)
     except (ValueError, TypeError, InvalidAddrError, BaseLibp2pError) as exc:
-        raise ConfigError(
-            f"bad peer multiaddr {addr!r} (want /ip4/<ip>/tcp/<port>/p2p/<peer ID>): {exc}"
-        ) from exc
+        raise ConfigError(f"bad peer multiaddr {addr!r} (want /ip4/<ip>/tcp/<port>/p2p/<peer ID>): {exc}") from exc
     return PeerId(info.peer_id.to_base58()), ma
 
 
@@ -95,7 +95,7 @@ def _expand_unspecified(addrs: Sequence[multiaddr.Multiaddr]) -> list[multiaddr.
 class _ConnNotifee(INotifee):
     """Forwards connect/disconnect events into a bounded memory stream (never blocks the swarm)."""
 
-    def __init__(self, send: anyio.abc.ObjectSendStream[tuple[str, PeerId]]) -> None:
+    def __init__(self, send: MemoryObjectSendStream[tuple[str, PeerId]]) -> None:
         self._send = send
 
     def _put(self, kind: str, conn: INetConn) -> None:
@@ -145,7 +145,7 @@ class Libp2pHost:
         self.host: IHost = new_host(
             key_pair=key_pair,
             sec_opt={NOISE_PROTOCOL_ID: noise},
-            muxer_opt={YAMUX_PROTOCOL_ID: Yamux},
+            muxer_opt={TProtocol(YAMUX_PROTOCOL_ID): cast(Any, Yamux)},
             listen_addrs=self.listen,
             addrs_factory=_expand_unspecified,
         )
@@ -154,6 +154,10 @@ class Libp2pHost:
             raise ConfigError(f"libp2p derived peer ID {libp2p_id}, potluck {identity.peer_id}")
         self.peer_id = identity.peer_id
         self._events_send, self.events = anyio.create_memory_object_stream[tuple[str, PeerId]](_CONN_EVENTS)
+        # NAT traversal hooks (potluck.overlay.nat, issue 4): circuit addresses we announce, and a
+        # dialer run before a stream opens to a peer we are not connected to (direct, then relay).
+        self.extra_addrs: list[str] = []
+        self.dial_hook: Callable[[PeerId], Awaitable[None]] | None = None
         self.host.get_network().register_notifee(_ConnNotifee(self._events_send))
 
     @asynccontextmanager
@@ -169,9 +173,7 @@ class Libp2pHost:
         async with self.host.run(self.listen):
             if not self.host.get_transport_addrs() and fallback_to_free_port:
                 free = [multiaddr.Multiaddr(str(a).rsplit("/tcp/", 1)[0] + "/tcp/0") for a in self.listen]
-                log.warning(
-                    "cannot listen on %s (port busy?); using a free port", ", ".join(map(str, self.listen))
-                )
+                log.warning("cannot listen on %s (port busy?); using a free port", ", ".join(map(str, self.listen)))
                 await self.host.get_network().listen(*free)
             if not self.host.get_transport_addrs():
                 raise ConfigError(f"libp2p cannot listen on {', '.join(map(str, self.listen))}")
@@ -183,7 +185,7 @@ class Libp2pHost:
 
     def addrs(self) -> list[str]:
         """Announced multiaddrs, each ending in ``/p2p/<peer ID>``."""
-        return [str(a) for a in self.host.get_addrs()]
+        return [str(a) for a in self.host.get_addrs()] + self.extra_addrs
 
     def connected_peers(self) -> list[PeerId]:
         return [PeerId(p.to_base58()) for p in self.host.get_connected_peers()]
@@ -232,9 +234,11 @@ class Libp2pHost:
         Raises:
             ConnectError: no connection could be made or the peer does not speak ``protocol``.
         """
+        if self.dial_hook is not None:
+            await self.dial_hook(peer)
         try:
             with anyio.fail_after(deadline_s):
-                return await self.host.new_stream(ID.from_base58(peer), [protocol])  # type: ignore[arg-type]
+                return await self.host.new_stream(ID.from_base58(peer), [TProtocol(protocol)])
         except TimeoutError as exc:
             raise ConnectError(f"opening {protocol} to {peer} timed out after {deadline_s} s") from exc
         except (BaseLibp2pError, OSError, ValueError) as exc:

@@ -34,9 +34,7 @@ def to_generation_request(req: GenerateRequest) -> GenerationRequest:
         model=req.model,
         params=SamplingParams(p.max_tokens, p.temperature, p.top_p, p.top_k, p.seed, tuple(p.stop)),
         prompt=req.prompt,
-        messages=tuple(ChatMessage(m.role, m.content) for m in req.messages)
-        if req.messages is not None
-        else None,
+        messages=tuple(ChatMessage(m.role, m.content) for m in req.messages) if req.messages is not None else None,
         headers=tuple(req.headers),
     )
 
@@ -81,9 +79,7 @@ class LocalServing:
 
     def load(self) -> Load:
         routes = self._routes()
-        return Load(
-            queue_depth=sum(r.runner.queue_depth for r in routes), active=sum(r.runner.active for r in routes)
-        )
+        return Load(queue_depth=sum(r.runner.queue_depth for r in routes), active=sum(r.runner.active for r in routes))
 
     async def serve(self, req: GenerateRequest) -> AsyncIterator[TokenFrame | FinishFrame]:
         """Run ``req`` on the local route of its model.

@@ -42,9 +42,7 @@ class OverlayMetrics:
             ["method", "outcome"],
             registry=r,
         )
-        self.peers = Gauge(
-            "potluck_overlay_peers", "Peers in the cluster view (excluding this node)", registry=r
-        )
+        self.peers = Gauge("potluck_overlay_peers", "Peers in the cluster view (excluding this node)", registry=r)
         self.rtt = Histogram(
             "potluck_overlay_rtt_seconds", "Measured RPC ping round trips", buckets=_RTT_BUCKETS, registry=r
         )

@@ -12,7 +12,7 @@ failed peer is excluded with capped exponential backoff (:meth:`OverlayService.r
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from contextlib import aclosing
 
 from potluck.errors import (
@@ -27,7 +27,7 @@ from potluck.errors import (
 )
 from potluck.node.identity import PeerId
 from potluck.node.router import ModelListing
-from potluck.node.routes import Finished, GenerationRequest, RouteEvent, TextDelta
+from potluck.node.routes import Finished, GenerationRequest, Route, RouteEvent, TextDelta
 from potluck.overlay import rpc
 from potluck.overlay.service import OverlayService
 from potluck.overlay.state import SignedRecord
@@ -84,12 +84,10 @@ class PeerRoute:
             rtt = link.rtt_s if link is not None and link.rtt_s is not None else 1.0
             return (r.record.load.queue_depth + r.record.load.active, rtt)
 
-        records = [
-            r for r in s.peers_serving(self.model_id) if s.admission.trust_tier(r.peer_id) == self.tier
-        ]
+        records = [r for r in s.peers_serving(self.model_id) if s.admission.trust_tier(r.peer_id) == self.tier]
         return [r.peer_id for r in sorted(records, key=score)]
 
-    async def stream(self, request: GenerationRequest) -> AsyncIterator[RouteEvent]:
+    async def stream(self, request: GenerationRequest) -> AsyncGenerator[RouteEvent, None]:
         """Forward ``request``; yield its deltas and one ``Finished`` (resuming on failure).
 
         Raises:
@@ -141,7 +139,7 @@ class PeerRoute:
             raise last_error
         raise ModelNotFound(f"no reachable peer serves {self.model_id!r}")
 
-    async def _forward(self, peer: PeerId, wire: GenerateRequest) -> AsyncIterator[TokenFrame | FinishFrame]:
+    async def _forward(self, peer: PeerId, wire: GenerateRequest) -> AsyncGenerator[TokenFrame | FinishFrame, None]:
         s = self.service
         if s.p2p is None:
             raise ConnectError("the overlay is not running")
@@ -165,10 +163,8 @@ class PeerRouteProvider:
                 seen.setdefault(m.id, ModelListing(m.id, r.peer_id))
         return list(seen.values())
 
-    def route_for(self, model: str) -> PeerRoute | None:
-        tiers = sorted(
-            {self.service.admission.trust_tier(r.peer_id) for r in self.service.peers_serving(model)}
-        )
+    def route_for(self, model: str) -> Route | None:
+        tiers = sorted({self.service.admission.trust_tier(r.peer_id) for r in self.service.peers_serving(model)})
         if not tiers:
             return None
         return PeerRoute(self.service, model, tiers[0])

@@ -64,9 +64,7 @@ _ERROR_CODES: list[tuple[type[PotluckError], str]] = [
     (PeerRefused, "refused"),
     (ProtocolViolation, "protocol"),
 ]
-_ERRORS_BY_CODE: dict[str, type[PotluckError]] = {code: cls for cls, code in _ERROR_CODES} | {
-    "failed": GenerationError
-}
+_ERRORS_BY_CODE: dict[str, type[PotluckError]] = {code: cls for cls, code in _ERROR_CODES} | {"failed": GenerationError}
 
 
 def error_frame(exc: PotluckError) -> ErrorFrame:
@@ -97,9 +95,7 @@ class RpcServer:
         metrics: call and rejection counters.
     """
 
-    def __init__(
-        self, bridge: TrioThread, app: RpcApp, admission: Admission, metrics: OverlayMetrics
-    ) -> None:
+    def __init__(self, bridge: TrioThread, app: RpcApp, admission: Admission, metrics: OverlayMetrics) -> None:
         self.bridge = bridge
         self.app = app
         self.admission = admission
@@ -225,9 +221,7 @@ async def state_sync(host: Libp2pHost, peer: PeerId, request: StateSyncRequest) 
         await _closing(frames)
 
 
-async def generate(
-    host: Libp2pHost, peer: PeerId, request: GenerateRequest
-) -> AsyncIterator[TokenFrame | FinishFrame]:
+async def generate(host: Libp2pHost, peer: PeerId, request: GenerateRequest) -> AsyncIterator[TokenFrame | FinishFrame]:
     """Run a completion on ``peer``; yield its token frames, then its ``FinishFrame``.
 
     Deadlines: ``FIRST_TOKEN_TIMEOUT_S`` for the first frame, ``TOKEN_IDLE_TIMEOUT_S`` between frames.

@@ -34,6 +34,7 @@ from potluck.overlay.gossip import Sealer, StateGossip
 from potluck.overlay.host import Libp2pHost, listen_multiaddr
 from potluck.overlay.local import LocalServing
 from potluck.overlay.metrics import OverlayMetrics
+from potluck.overlay.nat.traversal import NatTraversal
 from potluck.overlay.state import ClusterState, PeerRecord, SignedRecord, sign_record
 from potluck.overlay.wire import FinishFrame, GenerateRequest, StateSyncRequest, StateSyncResponse, TokenFrame
 
@@ -105,6 +106,7 @@ class OverlayService:
         self._tasks = TaskOwner("overlay")
         self._admitting: dict[PeerId, anyio.Event] = {}
         self.dht: Any = None
+        self.nat: NatTraversal | None = None  # NAT traversal (issue 4), created in the trio thread
 
     # ------------------------------------------------------------------ lifecycle
     async def __aenter__(self) -> OverlayService:
@@ -122,9 +124,7 @@ class OverlayService:
             await self._stack.aclose()
             raise
         self.started = True
-        log.info(
-            "overlay up: peer %s in swarm %r at %s", self.peer_id, self.settings.swarm, ", ".join(self.addrs)
-        )
+        log.info("overlay up: peer %s in swarm %r at %s", self.peer_id, self.settings.swarm, ", ".join(self.addrs))
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -152,9 +152,12 @@ class OverlayService:
         p2p.set_handler(ADMIT_PROTOCOL, self._admit_handler)
         rpc.RpcServer(self.bridge, self, self.admission, self.metrics).install(p2p)
         self.gossip = StateGossip(p2p, self.admission, self.sealer, self._on_gossip)
+        self.nat = NatTraversal(p2p, s)
+        self.nat.on_addrs_changed = self._republish_from_trio
         dht = make_dht(p2p, s.swarm) if s.dht_enabled else None
         async with p2p.running(), AsyncExitStack() as stack, anyio.create_task_group() as tg:
             await self.gossip.run(stack, tg)
+            await stack.enter_async_context(self.nat.running())
             if dht is not None:
                 await stack.enter_async_context(background_trio_service(dht))
                 self.dht = dht
@@ -206,6 +209,9 @@ class OverlayService:
     async def _admit_handler(self, stream: Any, peer: PeerId) -> None:
         await self.admission.respond(admit_frames(stream), peer)
         await self.bridge.call_asyncio(self._on_admitted, peer)
+
+    async def _republish_from_trio(self) -> None:
+        await self.bridge.call_asyncio(self.publish_own_record)
 
     async def _on_gossip(self, origin: PeerId, raw: bytes) -> None:
         await self.bridge.call_asyncio(self._merge_from, origin, (raw,))
@@ -393,14 +399,17 @@ class OverlayService:
                     "rtt_ms": None if link.rtt_s is None else round(link.rtt_s * 1000, 2),
                     "last_seen_s": None if not link.last_seen else round(now - link.last_seen, 1),
                     "admitted": rec.peer_id in self.admission.admitted,
+                    "connection": self.nat.connection(rec.peer_id) if self.nat is not None else None,
                 }
             )
-        return {"peer_id": self.peer_id, "swarm": self.settings.swarm, "addrs": self.addrs, "peers": peers}
+        view: dict[str, Any] = {"peer_id": self.peer_id, "swarm": self.settings.swarm, "addrs": self.addrs}
+        view["peers"] = peers
+        if self.nat is not None:
+            view["nat"] = self.nat.status()
+        return view
 
     # ------------------------------------------------------------------ RPC app (asyncio side)
-    async def generate(
-        self, peer: PeerId, request: GenerateRequest
-    ) -> AsyncIterator[TokenFrame | FinishFrame]:
+    async def generate(self, peer: PeerId, request: GenerateRequest) -> AsyncIterator[TokenFrame | FinishFrame]:
         """RPC ``generate``: run the request on this node's own model (never forwarded again)."""
         async for event in self.local.serve(request):
             yield event

@@ -152,7 +152,9 @@ def encode(frame: WireModel, max_frame: int = MAX_FRAME) -> bytes:
     """
     payload = msgpack.packb(frame.model_dump(mode="python"), use_bin_type=True)
     if len(payload) > max_frame:
-        raise ProtocolViolation(f"{frame.t} frame of {len(payload)} bytes exceeds the {max_frame}-byte limit")
+        raise ProtocolViolation(
+            f"{type(frame).__name__} frame of {len(payload)} bytes exceeds the {max_frame}-byte limit"
+        )
     return _LEN.pack(len(payload)) + payload
 
 
@@ -169,11 +171,9 @@ def decode_payload(payload: bytes) -> WireModel:
     if not isinstance(obj, dict):
         raise ProtocolViolation(f"frame is a {type(obj).__name__}, not a map")
     try:
-        return _FRAME.validate_python(_lists_to_tuples(obj))  # type: ignore[no-any-return]
+        return _FRAME.validate_python(_lists_to_tuples(obj))
     except ValidationError as exc:
-        raise ProtocolViolation(
-            f"invalid frame: {exc.error_count()} schema errors: {exc.errors()[0]['msg']}"
-        ) from exc
+        raise ProtocolViolation(f"invalid frame: {exc.error_count()} schema errors: {exc.errors()[0]['msg']}") from exc
 
 
 def _lists_to_tuples(obj: Any) -> Any:
