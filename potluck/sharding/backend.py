@@ -76,7 +76,7 @@ class OnnxRuntimeBackend:
         reader = open_gguf(self._path)
         plan = plan_for(reader, self._path, [NodeCapability("local", 1 << 62, 1.0)], self._n_ctx)
         shard = extract_shard(reader, plan, 0)
-        options = EngineOptions(n_ctx=self._n_ctx, threads=self._threads, spinning=True)
+        options = EngineOptions(n_ctx=self._n_ctx, threads=self._threads)
         self._group = SoloGroup(TPMaster(RankCompute.from_shard(shard, options), shard, None))
         self._tok = GGUFTokenizer(self._path)
         if self._template:
