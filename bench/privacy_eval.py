@@ -10,7 +10,9 @@ Input: JSON lines ``{"text", "spans": [{"type", "value", "start", "end"}]}``.
   sanitized text (what would leave the node);
 * over-redaction: share of characters outside every labelled span that were replaced;
 * exact round trip: share of texts with ``restore(sanitize(text)) == text``;
-* ms per KB: sanitize wall time per KiB of UTF-8 input, one call per text (after a warm-up).
+* ms per KB: sanitize time per KiB of UTF-8 input, one call per text (after a warm-up), the best
+  of ``--repeats`` passes, as wall time and as process CPU time (on a shared machine the CPU figure
+  is the one other processes disturb least).
 
 Anchor, side by side: presidio's stock ``AnalyzerEngine`` with all predefined recognizers on the
 same offline no-op NLP engine (no spaCy model can be installed), replacing its detections with
@@ -64,7 +66,7 @@ class AnchorDetector(Detector):
         return resolve_overlaps(Span(r.start, r.end, r.entity_type, r.score) for r in res)
 
 
-def evaluate(sanitizer: Sanitizer, rows: list[dict], show_leaks: int = 0) -> dict:
+def evaluate(sanitizer: Sanitizer, rows: list[dict], show_leaks: int = 0, repeats: int = 3) -> dict:
     for row in rows[:20]:  # warm-up
         sanitizer.sanitize([row["text"]])
     leaks: Counter[str] = Counter()
@@ -99,12 +101,21 @@ def evaluate(sanitizer: Sanitizer, rows: list[dict], show_leaks: int = 0) -> dic
                 leaks[s["type"]] += 1
                 if len(leaked_examples[s["type"]]) < show_leaks:
                     leaked_examples[s["type"]].append(f"{s['value']!r} in {sanitized!r}")
+    cpu_best, wall_best = float("inf"), elapsed
+    for _ in range(repeats):  # timing-only passes; the minimum is the least disturbed by other load
+        c0, w0 = time.process_time(), time.perf_counter()
+        for row in rows:
+            sanitizer.sanitize([row["text"]])
+        cpu_best = min(cpu_best, time.process_time() - c0)
+        wall_best = min(wall_best, time.perf_counter() - w0)
+    kib = n_bytes / 1024
     return {
+        "ms_per_kb_wall": wall_best * 1000 / kib,
+        "ms_per_kb_cpu": cpu_best * 1000 / kib if repeats else float("nan"),
         "leak": {t: leaks[t] / n for t, n in totals.items()},
         "totals": dict(totals),
         "over_redaction": over / max(unlabelled, 1),
         "round_trip": roundtrip / len(rows),
-        "ms_per_kb": elapsed * 1000 / (n_bytes / 1024),
         "examples": dict(leaked_examples),
     }
 
@@ -114,13 +125,14 @@ def main() -> int:
     ap.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "pii" / "dev.jsonl")
     ap.add_argument("--no-anchor", action="store_true", help="skip the stock-presidio anchor run")
     ap.add_argument("--show-leaks", type=int, default=0, help="print up to N leaked values per type")
+    ap.add_argument("--repeats", type=int, default=3, help="timing passes (best is reported)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.ERROR)
     rows = [json.loads(line) for line in args.data.read_text().splitlines() if line.strip()]
     t0 = time.perf_counter()
-    ours = evaluate(Sanitizer(), rows, args.show_leaks)
+    ours = evaluate(Sanitizer(), rows, args.show_leaks, args.repeats)
     print(f"data: {args.data} ({len(rows)} texts); setup+run {time.perf_counter() - t0:.1f} s")
-    anchor = None if args.no_anchor else evaluate(Sanitizer(AnchorDetector()), rows)
+    anchor = None if args.no_anchor else evaluate(Sanitizer(AnchorDetector()), rows, 0, args.repeats)
     print(f"{'entity type':16s} {'n':>5s} {'leak':>7s} {'goal':>6s}" + ("" if anchor is None else f" {'anchor':>7s}"))
     for etype in sorted(ours["totals"], key=lambda t: -ours["totals"][t]):
         goal = GOALS.get(etype)
@@ -133,8 +145,11 @@ def main() -> int:
         print(line)
     for key, label in (("over_redaction", "over-redaction"), ("round_trip", "exact round trip")):
         print(f"{label:18s} {ours[key]:7.2%}" + ("" if anchor is None else f"   anchor {anchor[key]:7.2%}"))
-    print(f"{'ms per KB':18s} {ours['ms_per_kb']:7.3f}" + (
-        "" if anchor is None else f"   anchor {anchor['ms_per_kb']:7.3f}   ratio {ours['ms_per_kb'] / anchor['ms_per_kb']:.2f}x"))
+    for key, label in (("ms_per_kb_wall", "ms per KB (wall)"), ("ms_per_kb_cpu", "ms per KB (CPU)")):
+        line = f"{label:18s} {ours[key]:7.3f}"
+        if anchor is not None:
+            line += f"   anchor {anchor[key]:7.3f}   ratio {ours[key] / anchor[key]:.2f}x"
+        print(line + ("   goal <= 2" if key == "ms_per_kb_wall" else ""))
     for etype, examples in ours["examples"].items():
         for ex in examples:
             print(f"  leak {etype}: {ex}")

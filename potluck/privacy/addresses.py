@@ -34,6 +34,10 @@ _ADDRESS_CUE = re.compile(
     r"(?P<addr>[^\n.;!?]{3,80}?)(?=[ \t]*(?:\n|[.;!?](?:\s|$)|$))"
 )
 _DIGIT = re.compile(r"\d")
+_CUE_NEEDLES = ("live", "living", "resid", "locat", "situat", "moved", "address", "ship", "deliver", "send", "mail",
+                "it's in")
+_UNIT_NEEDLES = ("apt", "apartment", "suite", "ste", "unit", "flat", "fl", "floor", "room", "rm", "bldg", "building", "#")
+_MILITARY_NEEDLES = ("psc", "cmr", "unit", "apo", "fpo", "dpo")
 # last line of an address block: "Estonia 62488", "New Zealand 34694", "AB 1234 CD" (postcode after a place)
 _POSTCODE_LINE = re.compile(
     r"(?m)^[ \t>?*-]*(?:[^\W\d_][\w'’.-]*[ \t]+){0,3}?[^\W\d_][\w'’.-]*,?[ \t]+(?P<zip>\d{3,6}(?:[ -]\d{2,4})?)[ \t]*$"
@@ -114,7 +118,9 @@ class AddressRecognizer(EntityRecognizer):
             words = re.split(r"[ -]", m.group("name"))
             if all(w[0].isupper() and self.lex.zipf_of(w) < self.rare_zipf for w in words):
                 out.append(RecognizerResult(E.STREET_ADDRESS, m.start(), self._extend_block(text, m.end()), 0.7))
-        for m in _ADDRESS_CUE.finditer(text):
+        lower = text.lower()
+        cue = any(n in lower for n in _CUE_NEEDLES)
+        for m in _ADDRESS_CUE.finditer(text) if cue else ():
             if any(c.isdigit() for c in m.group("addr")):
                 out.append(RecognizerResult(E.STREET_ADDRESS, m.start("addr"), m.end("addr"), 0.65))
         for m in _POSTCODE_LINE.finditer(text):
@@ -122,6 +128,8 @@ class AddressRecognizer(EntityRecognizer):
         for m in _LEADING_NUMBER.finditer(text):  # "45818" on the line before or in front of a street
             g = "n" if m.group("n") else "n2"
             out.append(RecognizerResult(E.STREET_ADDRESS, m.start(g), m.end(g), 0.4))
-        for regex in (_UNIT_RE, _PO_BOX, _MILITARY):
+        for regex, needles in ((_UNIT_RE, _UNIT_NEEDLES), (_PO_BOX, ("box",)), (_MILITARY, _MILITARY_NEEDLES)):
+            if not any(n in lower for n in needles):
+                continue
             out.extend(RecognizerResult(E.STREET_ADDRESS, m.start(), m.end(), 0.6) for m in regex.finditer(text))
         return out

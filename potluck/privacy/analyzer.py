@@ -106,6 +106,14 @@ class FastAnalyzerEngine(AnalyzerEngine):
     def _enhance_using_context(self, text, raw_results, nlp_artifacts, recognizers, context=None):  # type: ignore[no-untyped-def]
         return raw_results
 
+    def get_supported_entities(self, language: str | None = None) -> list[str]:
+        # the registry is fixed after build_engine: compute the list once (presidio does it per call)
+        cached: list[str] | None = getattr(self, "_entities_cache", None)
+        if cached is None:
+            cached = super().get_supported_entities(language)
+            self._entities_cache = cached
+        return list(cached)
+
 
 def build_engine(lexicon: Lexicon | None = None) -> AnalyzerEngine:
     """A presidio ``AnalyzerEngine`` with the recognizers listed in the module docstring.
@@ -148,6 +156,8 @@ class Detector:
     def __init__(self, engine: AnalyzerEngine | None = None, min_score: float = 0.0) -> None:
         self.engine = engine or build_engine()
         self.min_score = min_score
+        # the no-op NLP engine's artifacts are empty and identical for every text: build them once
+        self._artifacts = self.engine.nlp_engine.process_text("", "en") if engine is None else None
 
     def detect(self, text: str) -> list[Span]:
         """Disjoint sensitive spans of ``text``, sorted by start (overlaps: the longest wins).
@@ -158,7 +168,8 @@ class Detector:
         if not text:
             return []
         try:
-            results = self.engine.analyze(text=text, language="en", score_threshold=self.min_score)
+            results = self.engine.analyze(text=text, language="en", score_threshold=self.min_score,
+                                          nlp_artifacts=self._artifacts)
         except Exception as exc:  # any failure inside presidio or a recognizer: fail closed
             log.error("sensitive-data detection failed: %s", type(exc).__name__)
             raise PrivacyError(f"sensitive-data detection failed ({type(exc).__name__}); nothing was sent") \

@@ -88,13 +88,14 @@ class ProperNounRecognizer(EntityRecognizer):
     def _tokens(text: str) -> list[_Tok]:
         out = []
         for m in _TOKEN.finditer(text):
-            word, end = m.group(0), m.end()
-            if word.endswith((".",)) and not (len(word) == 2 or word.lower() in _TITLES):
+            word = m.group(0)
+            start, end = m.span()
+            if word[-1] == "." and len(word) != 2 and word.lower() not in _TITLES:
                 word, end = word[:-1], end - 1
-            if word.endswith(("'s", "’s")):
+            if word[-2:] in ("'s", "’s"):
                 word, end = word[:-2], end - 2
             if word:
-                out.append(_Tok(m.start(), end, word))
+                out.append(_Tok(start, end, word))
         return out
 
     @staticmethod
