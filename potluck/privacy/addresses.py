@@ -36,16 +36,22 @@ _ADDRESS_CUE = re.compile(
 _DIGIT = re.compile(r"\d")
 _CUE_NEEDLES = ("live", "living", "resid", "locat", "situat", "moved", "address", "ship", "deliver", "send", "mail",
                 "it's in")
-_UNIT_NEEDLES = ("apt", "apartment", "suite", "ste", "unit", "flat", "fl", "floor", "room", "rm", "bldg", "building", "#")
+_UNIT_NEEDLES = ("apt", "apartment", "suite", "ste", "unit", "flat", "fl", "floor", "room", "rm", "bldg",
+                 "building", "#")
 _MILITARY_NEEDLES = ("psc", "cmr", "unit", "apo", "fpo", "dpo")
 # last line of an address block: "Estonia 62488", "New Zealand 34694", "AB 1234 CD" (postcode after a place)
 _POSTCODE_LINE = re.compile(
     r"(?m)^[ \t>?*-]*(?:[^\W\d_][\w'’.-]*[ \t]+){0,3}?[^\W\d_][\w'’.-]*,?[ \t]+(?P<zip>\d{3,6}(?:[ -]\d{2,4})?)[ \t]*$"
 )
 # a bare building number alone on a line, or before "Name. Name 12": part of a street line
-_LEADING_NUMBER = re.compile(r"(?m)^[ \t>?*-]*(?P<n>\d{1,6})[ \t]*$|(?<![\w.,-])(?P<n2>\d{3,6})(?=[ \t]+[^\W\d_]+\.?[ \t]+[^\W\d_]+[ \t]+\d)")
+_LEADING_NUMBER = re.compile(
+    r"(?m)^[ \t>?*-]*(?P<n>\d{1,6})[ \t]*$"
+    r"|(?<![\w.,-])(?P<n2>\d{3,6})(?=[ \t]+[^\W\d_]+\.?[ \t]+[^\W\d_]+[ \t]+\d)"
+)
 # US military mail (USPS Publication 28, section 225)
-_MILITARY = re.compile(r"(?i)\b(?:PSC|CMR|Unit)[ \t]+\d{3,5},?[ \t]+Box[ \t]+\d{1,5}|\b(?:APO|FPO|DPO)[ \t]+(?:AA|AE|AP)[ \t]+\d{5}\b")
+_MILITARY = re.compile(
+    r"(?i)\b(?:PSC|CMR|Unit)[ \t]+\d{3,5},?[ \t]+Box[ \t]+\d{1,5}|\b(?:APO|FPO|DPO)[ \t]+(?:AA|AE|AP)[ \t]+\d{5}\b"
+)
 _WORDS = re.compile(r"[^\W\d_]+\.?")
 _BLOCK_LINE = re.compile(r"[ \t>]*[^\n.!?;:]{1,60}")
 
@@ -73,10 +79,12 @@ class AddressRecognizer(EntityRecognizer):
             rf"(?:(?<![\w.-]){_NUM}[ \t]+)?\b(?:{prefixes})[ \t]+(?:{_WORD}[ \t]+){{0,5}}?{_WORD},?[ \t]+{_NUM}\b{unit}"
         )
         self._fused = re.compile(
-            rf"(?:(?<![\w.-]){_NUM}[ \t]+)?\b(?=[^\W\d_][\w'’-]*[ \t]+\d)[^\W\d_][\w'’-]*?(?i:{endings})[ \t]+{_NUM}\b{unit}"
+            rf"(?:(?<![\w.-]){_NUM}[ \t]+)?\b(?=[^\W\d_][\w'’-]*[ \t]+\d)"
+            rf"[^\W\d_][\w'’-]*?(?i:{endings})[ \t]+{_NUM}\b{unit}"
         )
         self._rare_then_number = re.compile(
-            rf"(?:(?<![\w.-]){_NUM}[ \t]+)?\b(?=[^\W\d_]{{2,}}(?:[ -][^\W\d_]{{2,}}){{0,2}}[ \t]+\d)(?P<name>[^\W\d_]{{2,}}(?:[ -][^\W\d_]{{2,}}){{0,2}})[ \t]+{_NUM}\b{unit}"
+            rf"(?:(?<![\w.-]){_NUM}[ \t]+)?\b(?=[^\W\d_]{{2,}}(?:[ -][^\W\d_]{{2,}}){{0,2}}[ \t]+\d)"
+            rf"(?P<name>[^\W\d_]{{2,}}(?:[ -][^\W\d_]{{2,}}){{0,2}})[ \t]+{_NUM}\b{unit}"
         )
         super().__init__(supported_entities=[E.STREET_ADDRESS], name="PotluckAddresses")
 

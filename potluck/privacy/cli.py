@@ -6,7 +6,7 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -78,8 +78,8 @@ def redact(
 def audit(
     limit: Annotated[int, typer.Option("--limit", "-n", help="Show the last N records (0: all).")] = 50,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON lines instead of a table.")] = False,
-    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="TOML config file.")] = None,
-    data_dir: Annotated[Optional[Path], typer.Option("--data-dir", help="Node state directory.")] = None,
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="TOML config file.")] = None,
+    data_dir: Annotated[Path | None, typer.Option("--data-dir", help="Node state directory.")] = None,
 ) -> None:
     """Show what left this node: destination, tier, entity counts, hash of the sanitized text."""
     from dataclasses import asdict

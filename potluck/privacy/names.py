@@ -20,6 +20,7 @@ Rules (a model-free variant of the capitalisation features of classic NER, Colli
 
 from __future__ import annotations
 
+import itertools
 import re
 from typing import NamedTuple
 
@@ -229,13 +230,14 @@ class ProperNounRecognizer(EntityRecognizer):
                     break
                 j -= 1
             if j < i:
-                end = tok.end + (1 if text[tok.end : tok.end + 1] == "." and tok.word.lower() in ("inc", "ltd", "co", "corp") else 0)
+                dotted = text[tok.end : tok.end + 1] == "." and tok.word.lower() in ("inc", "ltd", "co", "corp")
+                end = tok.end + dotted
                 out.append(RecognizerResult(E.ORGANIZATION, toks[j].start, end, 0.55))
         return out
 
     def _lowercase_names(self, text: str, toks: list[_Tok]) -> list[RecognizerResult]:
         out = []
-        for a, b in zip(toks, toks[1:]):
+        for a, b in itertools.pairwise(toks):
             if not (a.word.islower() and b.word.islower()) or text[a.end : b.start] != " ":
                 continue
             if (a.word in self._given_lower and self.lex.zipf_of(a.word) < 4.0

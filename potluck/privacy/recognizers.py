@@ -116,7 +116,8 @@ SECRET_RULES = (
         needles=("-----begin",),
     ),
     # JSON Web Token: base64url header "{"... . payload . signature (RFC 7519)
-    Rule(re.compile(r"\beyJ[A-Za-z0-9_-]{5,}\.eyJ[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]{8,}"), E.SECRET, 1.0, needles=("eyj",)),
+    Rule(re.compile(r"\beyJ[A-Za-z0-9_-]{5,}\.eyJ[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]{8,}"), E.SECRET, 1.0,
+         needles=("eyj",)),
     # provider tokens with documented prefixes
     Rule(re.compile(r"\b(?:AKIA|ASIA|ABIA|ACCA|AGPA|AIDA|AROA|ANPA|ANVA|APKA)[0-9A-Z]{16}\b"), E.SECRET, 1.0,
          needles=("akia", "asia", "abia", "acca", "agpa", "aida", "aroa", "anpa", "anva", "apka")),
@@ -126,7 +127,8 @@ SECRET_RULES = (
     Rule(re.compile(r"\bsk-(?:ant-|proj-|svcacct-|admin-|or-v1-)?[A-Za-z0-9_-]{20,}"), E.SECRET, 1.0, needles=("sk-",)),
     Rule(re.compile(r"\b(?:sk|pk|rk)_(?:live|test)_[A-Za-z0-9]{16,}"), E.SECRET, 1.0, needles=("_live_", "_test_")),
     Rule(re.compile(r"\bxox[abposre]-[A-Za-z0-9-]{10,}"), E.SECRET, 1.0, needles=("xox",)),
-    Rule(re.compile(r"https://hooks\.slack\.com/services/[A-Za-z0-9/_-]{20,}"), E.SECRET, 1.0, needles=("hooks.slack",)),
+    Rule(re.compile(r"https://hooks\.slack\.com/services/[A-Za-z0-9/_-]{20,}"), E.SECRET, 1.0,
+         needles=("hooks.slack",)),
     Rule(re.compile(r"\bAIza[0-9A-Za-z_-]{35}"), E.SECRET, 1.0, needles=("aiza",)),
     Rule(re.compile(r"\bya29\.[0-9A-Za-z_-]{20,}"), E.SECRET, 1.0, needles=("ya29.",)),
     Rule(re.compile(r"\bhf_[A-Za-z0-9]{30,}\b"), E.SECRET, 1.0, needles=("hf_",)),

@@ -145,7 +145,7 @@ def test_strict_header_refuses_and_sends_nothing(cloud):
 
 
 def test_audit_log_has_counts_not_values(cloud):
-    node_a, _, _, home_a = cloud
+    _, _, _, home_a = cloud
     out = subprocess.run([*POTLUCK, "privacy", "audit", "--json", "--data-dir", str(home_a / "data")],
                          capture_output=True, text=True, timeout=60, env=_env(home_a), check=True).stdout
     records = [json.loads(line) for line in out.splitlines()]

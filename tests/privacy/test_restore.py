@@ -30,7 +30,7 @@ def test_empty_mapping_is_identity():
 
 def _chunks(text: str, cuts: list[int]) -> list[str]:
     points = sorted({c % (len(text) + 1) for c in cuts})
-    return [text[a:b] for a, b in zip([0, *points], [*points, len(text)])]
+    return [text[a:b] for a, b in zip([0, *points], [*points, len(text)], strict=True)]
 
 
 REPLY = "Dear <PERSON_1>, I wrote to <email_address_1> and PERSON_2 (not <PERSON_9>) <PERSON 1>."

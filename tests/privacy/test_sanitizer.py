@@ -49,7 +49,8 @@ def test_credentials_in_context(sanitizer, text, value):
 
 
 def test_private_key_block(sanitizer):
-    block = "-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAA\nQyNTUxOQAAACDx\n-----END OPENSSH PRIVATE KEY-----"
+    block = ("-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAA\nQyNTUxOQAAACDx\n"
+             "-----END OPENSSH PRIVATE KEY-----")
     out = sanitizer.sanitize([f"key:\n{block}\nthanks"]).texts[0]
     assert "b3BlbnNzaC1rZXktdjEAAAAA" not in out and "BEGIN" not in out
 

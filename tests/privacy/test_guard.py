@@ -1,0 +1,137 @@
+"""The guard around a tier >= 2 route, with an in-memory route standing in for the destination."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+
+from potluck.errors import PolicyRefused, PrivacyError, RequestError
+from potluck.inference.backend import ChatMessage, SamplingParams
+from potluck.node.router import ModelListing
+from potluck.node.routes import Finished, GenerationRequest, RouteEvent, TextDelta
+from potluck.privacy.audit import AuditLog
+from potluck.privacy.guard import GuardedRoute, PrivacyGuard
+
+PROMPT = "I am Henrike Vollmar, mail henrike.vollmar@example.com, card 5500 0000 0000 0004."
+
+
+class EchoRoute:
+    """Records what it receives and replies with the placeholders it saw, in 3-character chunks."""
+
+    def __init__(self, tier: int | None) -> None:
+        if tier is not None:
+            self.tier = tier
+        self.model_id = "dest/model"
+        self.received: list[GenerationRequest] = []
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[RouteEvent]:
+        self.received.append(request)
+        text = "Hello " + " ".join(m.content for m in request.messages or ())
+        for i in range(0, len(text), 3):
+            yield TextDelta(text[i : i + 3], 1)
+        yield Finished("stop", 5, len(text) // 3)
+
+
+def _request(level: str | None = None) -> GenerationRequest:
+    headers = (("x-potluck-privacy", level),) if level else ()
+    return GenerationRequest("dest/model", SamplingParams(max_tokens=8, stop=("Henrike Vollmar",)),
+                             messages=(ChatMessage("system", "Be kind to Henrike Vollmar."),
+                                       ChatMessage("user", PROMPT)), headers=headers)
+
+
+async def _run(route, request) -> tuple[str, list[RouteEvent]]:
+    events = [e async for e in route.stream(request)]
+    return "".join(e.text for e in events if isinstance(e, TextDelta)), events
+
+
+@pytest.fixture
+def guard(sanitizer, tmp_path) -> PrivacyGuard:
+    return PrivacyGuard(AuditLog(tmp_path / "audit.jsonl"), "standard", lambda: sanitizer)
+
+
+async def test_sanitized_out_restored_back(guard):
+    inner = EchoRoute(tier=2)
+    route = guard.wrap(inner)
+    assert isinstance(route, GuardedRoute) and route.model_id == "dest/model"
+    text, events = await _run(route, _request())
+    sent = inner.received[0]
+    flat = " ".join(m.content for m in sent.messages) + " ".join(sent.params.stop)
+    for value in ("Henrike Vollmar", "henrike.vollmar@example.com", "5500 0000 0000 0004"):
+        assert value not in flat
+        assert value in text
+    assert sent.params.stop == ("<PERSON_1>",)
+    assert isinstance(events[-1], Finished) and "<PERSON" not in text
+    (record,) = list(guard.audit.records())
+    assert record.tier == 2 and record.entities["PERSON"] == 3 and record.action == "sanitize"
+
+
+async def test_trusted_tiers_are_not_wrapped(guard):
+    inner = EchoRoute(tier=1)
+    assert guard.wrap(inner) is inner
+
+
+async def test_route_without_tier_counts_as_cloud(guard):
+    route = guard.wrap(EchoRoute(tier=None))
+    assert isinstance(route, GuardedRoute) and route.tier == 3
+
+
+async def test_strict_refuses_and_sends_nothing(guard):
+    inner = EchoRoute(tier=3)
+    with pytest.raises(PolicyRefused):
+        await _run(guard.wrap(inner), _request("strict"))
+    assert inner.received == []
+    clean = GenerationRequest("dest/model", SamplingParams(), messages=(ChatMessage("user", "hello there"),),
+                              headers=(("x-potluck-privacy", "strict"),))
+    text, _ = await _run(guard.wrap(inner), clean)
+    assert text == "Hello hello there"
+
+
+async def test_off_sends_raw_and_audits(guard):
+    inner = EchoRoute(tier=3)
+    await _run(guard.wrap(inner), _request("off"))
+    assert inner.received[0].messages[1].content == PROMPT
+    (record,) = list(guard.audit.records())
+    assert record.action == "raw" and record.entities == {}
+
+
+async def test_bad_header_is_request_error(guard):
+    inner = EchoRoute(tier=2)
+    with pytest.raises(RequestError):
+        await _run(guard.wrap(inner), _request("maybe"))
+    assert inner.received == []
+
+
+async def test_sanitizer_failure_sends_nothing(tmp_path):
+    def broken():
+        raise RuntimeError("cannot load word lists")
+
+    inner = EchoRoute(tier=3)
+    guard = PrivacyGuard(AuditLog(tmp_path / "a.jsonl"), "standard", broken)
+    with pytest.raises(PrivacyError, match="nothing was sent"):
+        await _run(guard.wrap(inner), _request())
+    assert inner.received == []
+
+
+async def test_audit_failure_sends_nothing(sanitizer, tmp_path):
+    (tmp_path / "ro").mkdir()
+    (tmp_path / "ro" / "audit.jsonl").mkdir()  # a directory where the file should be: cannot append
+    inner = EchoRoute(tier=2)
+    guard = PrivacyGuard(AuditLog(tmp_path / "ro" / "audit.jsonl"), "standard", lambda: sanitizer)
+    with pytest.raises(PrivacyError, match="audit"):
+        await _run(guard.wrap(inner), _request())
+    assert inner.received == []
+
+
+async def test_wrap_provider(guard):
+    class Provider:
+        def listings(self):
+            return [ModelListing("dest/model", "peer")]
+
+        def route_for(self, model):
+            return EchoRoute(tier=2) if model == "dest/model" else None
+
+    wrapped = guard.wrap_provider(Provider())
+    assert wrapped.listings() == [ModelListing("dest/model", "peer")]
+    assert isinstance(wrapped.route_for("dest/model"), GuardedRoute)
+    assert wrapped.route_for("other") is None
