@@ -84,7 +84,7 @@ class GatedRecognizer(EntityRecognizer):
         self.gate = gate
         super().__init__(
             supported_entities=list(inner.supported_entities),
-            name=f"Gated{inner.name}",
+            name=f"Gated{type(inner).__name__}",
             supported_language=inner.supported_language,
             context=list(inner.context),
         )
@@ -97,13 +97,13 @@ class GatedRecognizer(EntityRecognizer):
     ) -> list[RecognizerResult]:
         if not self.gate(text):
             return []
-        return self.inner.analyze(text, entities, nlp_artifacts)
+        return self.inner.analyze(text, entities, nlp_artifacts)  # type: ignore[arg-type]
 
 
 class FastAnalyzerEngine(AnalyzerEngine):
     """presidio's engine without the per-recognizer context pass (it needs tokens we do not have)."""
 
-    def _enhance_using_context(self, text, raw_results, nlp_artifacts, recognizers, context=None):  # type: ignore[no-untyped-def]
+    def _enhance_using_context(self, text, raw_results, nlp_artifacts, recognizers, context=None):
         return raw_results
 
     def get_supported_entities(self, language: str | None = None) -> list[str]:
@@ -126,15 +126,16 @@ def build_engine(lexicon: Lexicon | None = None) -> AnalyzerEngine:
         nlp = NoOpNlpEngine(models=[{"lang_code": "en", "model_name": "none"}])
         nlp.load()
         registry = RecognizerRegistry(supported_languages=["en"])
-        for rec, gate in (
+        gated: tuple[tuple[EntityRecognizer, Callable[[str], object]], ...] = (
             (CreditCardRecognizer(), _FOUR_DIGITS.search),
             (IbanRecognizer(), _has_digit),
             (UsSsnRecognizer(), _THREE_DIGITS.search),
             (IpRecognizer(), _IP_HINT.search),
             (CryptoRecognizer(), _BTC_HINT.search),
             (MacAddressRecognizer(), _MAC_HINT.search),
-        ):
-            registry.add_recognizer(GatedRecognizer(rec, gate))
+        )
+        for inner, gate in gated:
+            registry.add_recognizer(GatedRecognizer(inner, gate))
         for rec in own_recognizers():
             registry.add_recognizer(rec)
         registry.add_recognizer(ProperNounRecognizer(lex))

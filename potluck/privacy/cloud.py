@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
@@ -155,7 +155,7 @@ class CloudClient:
         finally:
             resp.release()
 
-    async def stream(self, request: GenerationRequest, upstream_model: str) -> AsyncIterator[RouteEvent]:
+    async def stream(self, request: GenerationRequest, upstream_model: str) -> AsyncGenerator[RouteEvent, None]:
         """Run ``request`` upstream; yields text deltas and one ``Finished``.
 
         Raises:

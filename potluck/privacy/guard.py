@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from contextlib import aclosing
 from dataclasses import replace
 from typing import TYPE_CHECKING
@@ -167,7 +167,7 @@ class GuardedRoute:
     def model_id(self) -> str:
         return self.inner.model_id
 
-    async def stream(self, request: GenerationRequest) -> AsyncIterator[RouteEvent]:
+    async def stream(self, request: GenerationRequest) -> AsyncGenerator[RouteEvent, None]:
         """Sanitize, send, restore (see module docstring).
 
         Raises:

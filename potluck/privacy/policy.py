@@ -56,7 +56,7 @@ def parse_level(value: str | None, default: PrivacyLevel) -> PrivacyLevel:
     level = value.strip().lower()
     if level not in LEVELS:
         raise RequestError(f"X-Potluck-Privacy must be one of {', '.join(LEVELS)}, not {value!r}")
-    return level  # type: ignore[return-value]
+    return level
 
 
 def decide(level: PrivacyLevel, tier: int) -> Action:

@@ -9,7 +9,7 @@ the client's deadlines; an unreachable upstream is logged and lists nothing).
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from types import TracebackType
 
 from potluck.config import Settings
@@ -35,7 +35,7 @@ class CloudRoute:
         self.upstream_model = upstream_model
         self.model_id = PREFIX + upstream_model
 
-    def stream(self, request: GenerationRequest) -> AsyncIterator[RouteEvent]:
+    def stream(self, request: GenerationRequest) -> AsyncGenerator[RouteEvent, None]:
         return self.client.stream(request, self.upstream_model)
 
 
