@@ -13,6 +13,7 @@ import os
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 from potluck.errors import ModelError, RequestError
 from potluck.inference.backend import ChatMessage, ChatPrompt, GeneratedToken, ModelInfo, SamplingParams
@@ -61,7 +62,7 @@ class OnnxRuntimeBackend:
         self._template = summary.chat_template
         self._group: SoloGroup | None = None
         self._tok: GGUFTokenizer | None = None
-        self._formatter = None
+        self._formatter: Any = None
 
     @property
     def info(self) -> ModelInfo:

@@ -24,7 +24,7 @@ SpeedsOpt = Annotated[
 ]
 
 
-def _nodes(n: int, speeds: str | None, ram_bytes: int):  # type: ignore[no-untyped-def]
+def _nodes(n: int, speeds: str | None, ram_bytes: int):
     from potluck.sharding.plan import NodeCapability
 
     values = [float(s) for s in speeds.split(",")] if speeds else [1.0] * n

@@ -148,27 +148,18 @@ class RankCompute:
         for i in range(config.n_layers):
             p = f"blk.{i}."
 
-            def build(fn: Callable[[GraphBuilder], tuple[list[tuple[str, int]], list[str]]]) -> Stage:
-                gb = GraphBuilder(accuracy_level=options.accuracy_level)
-                inputs, outputs = fn(gb)
-                return gb.session(inputs, outputs, session_options(options.threads, options.spinning))
-
             qkv = o = ffn = None
             if share.kv_count:
-                qkv = build(
-                    lambda gb, p=p: (
-                        [("x", config.hidden)],
-                        [gb.linear("x", p + n, linears[p + n], t) for n in ("attn_q", "attn_k", "attn_v")],
-                    )
-                )
-                o = build(
-                    lambda gb, p=p: (
-                        [("x", n_q)],
-                        [gb.linear("x", p + "attn_output", linears[p + "attn_output"], t)],
-                    )
-                )
+                gb = _builder(options)
+                outs = [gb.linear("x", p + n, linears[p + n], t) for n in ("attn_q", "attn_k", "attn_v")]
+                qkv = gb.session([("x", config.hidden)], outs, _options(options))
+                gb = _builder(options)
+                outs = [gb.linear("x", p + "attn_output", linears[p + "attn_output"], t)]
+                o = gb.session([("x", n_q)], outs, _options(options))
             if share.ffn_count:
-                ffn = build(lambda gb, p=p: ([("x", config.hidden)], [_ffn_graph(gb, p, linears, t)]))
+                gb = _builder(options)
+                outs = [_ffn_graph(gb, p, linears, t)]
+                ffn = gb.session([("x", config.hidden)], outs, _options(options))
             layers.append(
                 _Layer(
                     attn_norm=t[p + "attn_norm"],
@@ -201,9 +192,7 @@ class RankCompute:
         c = self.config
         n = x.shape[0]
         if pos < 0 or pos + n > self.options.n_ctx:
-            raise RequestError(
-                f"positions {pos}..{pos + n} exceed the context of {self.options.n_ctx} tokens"
-            )
+            raise RequestError(f"positions {pos}..{pos + n} exceed the context of {self.options.n_ctx} tokens")
         zeros = np.zeros((n, c.hidden), np.float32)
         h = np.ascontiguousarray(x, dtype=np.float32)
         cos, sin = self.cos[pos : pos + n], self.sin[pos : pos + n]
@@ -267,6 +256,14 @@ class RankCompute:
         return np.ascontiguousarray(out.reshape(kv, g, n, hd).transpose(2, 0, 1, 3).reshape(n, kv * g * hd))
 
 
+def _builder(options: EngineOptions) -> GraphBuilder:
+    return GraphBuilder(accuracy_level=options.accuracy_level)
+
+
+def _options(options: EngineOptions):
+    return session_options(options.threads, options.spinning)
+
+
 def _ffn_graph(gb: GraphBuilder, p: str, linears: dict, t: dict[str, np.ndarray]) -> str:
     """SwiGLU (Shazeer 2020): ``down(silu(gate(x)) * up(x))``; returns the output name."""
     from onnx import helper
@@ -321,9 +318,7 @@ class TPMaster:
         rows = self._embd[np.asarray(ids, dtype=np.int64)]
         if self._embd_type in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
             return rows.astype(np.float32)
-        return (
-            quants.dequantize(rows, self._embd_type).astype(np.float32).reshape(len(ids), self.config.hidden)
-        )
+        return quants.dequantize(rows, self._embd_type).astype(np.float32).reshape(len(ids), self.config.hidden)
 
     def forward(self, ids: list[int], pos: int, all_logits: bool = False) -> np.ndarray:
         """Logits float32 ``(T, vocab)`` (``all_logits``) or ``(1, vocab)`` for the last token.

@@ -128,9 +128,7 @@ def read_config(reader: GGUFReader) -> ModelConfig:
     head_dim = int(field_value(reader, f"{arch}.attention.key_length", hidden // n_heads))
     rope_dim = int(field_value(reader, f"{arch}.rope.dimension_count", head_dim))
     if n_heads % n_kv or rope_dim != head_dim:
-        raise ModelFileError(
-            f"unsupported head layout: {n_heads} heads, {n_kv} KV heads, rope dim {rope_dim}"
-        )
+        raise ModelFileError(f"unsupported head layout: {n_heads} heads, {n_kv} KV heads, rope dim {rope_dim}")
     embd = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
     if embd is None:
         raise ModelFileError("GGUF has no token_embd.weight")

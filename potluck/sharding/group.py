@@ -106,7 +106,7 @@ class ThreadGroup:
             RankCompute.from_shard(shard0, self.options), shard0, self.star.members[0] if self.star else None
         )
 
-    def _run_worker(self, member, compute: RankCompute) -> None:  # type: ignore[no-untyped-def]
+    def _run_worker(self, member, compute: RankCompute) -> None:
         try:
             serve_worker(member, compute)
         except PotluckError as exc:  # recorded for the test/owner; the master sees PeerFailed
@@ -181,10 +181,10 @@ def generate_ids(
             if recoveries > max_recoveries:
                 raise GenerationError(f"gave up after {max_recoveries} recoveries") from exc
             master = group.recover(exc)
-            master.cached_ids = []  # type: ignore[attr-defined]
+            master.cached_ids = []
             pending, pos = prompt_ids + produced, 0  # replay everything into the new group
             continue
-        master.cached_ids = (prompt_ids + produced)[: pos + len(pending)]  # type: ignore[attr-defined]
+        master.cached_ids = (prompt_ids + produced)[: pos + len(pending)]
         token = sampler(logits[-1])
         if token in eos_ids or (cancel is not None and cancel.is_set()):
             return

@@ -41,7 +41,7 @@ def shard_path(shard_dir: Path, plan: ShardPlan, rank: int) -> Path:
     return shard_dir / f"{stem}-{plan.plan_id}-r{rank}.pshard"
 
 
-def write_worker_shards(reader, plan: ShardPlan, shard_dir: Path) -> list[Path]:  # type: ignore[no-untyped-def]
+def write_worker_shards(reader, plan: ShardPlan, shard_dir: Path) -> list[Path]:
     """Extract and write ranks 1..N-1's shard files (reusing cached ones); returns their paths."""
     paths = []
     for rank in range(1, plan.world_size):

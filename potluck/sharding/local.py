@@ -98,14 +98,14 @@ class LocalCollective:
 
     def receive(self) -> tuple[dict[str, Any], np.ndarray | None]:
         self._require(master=False)
-        return self._get(self._star.down[self.rank], 0, self._star.idle_timeout_s)  # type: ignore[no-any-return]
+        return self._get(self._star.down[self.rank], 0, self._star.idle_timeout_s)
 
     def all_reduce(self, array: np.ndarray) -> np.ndarray:
         self._check_open()
         star = self._star
         if self.rank != 0:
             self._put(star.up[self.rank], np.array(array, dtype=np.float32), 0)
-            return self._get(star.results[self.rank], 0, star.timeout_s)  # type: ignore[no-any-return]
+            return self._get(star.results[self.rank], 0, star.timeout_s)
         total = np.array(array, dtype=np.float32)
         for r in range(1, self.world_size):
             if star.members[r]._closed.is_set() and star.up[r].empty():

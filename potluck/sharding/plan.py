@@ -189,9 +189,7 @@ class ShardPlan:
             kv += s.kv_count
             ffn += s.ffn_count
         if kv != self.n_kv_heads or ffn != self.ffn:
-            raise ShardPlanError(
-                f"plan covers {kv}/{self.n_kv_heads} KV groups and {ffn}/{self.ffn} FFN columns"
-            )
+            raise ShardPlanError(f"plan covers {kv}/{self.n_kv_heads} KV groups and {ffn}/{self.ffn} FFN columns")
 
 
 def _water_fill(speeds: list[float], caps: list[float]) -> list[float]:
@@ -271,9 +269,7 @@ def make_plan(
     shares, kv_at, ffn_at = [], 0, 0
     for r, node in enumerate(nodes):
         est = kv[r] * unit_kv + blocks[r] * unit_ffn + g.replicated_bytes + (g.master_bytes if r == 0 else 0)
-        shares.append(
-            NodeShare(r, node.node_id, kv_at, kv[r], ffn_at * FFN_BLOCK, blocks[r] * FFN_BLOCK, int(est))
-        )
+        shares.append(NodeShare(r, node.node_id, kv_at, kv[r], ffn_at * FFN_BLOCK, blocks[r] * FFN_BLOCK, int(est)))
         kv_at += kv[r]
         ffn_at += blocks[r]
     plan = ShardPlan(

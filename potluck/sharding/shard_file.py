@@ -74,7 +74,8 @@ def write_shard(path: str | Path, meta: Mapping[str, Any], tensors: Mapping[str,
         OSError: the file cannot be written.
     """
     path = Path(path)
-    entries, offset = [], 0
+    entries: list[dict[str, Any]] = []
+    offset = 0
     for name, arr in tensors.items():
         if arr.dtype.name not in _DTYPES:
             raise ValueError(f"tensor {name}: dtype {arr.dtype} not storable")

@@ -62,9 +62,7 @@ def run(args: argparse.Namespace, key_hex: str) -> int:
         if int(shard.meta.get("rank", -1)) != args.rank:
             raise ShardPlanError(f"shard {args.shard} is for rank {shard.meta.get('rank')}, not {args.rank}")
         n_ctx = int(shard.meta["plan"]["n_ctx"])
-        options = EngineOptions(
-            n_ctx=n_ctx, threads=args.threads, spinning=False, accuracy_level=args.accuracy_level
-        )
+        options = EngineOptions(n_ctx=n_ctx, threads=args.threads, spinning=False, accuracy_level=args.accuracy_level)
         compute = RankCompute.from_shard(shard, options)
     except (ModelFileError, ShardPlanError, KeyError, TypeError, ValueError) as exc:
         log.error("rank %d: cannot load shard: %s", args.rank, exc)
