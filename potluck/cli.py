@@ -96,6 +96,9 @@ def node_start(
         str | None, typer.Option("--swarm-secret", help="Secret of a private swarm.", envvar=None)
     ] = None,
     p2p_port: Annotated[int | None, typer.Option("--p2p-port", help="libp2p TCP port (0: any free).")] = None,
+    relay: Annotated[
+        bool | None, typer.Option("--relay/--no-relay", help="Volunteer as a circuit relay for peers behind NAT.")
+    ] = None,
     privacy: Annotated[str | None, typer.Option("--privacy", help="strict, standard or off.")] = None,
     cloud_url: Annotated[
         str | None, typer.Option("--cloud-url", help="OpenAI-compatible upstream base URL (models: cloud/<name>).")
@@ -119,6 +122,7 @@ def node_start(
         swarm=swarm,
         swarm_secret=swarm_secret,
         p2p_port=p2p_port,
+        relay=relay,
         privacy=privacy,
         cloud_url=cloud_url,
         cloud_model=cloud_model or None,

@@ -102,6 +102,24 @@ class Settings(BaseSettings):
         0.0, ge=0, le=1e6, description="Cap on tokens/s this node streams to swarm peers (0: no cap)."
     )
 
+    # --- NAT traversal (overlay/nat) -----------------------------------------------------
+    relay: bool = Field(False, description="Volunteer as a circuit relay v2 (hop) for peers behind NAT.")
+    relay_max_reservations: int = Field(32, ge=1, le=4096, description="Relay: reservations held at once.")
+    relay_reservation_ttl_s: int = Field(3600, ge=30, le=86400, description="Relay: reservation lifetime, s.")
+    relay_max_circuits: int = Field(16, ge=1, le=4096, description="Relay: relayed connections at once.")
+    relay_circuit_duration_s: int = Field(
+        3600, ge=10, le=86400, description="Relay: longest a relayed connection may last, seconds."
+    )
+    relay_circuit_bytes: int = Field(
+        1 << 30, ge=1 << 16, le=1 << 40, description="Relay: most bytes one relayed connection may carry."
+    )
+    nat_relays: int = Field(2, ge=0, le=8, description="Relays to hold reservations on while not reachable.")
+    hole_punching: bool = Field(True, description="Upgrade relayed connections to direct ones (DCUtR).")
+    autonat_confirmations: int = Field(
+        2, ge=1, le=16, description="AutoNAT verdicts that must agree before reachability flips."
+    )
+    nat_check_interval_s: float = Field(60.0, gt=0, le=3600, description="Seconds between AutoNAT checks.")
+
     # --- privacy --------------------------------------------------------------------------
     privacy: Literal["strict", "standard", "off"] = Field(
         "standard",

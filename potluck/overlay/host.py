@@ -76,7 +76,8 @@ def _interface_ipv4() -> list[str]:
         for ip in adapter.ips:
             if ip.is_IPv4 and isinstance(ip.ip, str) and ip.ip not in ips:
                 ips.append(ip.ip)
-    return ips
+    # Loopback last: py-libp2p's DCUtR binds hole-punch dials to the first listen address (issue 4).
+    return sorted(ips, key=lambda ip: ip.startswith("127."))
 
 
 def _expand_unspecified(addrs: Sequence[multiaddr.Multiaddr]) -> list[multiaddr.Multiaddr]:

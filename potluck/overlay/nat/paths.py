@@ -40,12 +40,36 @@ def relay_of(addr: str) -> PeerId | None:
     return PeerId(head.rsplit("/p2p/", 1)[1].split("/", 1)[0])
 
 
-def classify(conn: Any, punched: bool) -> Path:
+def _relay_stream_peer(conn: Any, depth: int = 6) -> PeerId | None:
+    """The peer at the far end of the relay stream a circuit runs over (the relay itself)."""
+    obj = conn
+    for _ in range(depth):
+        stream = getattr(obj, "stream", None)
+        peer = getattr(getattr(stream, "muxed_conn", None), "peer_id", None)
+        if peer is not None:
+            return PeerId(peer.to_base58())
+        obj = next(
+            (
+                getattr(obj, a)
+                for a in ("muxed_conn", "secured_conn", "conn", "raw_conn", "_wrapped")
+                if hasattr(obj, a)
+            ),
+            None,
+        )
+        if obj is None:
+            return None
+    return None
+
+
+def classify(conn: Any, punched: bool, me: str = "") -> Path:
     """The :class:`Path` of one py-libp2p swarm connection.
 
     Args:
         conn: an ``INetConn`` (``get_transport_addresses()``).
         punched: the peer was reached through a relay before this direct connection existed.
+        me: our peer ID. py-libp2p 0.8.1 tags an *inbound* circuit with our own ID in the relay's
+            place (``CircuitV2Protocol.handle_incoming_connection``); the relay is then read
+            from the relay stream underneath.
     """
     try:
         addrs = [str(a) for a in conn.get_transport_addresses()]
@@ -54,6 +78,9 @@ def classify(conn: Any, punched: bool) -> Path:
     for addr in addrs:
         relay = relay_of(addr)
         if relay is not None:
+            if relay == me:
+                relay = _relay_stream_peer(conn) or relay
+                addr = f"/p2p/{relay}/p2p-circuit" + addr.split("/p2p-circuit", 1)[1]
             return Path("relayed", relay, addr)
     return Path("hole-punched" if punched else "direct", None, addrs[0] if addrs else None)
 

@@ -135,18 +135,19 @@ class NatTraversal:
     # ------------------------------------------------------------------ loops
     async def _observe(self) -> None:
         network = self.p2p.host.get_network()
+        me = self.p2p.peer_id
         while True:
             snapshot: dict[PeerId, list[Path]] = {}
             for pid, conns in list(network.connections.items()):
                 peer = PeerId(pid.to_base58())
                 conns = conns if isinstance(conns, list) else [conns]
-                paths = [classify(c, False) for c in conns]
+                paths = [classify(c, False, me) for c in conns]
                 if any(p.kind == "relayed" for p in paths):
                     self._relayed_seen.add(peer)
                 elif peer in self._relayed_seen and paths:
                     self._punched.add(peer)
                 if peer in self._punched:
-                    paths = [classify(c, True) for c in conns]
+                    paths = [classify(c, True, me) for c in conns]
                 snapshot[peer] = paths
             for gone in (self._relayed_seen | self._punched) - set(snapshot):
                 self._relayed_seen.discard(gone)
