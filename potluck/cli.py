@@ -20,6 +20,9 @@ from rich.table import Table
 
 from potluck.config import DEFAULT_PORT, Settings, load_settings
 from potluck.errors import PotluckError
+from potluck.overlay.cli import peers_app
+from potluck.privacy.cli import privacy_app
+from potluck.sharding.cli import shard_app
 
 app = typer.Typer(help="potluck: run LLMs on the devices you already own, together.", no_args_is_help=True)
 node_app = typer.Typer(help="Run a potluck node.", no_args_is_help=True)
@@ -27,9 +30,9 @@ models_app = typer.Typer(help="List and download models.", no_args_is_help=True)
 app.add_typer(node_app, name="node")
 app.add_typer(models_app, name="models")
 # Subsystem command groups register here: app.add_typer(<their app>, name="<group>").
-app.add_typer(__import__("potluck.overlay.cli", fromlist=["peers_app"]).peers_app, name="peers")
-app.add_typer(__import__("potluck.sharding.cli", fromlist=["shard_app"]).shard_app, name="shard")
-app.add_typer(__import__("potluck.privacy.cli", fromlist=["privacy_app"]).privacy_app, name="privacy")
+app.add_typer(peers_app, name="peers")
+app.add_typer(shard_app, name="shard")
+app.add_typer(privacy_app, name="privacy")
 
 console = Console(stderr=True)
 out = Console()
