@@ -9,16 +9,19 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import signal
 import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 from tests.e2e.procs import POTLUCK, offline_env
-from tests.netem import Namespace
+from tests.netem import Internet, Namespace, NatType
 
 T = TypeVar("T")
 
@@ -173,3 +176,49 @@ def until(cond: Callable[[], T], timeout: float, what: str, interval: float = 0.
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout} s waiting for {what} (last error: {last})")
+
+
+@dataclass
+class Swarm:
+    net: Internet
+    relays: list[NatNode]
+    a: NatNode
+    b: NatNode
+
+
+@contextmanager
+def nat_swarm(
+    tmp: Path,
+    model: Path,
+    nat_a: NatType,
+    nat_b: NatType,
+    b_env: dict[str, str] | None = None,
+    delay_ms: float = 0.0,
+) -> Iterator[Swarm]:
+    """Two public relays (r1 also the bootstrap node), A (no model) behind ``nat_a``, B serving
+    ``model`` behind ``nat_b``; every node ready. Processes and namespaces are gone afterwards.
+    ``delay_ms`` is the one-way delay of every link to the public segment (``tc netem``)."""
+    name = f"nat-{os.getpid()}-{nat_a.value}-{nat_b.value}"
+    nodes: list[NatNode] = []
+    with Internet(delay_ms=delay_ms) as net:
+        try:
+            r1 = NatNode(net.add_public("r1"), tmp / "r1", name, "--relay")
+            nodes.append(r1)
+            r1.wait_ready()
+            r2 = NatNode(net.add_public("r2"), tmp / "r2", name, "--relay", "--bootstrap", r1.addr())
+            nodes.append(r2)
+            r2.wait_ready()
+            boots = ["--bootstrap", r1.addr(), "--bootstrap", r2.addr()]
+            a = NatNode(net.add_home("a", nat_a).host, tmp / "a", name, *boots)
+            b = NatNode(net.add_home("b", nat_b).host, tmp / "b", name, "-m", str(model), *boots, env=b_env)
+            nodes += [a, b]
+            a.wait_ready()
+            b.wait_ready()
+            yield Swarm(net, [r1, r2], a, b)
+        except BaseException:
+            for n in nodes:
+                print(f"----- {n.ns.name} -----\n{n.output()[-6000:]}")
+            raise
+        finally:
+            for n in nodes:
+                n.stop(timeout=15)
