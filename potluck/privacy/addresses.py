@@ -36,9 +36,6 @@ _ADDRESS_CUE = re.compile(
 _DIGIT = re.compile(r"\d")
 _CUE_NEEDLES = ("live", "living", "resid", "locat", "situat", "moved", "address", "ship", "deliver", "send", "mail",
                 "it's in")
-_UNIT_NEEDLES = ("apt", "apartment", "suite", "ste", "unit", "flat", "fl", "floor", "room", "rm", "bldg",
-                 "building", "#")
-_MILITARY_NEEDLES = ("psc", "cmr", "unit", "apo", "fpo", "dpo")
 # last line of an address block: "Estonia 62488", "New Zealand 34694", "AB 1234 CD" (postcode after a place)
 _POSTCODE_LINE = re.compile(
     r"(?m)^[ \t>?*-]*(?:[^\W\d_][\w'’.-]*[ \t]+){0,3}?[^\W\d_][\w'’.-]*,?[ \t]+(?P<zip>\d{3,6}(?:[ -]\d{2,4})?)[ \t]*$"
@@ -53,11 +50,31 @@ _MILITARY = re.compile(
     r"(?i)\b(?:PSC|CMR|Unit)[ \t]+\d{3,5},?[ \t]+Box[ \t]+\d{1,5}|\b(?:APO|FPO|DPO)[ \t]+(?:AA|AE|AP)[ \t]+\d{5}\b"
 )
 _WORDS = re.compile(r"[^\W\d_]+\.?")
+_LETTER_SPACE_DIGIT = re.compile(r"[^\W\d_][ \t]+\d")
+_LINE_ENDS_IN_DIGIT = re.compile(r"\d[ \t]*$", re.M)
+_ENDINGS = tuple(e.lower() for e in STREET_ENDINGS)
 _BLOCK_LINE = re.compile(r"[ \t>]*[^\n.!?;:]{1,60}")
 
 
 def _alternation(words: list[str]) -> str:
     return "|".join(re.escape(w) for w in sorted(set(words), key=len, reverse=True))
+
+
+def _heads(word: str) -> tuple[str, ...]:
+    """The first letter run of ``word``, as a text's word set may hold it (with or without a dot)."""
+    m = _WORDS.match(word)
+    if m is None:
+        return ()
+    run = m.group(0).rstrip(".")
+    return run, run + "."
+
+
+def _with_dots(words: frozenset[str]) -> frozenset[str]:
+    return words | {w + "." for w in words}
+
+
+_UNIT_WORDS = _with_dots(frozenset("apt apartment suite ste unit flat fl floor room rm bldg building".split()))
+_MILITARY_WORDS = _with_dots(frozenset(("psc", "cmr", "unit", "apo", "fpo", "dpo")))
 
 
 class AddressRecognizer(EntityRecognizer):
@@ -86,6 +103,11 @@ class AddressRecognizer(EntityRecognizer):
             rf"(?:(?<![\w.-]){_NUM}[ \t]+)?\b(?=[^\W\d_]{{2,}}(?:[ -][^\W\d_]{{2,}}){{0,2}}[ \t]+\d)"
             rf"(?P<name>[^\W\d_]{{2,}}(?:[ -][^\W\d_]{{2,}}){{0,2}})[ \t]+{_NUM}\b{unit}"
         )
+        # gates: the first letter run of every designator, as the lower-cased word set of a text holds it
+        self._street_heads = frozenset(
+            h for w in words for form in (w, w.upper().lower()) for h in _heads(form)
+        )
+        self._prefix_heads = frozenset(h for w in STREET_PREFIXES for h in _heads(w))
         super().__init__(supported_entities=[E.STREET_ADDRESS], name="PotluckAddresses")
 
     def load(self) -> None:
@@ -115,29 +137,36 @@ class AddressRecognizer(EntityRecognizer):
         if _DIGIT.search(text) is None:
             return []
         out: list[RecognizerResult] = []
-        regexes = [self._number_first, self._fused]
-        if not STREET_PREFIXES.isdisjoint(_WORDS.findall(text.lower())):
+        lower = text.lower()
+        words = set(_WORDS.findall(lower))  # letter runs, a following dot included
+        # every gate below is a necessary condition of its pattern (a speed-up, never a filter)
+        regexes = []
+        if not self._street_heads.isdisjoint(words):
+            regexes.append(self._number_first)
+        if any(w.endswith(_ENDINGS) for w in words):
+            regexes.append(self._fused)
+        if not self._prefix_heads.isdisjoint(words):
             regexes.append(self._prefix_first)
         for regex in regexes:
-            score = 0.85
             for m in regex.finditer(text):
-                out.append(RecognizerResult(E.STREET_ADDRESS, m.start(), self._extend_block(text, m.end()), score))
-        for m in self._rare_then_number.finditer(text):
-            words = re.split(r"[ -]", m.group("name"))
-            if all(w[0].isupper() and self.lex.zipf_of(w) < self.rare_zipf for w in words):
-                out.append(RecognizerResult(E.STREET_ADDRESS, m.start(), self._extend_block(text, m.end()), 0.7))
-        lower = text.lower()
-        cue = any(n in lower for n in _CUE_NEEDLES)
-        for m in _ADDRESS_CUE.finditer(text) if cue else ():
-            if any(c.isdigit() for c in m.group("addr")):
-                out.append(RecognizerResult(E.STREET_ADDRESS, m.start("addr"), m.end("addr"), 0.65))
-        for m in _POSTCODE_LINE.finditer(text):
-            out.append(RecognizerResult(E.ZIP_CODE, m.start("zip"), m.end("zip"), 0.5))
+                out.append(RecognizerResult(E.STREET_ADDRESS, m.start(), self._extend_block(text, m.end()), 0.85))
+        if _LETTER_SPACE_DIGIT.search(text):
+            for m in self._rare_then_number.finditer(text):
+                parts = re.split(r"[ -]", m.group("name"))
+                if all(w[0].isupper() and self.lex.zipf_of(w) < self.rare_zipf for w in parts):
+                    out.append(RecognizerResult(E.STREET_ADDRESS, m.start(), self._extend_block(text, m.end()), 0.7))
+        if any(n in lower for n in _CUE_NEEDLES):
+            for m in _ADDRESS_CUE.finditer(text):
+                if any(c.isdigit() for c in m.group("addr")):
+                    out.append(RecognizerResult(E.STREET_ADDRESS, m.start("addr"), m.end("addr"), 0.65))
+        if _LINE_ENDS_IN_DIGIT.search(text):
+            for m in _POSTCODE_LINE.finditer(text):
+                out.append(RecognizerResult(E.ZIP_CODE, m.start("zip"), m.end("zip"), 0.5))
         for m in _LEADING_NUMBER.finditer(text):  # "45818" on the line before or in front of a street
             g = "n" if m.group("n") else "n2"
             out.append(RecognizerResult(E.STREET_ADDRESS, m.start(g), m.end(g), 0.4))
-        for regex, needles in ((_UNIT_RE, _UNIT_NEEDLES), (_PO_BOX, ("box",)), (_MILITARY, _MILITARY_NEEDLES)):
-            if not any(n in lower for n in needles):
-                continue
-            out.extend(RecognizerResult(E.STREET_ADDRESS, m.start(), m.end(), 0.6) for m in regex.finditer(text))
+        for regex, hit in ((_UNIT_RE, not _UNIT_WORDS.isdisjoint(words) or "#" in text),
+                           (_PO_BOX, "box" in lower), (_MILITARY, not _MILITARY_WORDS.isdisjoint(words))):
+            if hit:
+                out.extend(RecognizerResult(E.STREET_ADDRESS, m.start(), m.end(), 0.6) for m in regex.finditer(text))
         return out

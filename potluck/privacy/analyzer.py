@@ -101,18 +101,64 @@ class GatedRecognizer(EntityRecognizer):
 
 
 class FastAnalyzerEngine(AnalyzerEngine):
-    """presidio's engine without the per-recognizer context pass (it needs tokens we do not have)."""
+    """presidio's engine for a registry that is fixed once built, with a lean default call.
+
+    :meth:`analyze` with the arguments :class:`Detector` uses (all entities, precomputed NLP
+    artifacts, no allow list, context or trace) runs every recognizer of the registry and keeps the
+    results scoring at least ``score_threshold`` (and above zero). It skips what costs time per call
+    and decides nothing here: the registry lookup and supported-entity list (computed once), the
+    context pass (it needs tokens the no-op NLP engine does not produce) and presidio's duplicate
+    removal (:func:`~potluck.privacy.entities.resolve_overlaps` resolves every overlap afterwards,
+    contained same-type spans included). Any other call goes through presidio's full path.
+    """
+
+    _frozen: tuple[list[EntityRecognizer], list[str]] | None = None
 
     def _enhance_using_context(self, text, raw_results, nlp_artifacts, recognizers, context=None):
         return raw_results
 
     def get_supported_entities(self, language: str | None = None) -> list[str]:
-        # the registry is fixed after build_engine: compute the list once (presidio does it per call)
-        cached: list[str] | None = getattr(self, "_entities_cache", None)
-        if cached is None:
-            cached = super().get_supported_entities(language)
-            self._entities_cache = cached
-        return list(cached)
+        return list(self._recognizers_and_entities()[1])
+
+    def _recognizers_and_entities(self) -> tuple[list[EntityRecognizer], list[str]]:
+        if self._frozen is None:
+            recognizers = self.registry.get_recognizers(language="en", all_fields=True)
+            for rec in recognizers:
+                if not rec.is_loaded:
+                    rec.load()
+                    rec.is_loaded = True
+            entities = sorted({e for rec in recognizers for e in rec.get_supported_entities()})
+            self._frozen = (recognizers, entities)
+        return self._frozen
+
+    def analyze(  # type: ignore[override]
+        self,
+        text: str,
+        language: str,
+        entities: list[str] | None = None,
+        correlation_id: str | None = None,
+        score_threshold: float | None = None,
+        return_decision_process: bool | None = False,
+        ad_hoc_recognizers: list[EntityRecognizer] | None = None,
+        context: list[str] | None = None,
+        allow_list: list[str] | None = None,
+        allow_list_match: str | None = "exact",
+        regex_flags: int | None = re.DOTALL | re.MULTILINE | re.IGNORECASE,
+        nlp_artifacts: NlpArtifacts | None = None,
+    ) -> list[RecognizerResult]:
+        if (entities or ad_hoc_recognizers or allow_list or context or return_decision_process
+                or nlp_artifacts is None or language != "en"):
+            return super().analyze(
+                text, language, entities, correlation_id, score_threshold, return_decision_process,
+                ad_hoc_recognizers, context, allow_list, allow_list_match, regex_flags, nlp_artifacts)
+        recognizers, all_entities = self._recognizers_and_entities()
+        threshold = self.default_score_threshold if score_threshold is None else score_threshold
+        results: list[RecognizerResult] = []
+        for rec in recognizers:
+            found = rec.analyze(text, all_entities, nlp_artifacts)
+            if found:
+                results.extend(r for r in found if r.score >= threshold and r.score > 0)
+        return results
 
 
 def build_engine(lexicon: Lexicon | None = None) -> AnalyzerEngine:
