@@ -41,16 +41,16 @@ _POSTCODE_LINE = re.compile(
     r"(?m)^[ \t>?*-]*(?:[^\W\d_][\w'’.-]*[ \t]+){0,3}?[^\W\d_][\w'’.-]*,?[ \t]+(?P<zip>\d{3,6}(?:[ -]\d{2,4})?)[ \t]*$"
 )
 # a bare building number alone on a line, or before "Name. Name 12": part of a street line
-_LEADING_NUMBER = re.compile(
-    r"(?m)^[ \t>?*-]*(?P<n>\d{1,6})[ \t]*$"
-    r"|(?<![\w.,-])(?P<n2>\d{3,6})(?=[ \t]+[^\W\d_]+\.?[ \t]+[^\W\d_]+[ \t]+\d)"
+_NUMBER_LINE = re.compile(r"(?m)^[ \t>?*-]*(?P<n>\d{1,6})[ \t]*$")
+_NUMBER_BEFORE_STREET = re.compile(  # digit first (a fast scan), then the look-behind on the char before it
+    r"\d(?<![\w.,-]\d)\d{2,5}(?=[ \t]+[^\W\d_]+\.?[ \t]+[^\W\d_]+[ \t]+\d)"
 )
 # US military mail (USPS Publication 28, section 225)
 _MILITARY = re.compile(
     r"(?i)\b(?:PSC|CMR|Unit)[ \t]+\d{3,5},?[ \t]+Box[ \t]+\d{1,5}|\b(?:APO|FPO|DPO)[ \t]+(?:AA|AE|AP)[ \t]+\d{5}\b"
 )
 _WORDS = re.compile(r"[^\W\d_]+\.?")
-_LETTER_SPACE_DIGIT = re.compile(r"[^\W\d_][ \t]+\d")
+_SPACE_DIGIT = re.compile(r"[ \t]\d")
 _LINE_ENDS_IN_DIGIT = re.compile(r"\d[ \t]*$", re.M)
 _ENDINGS = tuple(e.lower() for e in STREET_ENDINGS)
 _BLOCK_LINE = re.compile(r"[ \t>]*[^\n.!?;:]{1,60}")
@@ -131,6 +131,21 @@ class AddressRecognizer(EntityRecognizer):
             end = nl + 1 + len(line.rstrip())
         return end
 
+    def _rare_word_before_number(self, text: str) -> bool:
+        """Necessary condition for ``_rare_then_number`` to yield a span: some number preceded by
+        blanks and a capitalised letter run rarer than ``rare_zipf`` (the last word of the name)."""
+        for m in _SPACE_DIGIT.finditer(text):
+            end = m.start()
+            while end > 0 and text[end - 1] in " \t":
+                end -= 1
+            start = end
+            while start > 0 and text[start - 1].isalnum() and not text[start - 1].isdecimal():  # [^\W\d_]
+                start -= 1
+            word = text[start:end]
+            if len(word) >= 2 and word[0].isupper() and self.lex.zipf_of(word) < self.rare_zipf:
+                return True
+        return False
+
     def analyze(
         self, text: str, entities: list[str], nlp_artifacts: NlpArtifacts | None = None
     ) -> list[RecognizerResult]:
@@ -150,7 +165,7 @@ class AddressRecognizer(EntityRecognizer):
         for regex in regexes:
             for m in regex.finditer(text):
                 out.append(RecognizerResult(E.STREET_ADDRESS, m.start(), self._extend_block(text, m.end()), 0.85))
-        if _LETTER_SPACE_DIGIT.search(text):
+        if self._rare_word_before_number(text):
             for m in self._rare_then_number.finditer(text):
                 parts = re.split(r"[ -]", m.group("name"))
                 if all(w[0].isupper() and self.lex.zipf_of(w) < self.rare_zipf for w in parts):
@@ -162,9 +177,10 @@ class AddressRecognizer(EntityRecognizer):
         if _LINE_ENDS_IN_DIGIT.search(text):
             for m in _POSTCODE_LINE.finditer(text):
                 out.append(RecognizerResult(E.ZIP_CODE, m.start("zip"), m.end("zip"), 0.5))
-        for m in _LEADING_NUMBER.finditer(text):  # "45818" on the line before or in front of a street
-            g = "n" if m.group("n") else "n2"
-            out.append(RecognizerResult(E.STREET_ADDRESS, m.start(g), m.end(g), 0.4))
+            for m in _NUMBER_LINE.finditer(text):  # "45818" alone on the line before a street
+                out.append(RecognizerResult(E.STREET_ADDRESS, m.start("n"), m.end("n"), 0.4))
+        for m in _NUMBER_BEFORE_STREET.finditer(text):  # "85199 Name. Name 58"
+            out.append(RecognizerResult(E.STREET_ADDRESS, m.start(), m.end(), 0.4))
         for regex, hit in ((_UNIT_RE, not _UNIT_WORDS.isdisjoint(words) or "#" in text),
                            (_PO_BOX, "box" in lower), (_MILITARY, not _MILITARY_WORDS.isdisjoint(words))):
             if hit:

@@ -45,8 +45,11 @@ log = logging.getLogger(__name__)
 
 
 _DIGIT = re.compile(r"\d")
-_THREE_DIGITS = re.compile(r"\d{3}")
-_FOUR_DIGITS = re.compile(r"\d{4}")
+# Gates: each is its recognizer's pattern(s) with anchors, look-arounds and context removed, so a
+# text the gate rejects cannot match (presidio's patterns use [0-9]; \d is a superset).
+_CARD_HINT = re.compile(r"\d{4}[- ]?\d{3,4}[- ]?\d{3,4}[- ]?\d{3}")  # CreditCardRecognizer (13-19 digits)
+_IBAN_HINT = re.compile(r"[A-Z]{2}[0-9]{2}")  # IbanRecognizer: country code + check digits (case-sensitive)
+_SSN_HINT = re.compile(r"\d{3}[- .]?\d{2}[- .]?\d{4}")  # UsSsnRecognizer: all five patterns are 9 digits
 _IP_HINT = re.compile(r"\d\.\d|[0-9A-Fa-f]:[0-9A-Fa-f]|::")
 _BTC_HINT = re.compile(r"\b(?:[13][1-9A-HJ-NP-Za-km-z]{25}|bc1)")
 _MAC_HINT = re.compile(r"[0-9A-Fa-f]{2}[:-][0-9A-Fa-f]{2}[:-]|[0-9A-Fa-f]{4}\.[0-9A-Fa-f]{4}")
@@ -173,9 +176,9 @@ def build_engine(lexicon: Lexicon | None = None) -> AnalyzerEngine:
         nlp.load()
         registry = RecognizerRegistry(supported_languages=["en"])
         gated: tuple[tuple[EntityRecognizer, Callable[[str], object]], ...] = (
-            (CreditCardRecognizer(), _FOUR_DIGITS.search),
-            (IbanRecognizer(), _has_digit),
-            (UsSsnRecognizer(), _THREE_DIGITS.search),
+            (CreditCardRecognizer(), _CARD_HINT.search),
+            (IbanRecognizer(), _IBAN_HINT.search),
+            (UsSsnRecognizer(), _SSN_HINT.search),
             (IpRecognizer(), _IP_HINT.search),
             (CryptoRecognizer(), _BTC_HINT.search),
             (MacAddressRecognizer(), _MAC_HINT.search),

@@ -46,6 +46,13 @@ _ORG_CUES = re.compile(
     r"(?i)(?:\bwork(?:s|ed|ing)?\s+(?:at|for)|\bemployed\s+by|\bjoined|\bcompany|\bemployer|"
     r"\bfirm|\bat)\s*$"
 )
+# the words each cue pattern ends with: a cheap necessary condition checked before the pattern
+_PERSON_CUE_ENDS = tuple(
+    "is named called am i'm dear hi hello thanks sincerely regards to by with meet ask said told contact "
+    "name name? user: patient patient:".split()
+)
+_ORG_CUE_ENDS = ("at", "for", "by", "joined", "company", "employer", "firm")
+_LETTERS = re.compile(r"[^\W\d_]+")
 _FIRM = re.compile(r"\b([A-Z][^\W\d_]+(?:-[A-Z][^\W\d_]+)?), ([A-Z][^\W\d_]+),? (?:and|&) ([A-Z][^\W\d_]+)\b")
 
 
@@ -76,6 +83,9 @@ class ProperNounRecognizer(EntityRecognizer):
         self.rare_zipf = rare_zipf
         self._given_lower = frozenset(w.lower() for w in lexicon.given_names)
         self._family_lower = frozenset(w.lower() for w in lexicon.family_names)
+        self._rare_given_lower = frozenset(w for w in self._given_lower if lexicon.zipf_of(w) < 4.0)
+        # first letter run of every organisation word: gate of _before_org_words
+        self._org_heads = frozenset(m.group(0) for w in lexicon.org_words if (m := _LETTERS.match(w)))
         super().__init__(
             supported_entities=[E.PERSON, E.ORGANIZATION, E.LOCATION, E.NAME], name="PotluckProperNouns"
         )
@@ -148,6 +158,8 @@ class ProperNounRecognizer(EntityRecognizer):
         runs: list[list[_Tok]] = []
         cur: list[_Tok] = []
         for i, tok in enumerate(toks):
+            if not cur and not lower_mode and not tok.word[0].isupper():
+                continue  # no run open and no capital: nothing to start or close (the common case)
             joinable = bool(cur) and text[cur[-1].end : tok.start] in (" ", " & ")
             cap = self._capitalised(tok.word, lower_mode) and not _PRONOUN_I.fullmatch(tok.word)
             inner = tok.word in _PARTICLES or tok.word in _CONNECTORS
@@ -199,7 +211,10 @@ class ProperNounRecognizer(EntityRecognizer):
         prev = re.findall(r"[\w.]+", before)[-1:] if before.strip() else []
         if words[-1].lower() in self.lex.org_words or any(w in ("&", "And") for w in words):
             return E.ORGANIZATION
-        if titled or (prev and prev[0].lower() in _TITLES) or _PERSON_CUES.search(before):
+        tail = before.rstrip().lower()
+        if titled or (prev and prev[0].lower() in _TITLES) or (
+            tail.endswith(_PERSON_CUE_ENDS) and _PERSON_CUES.search(before)
+        ):
             return E.PERSON
         if any(w in self.lex.given_names for w in words) or (
             len(words) >= 2 and words[-1] in self.lex.family_names
@@ -207,7 +222,7 @@ class ProperNounRecognizer(EntityRecognizer):
             return E.PERSON
         if all(w in self.lex.places for w in words):
             return E.LOCATION
-        if _ORG_CUES.search(before):
+        if tail.endswith(_ORG_CUE_ENDS) and _ORG_CUES.search(before):
             return E.ORGANIZATION
         if len(words) == 1 and words[0] in self.lex.family_names:
             return E.PERSON
@@ -237,11 +252,13 @@ class ProperNounRecognizer(EntityRecognizer):
 
     def _lowercase_names(self, text: str, toks: list[_Tok]) -> list[RecognizerResult]:
         out = []
+        rare_given = self._rare_given_lower  # given names with Zipf < 4.0, lower case
         for a, b in itertools.pairwise(toks):
+            if a.word not in rare_given:
+                continue
             if not (a.word.islower() and b.word.islower()) or text[a.end : b.start] != " ":
                 continue
-            if (a.word in self._given_lower and self.lex.zipf_of(a.word) < 4.0
-                    and (b.word in self._family_lower or self.lex.zipf_of(b.word) < 2.5)
+            if ((b.word in self._family_lower or self.lex.zipf_of(b.word) < 2.5)
                     and self.lex.zipf_of(b.word) < 3.5):
                 out.append(RecognizerResult(E.PERSON, a.start, b.end, 0.5))
         return out
@@ -258,12 +275,15 @@ class ProperNounRecognizer(EntityRecognizer):
                 span, titled = found
                 etype = self._type_of(text, span, titled)
                 out.append(RecognizerResult(etype, span[0].start, span[-1].end, 0.6))
-        firm = _FIRM_LOWER if lower_mode else _FIRM
-        out.extend(RecognizerResult(E.ORGANIZATION, m.start(), m.end(), 0.7) for m in firm.finditer(text))
+        if ", " in text and (" and " in text or " & " in text):  # both are literal parts of the pattern
+            firm = _FIRM_LOWER if lower_mode else _FIRM
+            out.extend(RecognizerResult(E.ORGANIZATION, m.start(), m.end(), 0.7) for m in firm.finditer(text))
         if not lower_mode:
             out.extend(self._lowercase_names(text, toks))
-        out.extend(self._before_org_words(text, toks))
-        for m in _NAME_CUE.finditer(text):
+        lower = text.lower()
+        if not self._org_heads.isdisjoint(_LETTERS.findall(lower)):
+            out.extend(self._before_org_words(text, toks))
+        for m in _NAME_CUE.finditer(text) if "name" in lower or "call" in lower else ():
             words = m.group(1).split()
             while words and (words[-1].lower() in self.lex.common_words or self.lex.zipf_of(words[-1]) >= 4.0):
                 words.pop()

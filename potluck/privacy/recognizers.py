@@ -39,6 +39,7 @@ class Rule:
     group: int | str = 0
     validate: Callable[[str], bool] | None = None
     needles: tuple[str, ...] = ()  # the rule runs only if one of these occurs in the lower-cased text
+    hint: re.Pattern[str] | None = None  # ... and only if this (a necessary condition) is found in the text
 
 
 _DIGIT = re.compile(r"\d")
@@ -49,11 +50,18 @@ def _has_digit(text: str) -> bool:
 
 
 class RegexRecognizer(EntityRecognizer):
-    """Runs precompiled :class:`Rule` s; an optional cheap ``gate`` skips texts that cannot match."""
+    """Runs precompiled :class:`Rule` s; an optional cheap ``gate`` skips texts that cannot match.
+
+    One search for any needle of any rule decides first whether the rules with needles run at all
+    (most texts hold none), which saves a needle loop per rule and text.
+    """
 
     def __init__(self, name: str, rules: Sequence[Rule], gate: Callable[[str], bool] | None = None) -> None:
         self.rules = tuple(rules)
         self.gate = gate
+        self._free = tuple(r for r in self.rules if not r.needles)
+        needles = sorted({n for r in self.rules for n in r.needles}, key=len, reverse=True)
+        self._any_needle = re.compile("|".join(map(re.escape, needles))) if needles else None
         super().__init__(supported_entities=sorted({r.entity for r in rules}), name=name)
 
     def load(self) -> None:
@@ -66,13 +74,16 @@ class RegexRecognizer(EntityRecognizer):
             return []
         out: list[RecognizerResult] = []
         lower = text.lower()
-        for rule in self.rules:
+        rules = self.rules if self._any_needle is not None and self._any_needle.search(lower) else self._free
+        for rule in rules:
             if rule.needles:
                 for needle in rule.needles:
                     if needle in lower:
                         break
                 else:
                     continue
+            if rule.hint is not None and rule.hint.search(text) is None:
+                continue
             for m in rule.regex.finditer(text):
                 start, end = m.span(rule.group)
                 if start < 0 or end <= start:
@@ -90,6 +101,12 @@ _KEY_NAMES = (
     r"(?:access|auth|refresh|bearer|session|id)[_-]?token|token|client[_-]?secret|private[_-]?key|"
     r"account[_-]?key|shared[_-]?access[_-]?key|credentials?|auth"
 )
+
+
+# Every assignment rule's key name contains one of these stems (a necessary condition, lower case).
+_KEY_STEMS = ("pass", "pwd", "secret", "key", "token", "auth", "credential")
+_QUOTED_VALUE = re.compile(r"[=:>]\s*[\"']")
+_HEX32 = re.compile(r"[0-9a-fA-F]{32}")
 
 
 def _shannon_bits(s: str) -> float:
@@ -122,7 +139,7 @@ SECRET_RULES = (
     Rule(re.compile(r"\b(?:AKIA|ASIA|ABIA|ACCA|AGPA|AIDA|AROA|ANPA|ANVA|APKA)[0-9A-Z]{16}\b"), E.SECRET, 1.0,
          needles=("akia", "asia", "abia", "acca", "agpa", "aida", "aroa", "anpa", "anva", "apka")),
     Rule(re.compile(r"\bgh[pousr]_[A-Za-z0-9]{30,255}\b|\bgithub_pat_[A-Za-z0-9_]{22,255}"), E.SECRET, 1.0,
-         needles=("gh", "github_pat_")),
+         needles=("ghp_", "gho_", "ghu_", "ghs_", "ghr_", "github_pat_")),
     Rule(re.compile(r"\bglpat-[A-Za-z0-9_-]{20,}"), E.SECRET, 1.0, needles=("glpat-",)),
     Rule(re.compile(r"\bsk-(?:ant-|proj-|svcacct-|admin-|or-v1-)?[A-Za-z0-9_-]{20,}"), E.SECRET, 1.0, needles=("sk-",)),
     Rule(re.compile(r"\b(?:sk|pk|rk)_(?:live|test)_[A-Za-z0-9]{16,}"), E.SECRET, 1.0, needles=("_live_", "_test_")),
@@ -135,7 +152,7 @@ SECRET_RULES = (
     Rule(re.compile(r"\bnpm_[A-Za-z0-9]{36}\b"), E.SECRET, 1.0, needles=("npm_",)),
     Rule(re.compile(r"\bpypi-[A-Za-z0-9_-]{50,}"), E.SECRET, 1.0, needles=("pypi-",)),
     Rule(re.compile(r"\bSG\.[A-Za-z0-9_-]{16,}\.[A-Za-z0-9_-]{16,}"), E.SECRET, 1.0, needles=("sg.",)),
-    Rule(re.compile(r"\b(?:SK|AC)[0-9a-fA-F]{32}\b"), E.SECRET, 0.9, needles=("sk", "ac")),
+    Rule(re.compile(r"\b(?:SK|AC)[0-9a-fA-F]{32}\b"), E.SECRET, 0.9, hint=_HEX32),  # Twilio
     Rule(re.compile(r"\b\d{8,10}:AA[A-Za-z0-9_-]{33}\b"), E.SECRET, 1.0, needles=(":aa",)),  # Telegram bot token
     Rule(re.compile(r"\b(?:dop|doo|dor)_v1_[a-f0-9]{64}\b"), E.SECRET, 1.0, needles=("_v1_",)),  # DigitalOcean
     # Authorization headers (RFC 6750 bearer, RFC 7617 basic)
@@ -152,7 +169,7 @@ SECRET_RULES = (
         E.SECRET,
         0.95,
         "bare",
-        needles=("=", ":"),
+        needles=_KEY_STEMS,
     ),
     Rule(
         re.compile(
@@ -162,7 +179,8 @@ SECRET_RULES = (
         E.SECRET,
         0.95,
         "dq",
-        needles=("=\"", ":\"", "= \"", ": \""),
+        needles=_KEY_STEMS,
+        hint=_QUOTED_VALUE,
     ),
     Rule(
         re.compile(
@@ -172,7 +190,8 @@ SECRET_RULES = (
         E.SECRET,
         0.95,
         "sq",
-        needles=("='", ":'", "= '", ": '"),
+        needles=_KEY_STEMS,
+        hint=_QUOTED_VALUE,
     ),
     # natural language: "my password is hunter2", "the pin is 1234"
     Rule(
@@ -184,7 +203,8 @@ SECRET_RULES = (
         needles=("password", "passphrase", "passcode", "pin ", "api key", "token", "secret"),
     ),
     # long random-looking tokens of unknown providers (high entropy, mixed character classes)
-    Rule(re.compile(r"(?<![A-Za-z0-9_/+=-])[A-Za-z0-9_+/-]{32,}={0,2}"), E.SECRET, 0.6, 0, _looks_random),
+    Rule(re.compile(r"(?<![A-Za-z0-9_/+=-])[A-Za-z0-9_+/-]{32,}={0,2}"), E.SECRET, 0.6, 0, _looks_random,
+         hint=re.compile(r"[A-Za-z0-9_+/-]{32}")),
 )
 
 # --- crypto, MAC, passport -------------------------------------------------------------------------
@@ -195,7 +215,8 @@ OTHER_RULES = (
          needles=("@",)),
     Rule(re.compile(r"\b0x[a-fA-F0-9]{40}\b"), E.CRYPTO, 0.9, needles=("0x",)),  # Ethereum address (EIP-55)
     Rule(re.compile(r"\b(?:bc1|tb1)[ac-hj-np-z02-9]{25,87}\b"), E.CRYPTO, 0.9, needles=("bc1", "tb1")),  # BIP-173
-    Rule(re.compile(r"\b[LM3][a-km-zA-HJ-NP-Z1-9]{26,33}\b"), E.CRYPTO, 0.5, 0, _has_digit),  # LTC/P2SH
+    Rule(re.compile(r"\b[LM3][a-km-zA-HJ-NP-Z1-9]{26,33}\b"), E.CRYPTO, 0.5, 0, _has_digit,  # LTC/P2SH
+         hint=re.compile(r"[LM3][a-km-zA-HJ-NP-Z1-9]{26}")),
     Rule(
         re.compile(
             r"(?i)\bpassport(?:\s+(?:no\.?|number|num|#|id))?\s*(?:is|:|#|was)?\s*:?\s*(?P<v>[A-Z0-9]{1,3}[ -]?"
@@ -243,8 +264,10 @@ def iban_shape_ok(value: str) -> bool:
 
 
 SHAPE_RULES = (
-    Rule(re.compile(r"(?<![\w-])(?:\d[ -]?){11,18}\d(?![\w-])"), E.CREDIT_CARD, 0.8, 0, luhn_ok),
-    Rule(re.compile(r"(?i)\b[A-Z]{2}\d{2}(?:[ -]?[A-Z0-9]){11,30}\b"), E.IBAN_CODE, 0.8, 0, iban_shape_ok),
+    Rule(re.compile(r"(?<![\w-])(?:\d[ -]?){11,18}\d(?![\w-])"), E.CREDIT_CARD, 0.8, 0, luhn_ok,
+         hint=re.compile(r"(?:\d[ -]?){11}\d")),
+    Rule(re.compile(r"(?i)\b[A-Z]{2}\d{2}(?:[ -]?[A-Z0-9]){11,30}\b"), E.IBAN_CODE, 0.8, 0, iban_shape_ok,
+         hint=re.compile(r"(?i)[A-Z]{2}\d{2}")),
 )
 
 
