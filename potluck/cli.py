@@ -109,6 +109,21 @@ def node_start(
     cloud_model: Annotated[
         list[str] | None, typer.Option("--cloud-model", help="Upstream model to offer (repeatable).")
     ] = None,
+    tensor_parallel: Annotated[
+        int | None,
+        typer.Option(
+            "--tensor-parallel",
+            min=0,
+            max=64,
+            help="Serve the model tensor-parallel across N swarm nodes (0: only if it does not fit here).",
+        ),
+    ] = None,
+    tp_worker: Annotated[
+        bool | None, typer.Option("--tp-worker/--no-tp-worker", help="Accept tensor-parallel work from peers.")
+    ] = None,
+    tp_transport: Annotated[
+        str | None, typer.Option("--tp-transport", help="Star all-reduce path: auto, tcp or libp2p.")
+    ] = None,
 ) -> None:
     """Start a node: load a model and serve the OpenAI-compatible API until Ctrl-C."""
     settings = settings_or_exit(
@@ -129,6 +144,9 @@ def node_start(
         privacy=privacy,
         cloud_url=cloud_url,
         cloud_model=cloud_model or None,
+        tensor_parallel=tensor_parallel,
+        tp_worker=tp_worker,
+        tp_transport=tp_transport,
     )
     setup_logging(settings.log_level)
     from potluck.node.daemon import run_node

@@ -120,6 +120,26 @@ class Settings(BaseSettings):
     )
     nat_check_interval_s: float = Field(60.0, gt=0, le=3600, description="Seconds between AutoNAT checks.")
 
+    # --- tensor parallelism across the swarm (sharding/swarm) -------------------------------
+    tensor_parallel: int = Field(
+        0,
+        ge=0,
+        le=64,
+        description="Serve the model tensor-parallel across N swarm nodes (N >= 2). 0: only when the "
+        "model does not fit this node's free RAM; 1: never.",
+    )
+    tp_worker: bool = Field(True, description="Accept tensor-parallel work (a shard of a peer's model).")
+    tp_transport: Literal["auto", "tcp", "libp2p"] = Field(
+        "auto", description="Star all-reduce path: direct TCP, libp2p streams, or TCP with libp2p fallback."
+    )
+    tp_timeout_s: float = Field(
+        10.0, gt=0, le=600, description="All-reduce deadline: a dead or stalled TP worker is noticed within it."
+    )
+    tp_join_timeout_s: float = Field(
+        120.0, gt=0, le=3600, description="Seconds to find TP workers and have them load their shards."
+    )
+    tp_max_sessions: int = Field(2, ge=1, le=64, description="Tensor-parallel sessions this node serves at once.")
+
     # --- privacy --------------------------------------------------------------------------
     privacy: Literal["strict", "standard", "off"] = Field(
         "standard",

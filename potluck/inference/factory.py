@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from potluck.config import Settings
 from potluck.inference.backend import Backend
@@ -14,12 +15,23 @@ def model_id_for(settings: Settings, path: Path) -> str:
     return settings.model_name or path.stem
 
 
-def create_backend(settings: Settings, path: Path) -> Backend:
+def create_backend(settings: Settings, path: Path, overlay: Any = None) -> Backend:
     """An unloaded backend for the GGUF at ``path``.
+
+    With ``--tensor-parallel N`` (N >= 2), or when the model does not fit this node's free RAM and
+    the node is in a swarm (``overlay``), the model is served tensor-parallel across swarm peers
+    (:mod:`potluck.sharding.swarm_backend`; build it on the node's event loop).
 
     Raises:
         ModelFileError: the file is not a usable GGUF.
+        ConfigError: tensor parallelism asked for without the overlay.
     """
+    from potluck.sharding.placement import wants_tensor_parallel
+
+    if wants_tensor_parallel(settings, path, overlay):
+        from potluck.sharding.swarm_backend import SwarmTPBackend
+
+        return SwarmTPBackend(settings, path, model_id_for(settings, path), overlay)
     if settings.backend == "onnxruntime":
         from potluck.sharding.backend import OnnxRuntimeBackend
 

@@ -76,7 +76,7 @@ class Node:
         s = self.settings
         # Resolve and validate before listening: a bad --model fails fast with a clear message.
         self._model = await asyncio.to_thread(resolve_model, s.model, s.cache_dir)
-        self._backend = create_backend(s, self._model.path)
+        self._backend = create_backend(s, self._model.path, self.overlay)
         model_id = self._backend.info.model_id
         self.router.mark_loading(model_id)
         self._stack.push_async_callback(self._unload_all)  # runs after the API has stopped
@@ -92,6 +92,9 @@ class Node:
             from potluck.overlay.routes import PeerRouteProvider
 
             await self._stack.enter_async_context(self.overlay)
+            from potluck.sharding.remote import TensorParallelService
+
+            await self._stack.enter_async_context(TensorParallelService(s, self.overlay))
             self.router.add_provider(guard.wrap_provider(PeerRouteProvider(self.overlay)))
             self.tasks.start(self._watch_overlay(), "overlay-watch")
         if s.cloud_url:

@@ -283,6 +283,27 @@ class TrioThread:
             except (asyncio.CancelledError, ClosedError):
                 pass
 
+    # ----------------------------------------------------------------- plain thread -> trio
+    def run_blocking(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+        """From a plain worker thread (neither the trio thread nor the asyncio loop's): run
+        ``await fn(*args)`` in the trio thread and block until it returns (``trio.from_thread.run``).
+
+        The tensor-parallel data plane uses this to drive a libp2p stream from its blocking
+        compute thread; ``fn`` sets its own deadline.
+
+        Raises:
+            whatever ``fn`` raised; ``ClosedError`` when the bridge is shut down or the trio
+            side cancelled the call.
+        """
+        assert not self.in_trio_thread(), "run_blocking from the trio thread would deadlock"
+        token = self._token
+        if self._closing or token is None:
+            raise ClosedError("the overlay is shut down")
+        try:
+            return trio.from_thread.run(fn, *args, trio_token=token)
+        except (trio.RunFinishedError, trio.Cancelled) as exc:
+            raise ClosedError("the overlay stopped during a blocking call") from exc
+
     # ----------------------------------------------------------------- trio -> asyncio
     async def call_asyncio(self, fn: Callable[..., Coroutine[Any, Any, T]], *args: Any) -> T:
         """From the trio thread: run ``await fn(*args)`` on the node's asyncio loop.

@@ -2,7 +2,8 @@
 
 Methods: ``ping`` (one ``Pong`` back; the caller measures the round trip), ``state_sync``
 (anti-entropy: digest + records in, newer records out) and ``generate`` (a stream of
-``TokenFrame`` ending with one ``FinishFrame``, or an ``ErrorFrame`` at any point).
+``TokenFrame`` ending with one ``FinishFrame``, or an ``ErrorFrame`` at any point) and
+``tp_join`` (be a worker of a tensor-parallel group; see :mod:`potluck.sharding.remote`).
 
 The server runs in the overlay's trio thread and hands the work to the node's asyncio loop
 through the bridge (:class:`RpcApp`). Every request is refused unless the remote peer passed
@@ -46,6 +47,8 @@ from potluck.overlay.wire import (
     StateSyncRequest,
     StateSyncResponse,
     TokenFrame,
+    TpJoinReply,
+    TpJoinRequest,
     WireModel,
 )
 
@@ -83,6 +86,8 @@ class RpcApp(Protocol):
     async def state_sync(self, peer: PeerId, request: StateSyncRequest) -> StateSyncResponse: ...
 
     def generate(self, peer: PeerId, request: GenerateRequest) -> AsyncIterator[TokenFrame | FinishFrame]: ...
+
+    async def tp_join(self, peer: PeerId, request: TpJoinRequest) -> TpJoinReply: ...
 
 
 class RpcServer:
@@ -149,6 +154,8 @@ class RpcServer:
                     await frames.send(event)
             finally:
                 await events.aclose()  # type: ignore[attr-defined]
+        elif isinstance(request, TpJoinRequest):
+            await frames.send(await self.bridge.call_asyncio(self.app.tp_join, peer, request))
         else:
             self.metrics.frames_rejected.inc()
             raise ProtocolViolation(f"{type(request).__name__} is not an RPC request")
@@ -246,5 +253,24 @@ async def generate(host: Libp2pHost, peer: PeerId, request: GenerateRequest) -> 
                 return
             else:
                 raise ProtocolViolation(f"peer {peer} sent {type(frame).__name__} inside a generation")
+    finally:
+        await _closing(frames)
+
+
+async def tp_join(host: Libp2pHost, peer: PeerId, request: TpJoinRequest) -> TpJoinReply:
+    """Ask ``peer`` to join a tensor-parallel group (it answers once it has accepted the work;
+    loading its shard and connecting to the star happen after the reply).
+
+    Raises:
+        ConnectError, TransferError, PeerRefused (the peer declined: setting, memory, busy),
+        ProtocolViolation.
+    """
+    frames = await _open(host, peer)
+    try:
+        await frames.send(request)
+        resp = await _reply(frames, peer, REQUEST_TIMEOUT_S)
+        if not isinstance(resp, TpJoinReply) or resp.session != request.session:
+            raise ProtocolViolation(f"peer {peer} answered tp_join with {type(resp).__name__}")
+        return resp
     finally:
         await _closing(frames)

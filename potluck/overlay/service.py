@@ -36,7 +36,17 @@ from potluck.overlay.local import LocalServing
 from potluck.overlay.metrics import OverlayMetrics
 from potluck.overlay.nat.traversal import NatTraversal
 from potluck.overlay.state import ClusterState, PeerRecord, SignedRecord, sign_record
-from potluck.overlay.wire import FinishFrame, GenerateRequest, StateSyncRequest, StateSyncResponse, TokenFrame
+from potluck.overlay.tp_stream import Libp2pByteStream, StarStreamServer
+from potluck.overlay.wire import (
+    FinishFrame,
+    GenerateRequest,
+    StateSyncRequest,
+    StateSyncResponse,
+    TokenFrame,
+    TpJoinReply,
+    TpJoinRequest,
+    TpStreamHello,
+)
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +117,9 @@ class OverlayService:
         self._admitting: dict[PeerId, anyio.Event] = {}
         self.dht: Any = None
         self.nat: NatTraversal | None = None  # NAT traversal (issue 4), created in the trio thread
+        # Tensor parallelism (potluck.sharding.remote.TensorParallelService): set by the node;
+        # ``None`` refuses tp_join and tp-star streams.
+        self.tp: Any = None
 
     # ------------------------------------------------------------------ lifecycle
     async def __aenter__(self) -> OverlayService:
@@ -151,6 +164,7 @@ class OverlayService:
         self.p2p = p2p = Libp2pHost(self.identity, [listen_multiaddr(s.p2p_host, s.p2p_port)])
         p2p.set_handler(ADMIT_PROTOCOL, self._admit_handler)
         rpc.RpcServer(self.bridge, self, self.admission, self.metrics).install(p2p)
+        StarStreamServer(self.bridge, self.admission, lambda: self if self.tp is not None else None).install(p2p)
         self.gossip = StateGossip(p2p, self.admission, self.sealer, self._on_gossip)
         self.nat = NatTraversal(p2p, s)
         self.nat.on_addrs_changed = self._republish_from_trio
@@ -413,6 +427,27 @@ class OverlayService:
         """RPC ``generate``: run the request on this node's own model (never forwarded again)."""
         async for event in self.local.serve(request):
             yield event
+
+    async def tp_join(self, peer: PeerId, request: TpJoinRequest) -> TpJoinReply:
+        """RPC ``tp_join``: become a worker of ``peer``'s tensor-parallel group.
+
+        Raises:
+            PeerRefused: this node takes no tensor-parallel work, or not this one.
+        """
+        if self.tp is None:
+            raise PeerRefused("this node does not take tensor-parallel work")
+        reply: TpJoinReply = await self.tp.join(peer, request)
+        return reply
+
+    async def tp_accept_stream(self, peer: PeerId, hello: TpStreamHello, stream: Libp2pByteStream) -> None:
+        """A worker's tp-star stream (libp2p fallback of the star): hand it to the waiting group.
+
+        Raises:
+            PeerRefused: no such group, or ``peer`` was not invited as that rank.
+        """
+        if self.tp is None:
+            raise PeerRefused("this node runs no tensor-parallel group")
+        await self.tp.accept_stream(peer, hello, stream)
 
 
 async def _add_addrs(p2p: Libp2pHost, peer: PeerId, addrs: tuple[str, ...]) -> None:
