@@ -19,6 +19,10 @@ def node_settings(tmp_path: Path, **overrides) -> Settings:
         "port": 0,
         "data_dir": tmp_path / "data",
         "cache_dir": tmp_path / "cache",
+        # The overlay stays on loopback and off the host's real LAN (no zeroconf).
+        "p2p_host": "127.0.0.1",
+        "p2p_port": 0,
+        "lan_discovery": False,
     }
     base.update(overrides)
     return Settings(**base)
