@@ -3,8 +3,8 @@
 :class:`SwarmGroup` is a :class:`~potluck.sharding.group.TPGroup` whose workers are other potluck
 nodes. Forming it (TPI-LLM, Li et al. 2024, §3; the ARCHITECTURE's "Tensor parallelism"):
 
-1. pick workers from the signed cluster state: admitted peers of this swarm, not excluded for
-   recent failures, ranked by lowest RTT, then highest measured speed, then most free RAM
+1. pick workers from the signed cluster state: live records of this swarm's peers, not excluded
+   for recent failures, ranked by lowest RTT, then highest measured speed, then most free RAM
    (:func:`rank_candidates`);
 2. plan the split over their advertised free RAM and speed (:func:`potluck.sharding.plan.make_plan`);
 3. write each worker's shard file and hash it into a content-addressed manifest;
@@ -209,8 +209,8 @@ class SwarmGroup:
         out = []
         for signed in overlay.state.records():
             peer = signed.peer_id
-            if peer == overlay.peer_id or overlay.is_excluded(peer) or not overlay.admission.is_admitted(peer):
-                continue
+            if peer == overlay.peer_id or overlay.is_excluded(peer):
+                continue  # a peer we are not connected to is dialled and admitted before tp_join
             hw = signed.record.hardware
             link = overlay.links.get(peer)
             out.append(Candidate(peer, hw.ram_free, hw.decode_tps, hw.cores, link.rtt_s if link else None))

@@ -1,0 +1,187 @@
+"""Tensor parallelism across real ``potluck node start`` processes on loopback.
+
+Two worker nodes (each serving another model, so neither has the GGUF the master serves) form a
+swarm; a master started with ``--tensor-parallel N`` and the F32/F16 fixture picks them from the
+cluster state, sends each its shard over the star's authenticated channel, and serves
+``/v1/completions`` whose greedy text equals llama.cpp's on the same GGUF: over direct TCP, over the
+libp2p-stream fallback, and with a worker killed mid-generation (the master re-plans over the
+survivor and replays). The workers cap the forward passes they serve (``serve_rate_limit_tps``) so
+a generation lasts long enough to be interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.procs import NodeProcess, free_port, offline_env
+from tests.sharding.llama_ref import STEADY_PROMPT, greedy_tokens
+
+pytest.importorskip("llama_cpp")
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
+
+RATE_TPS = "25"
+
+
+def get_json(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        return json.loads(resp.read())
+
+
+def node_env(home: Path, swarm: str) -> dict[str, str]:
+    return offline_env(
+        home,
+        POTLUCK_SWARM=swarm,
+        POTLUCK_SWARM_SECRET="potluck-tp-e2e-secret",
+        POTLUCK_STATE_INTERVAL_S="1",
+        POTLUCK_STATE_TTL_S="8",
+        POTLUCK_ANTI_ENTROPY_INTERVAL_S="2",
+        POTLUCK_SERVE_RATE_LIMIT_TPS=RATE_TPS,
+        POTLUCK_N_THREADS="1",
+        POTLUCK_DHT_ENABLED="false",
+    )
+
+
+def reference_text(path: Path, n: int) -> str:
+    from potluck.sharding.tokenizer import GGUFTokenizer
+
+    _, want = greedy_tokens(path, STEADY_PROMPT, n)
+    tok = GGUFTokenizer(path)
+    try:
+        return tok.detokenize(want)
+    finally:
+        tok.close()
+
+
+@pytest.fixture(scope="module")
+def swarm(tmp_path_factory, model_path):
+    base = tmp_path_factory.mktemp("tp-swarm")
+    name = f"tp-e2e-{os.getpid()}"
+    boot_port = free_port()
+    nodes: list[NodeProcess] = []
+    try:
+        boot = NodeProcess(
+            base / "w1", "-m", str(model_path("q8_0")), "--p2p-port", str(boot_port), env=node_env(base / "w1", name)
+        )
+        nodes.append(boot)
+        boot.wait_ready()
+        boot_addr = f"/ip4/127.0.0.1/tcp/{boot_port}/p2p/{get_json(boot.url + '/api/node')['peer_id']}"
+        w2 = NodeProcess(
+            base / "w2", "-m", str(model_path("q4_0")), "--bootstrap", boot_addr, env=node_env(base / "w2", name)
+        )
+        nodes.append(w2)
+        w2.wait_ready()
+        yield {"base": base, "name": name, "boot_addr": boot_addr, "workers": nodes}
+    finally:
+        for n in nodes:
+            n.stop()
+
+
+def start_master(swarm: dict, home: str, path: Path, *args: str) -> NodeProcess:
+    root = swarm["base"] / home
+    master = NodeProcess(
+        root,
+        "-m",
+        str(path),
+        "--bootstrap",
+        swarm["boot_addr"],
+        *args,
+        env=node_env(root, swarm["name"]),
+    )
+    try:
+        master.wait_ready(timeout=240)
+    except AssertionError:
+        master.stop()
+        raise
+    return master
+
+
+def complete(master: NodeProcess, model: str, n: int) -> dict:
+    body = json.dumps({"model": model, "prompt": STEADY_PROMPT, "max_tokens": n, "temperature": 0}).encode()
+    req = urllib.request.Request(master.url + "/v1/completions", body, {"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=240) as resp:
+        return json.loads(resp.read())
+
+
+def test_tp_group_over_tcp_with_shard_transfer_equals_llama_cpp(swarm, model_path):
+    path = model_path("f32")
+    master = start_master(swarm, "m-tcp", path, "--tensor-parallel", "3")
+    try:
+        answer = complete(master, "tinyshakespeare-f32", 48)
+        log = master.output()
+    finally:
+        master.stop()
+    assert answer["choices"][0]["text"] == reference_text(path, 48)
+    assert answer["usage"]["completion_tokens"] == 48
+    assert "tensor-parallel group up: 3 ranks" in log
+    for worker in swarm["workers"]:
+        out = worker.output()
+        assert "joined the star over tcp" in out
+        assert "received from the master" in out  # neither worker has the F32 GGUF
+        shards = list((worker.log.parent / "cache" / "tp-cache").rglob("shard.bin"))
+        assert shards, "the transferred shard is cached by (model hash, plan hash)"
+
+
+def test_libp2p_stream_fallback_produces_the_same_tokens(swarm, model_path):
+    path = model_path("f16")
+    before = [w.output().count("joined the star over libp2p") for w in swarm["workers"]]
+    master = start_master(swarm, "m-libp2p", path, "--tensor-parallel", "2", "--tp-transport", "libp2p")
+    try:
+        answer = complete(master, "tinyshakespeare-f16", 48)
+        log = master.output()
+    finally:
+        master.stop()
+    assert answer["choices"][0]["text"] == reference_text(path, 48)
+    assert "via libp2p" in log and "tensor-parallel group up: 2 ranks" in log
+    after = [w.output().count("joined the star over libp2p") for w in swarm["workers"]]
+    assert sum(after) == sum(before) + 1
+
+
+def test_killing_a_worker_mid_generation_still_completes(swarm, model_path):
+    path = model_path("f32")
+    n = 120
+    master = start_master(swarm, "m-kill", path, "--tensor-parallel", "3")
+    victim = swarm["workers"][1]
+    body = json.dumps(
+        {"model": "tinyshakespeare-f32", "prompt": STEADY_PROMPT, "max_tokens": n, "temperature": 0, "stream": True}
+    ).encode()
+    req = urllib.request.Request(master.url + "/v1/completions", body, {"Content-Type": "application/json"})
+    text: list[str] = []
+    errors: list[dict] = []
+    finish = None
+    killed_after = None
+    try:
+        with urllib.request.urlopen(req, timeout=300) as resp:
+            for raw in resp:
+                line = raw.decode().strip()
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if "error" in chunk:
+                    errors.append(chunk)
+                    continue
+                for choice in chunk.get("choices", []):
+                    text.append(choice.get("text") or "")
+                    finish = choice.get("finish_reason") or finish
+                if killed_after is None and "".join(text):
+                    victim.proc.send_signal(signal.SIGKILL)
+                    victim.proc.wait(30)
+                    killed_after = time.monotonic()
+                    partial = "".join(text)
+        log = master.output()
+    finally:
+        master.stop()
+    assert errors == []
+    assert killed_after is not None
+    full = "".join(text)
+    assert len(full) > len(partial), "the generation ended before the kill landed"
+    assert full == reference_text(path, n)
+    assert finish == "length"
+    assert "re-planning" in log
+    assert "tensor-parallel group up: 2 ranks" in log
