@@ -40,6 +40,7 @@ class Rule:
     validate: Callable[[str], bool] | None = None
     needles: tuple[str, ...] = ()  # the rule runs only if one of these occurs in the lower-cased text
     hint: re.Pattern[str] | None = None  # ... and only if this (a necessary condition) is found in the text
+    min_run: int = 0  # every match holds a whitespace-free run at least this long (a necessary condition)
 
 
 _DIGIT = re.compile(r"\d")
@@ -52,16 +53,13 @@ def _has_digit(text: str) -> bool:
 class RegexRecognizer(EntityRecognizer):
     """Runs precompiled :class:`Rule` s; an optional cheap ``gate`` skips texts that cannot match.
 
-    One search for any needle of any rule decides first whether the rules with needles run at all
-    (most texts hold none), which saves a needle loop per rule and text.
+    Cheapest checks first: a rule whose matches need a longer whitespace-free run than the text's
+    longest is skipped before its needles are looked up (prose has no 20-character words).
     """
 
     def __init__(self, name: str, rules: Sequence[Rule], gate: Callable[[str], bool] | None = None) -> None:
         self.rules = tuple(rules)
         self.gate = gate
-        self._free = tuple(r for r in self.rules if not r.needles)
-        needles = sorted({n for r in self.rules for n in r.needles}, key=len, reverse=True)
-        self._any_needle = re.compile("|".join(map(re.escape, needles))) if needles else None
         super().__init__(supported_entities=sorted({r.entity for r in rules}), name=name)
 
     def load(self) -> None:
@@ -74,8 +72,10 @@ class RegexRecognizer(EntityRecognizer):
             return []
         out: list[RecognizerResult] = []
         lower = text.lower()
-        rules = self.rules if self._any_needle is not None and self._any_needle.search(lower) else self._free
-        for rule in rules:
+        longest = max(map(len, text.split()), default=0)
+        for rule in self.rules:
+            if rule.min_run > longest:
+                continue
             if rule.needles:
                 for needle in rule.needles:
                     if needle in lower:
@@ -106,7 +106,6 @@ _KEY_NAMES = (
 # Every assignment rule's key name contains one of these stems (a necessary condition, lower case).
 _KEY_STEMS = ("pass", "pwd", "secret", "key", "token", "auth", "credential")
 _QUOTED_VALUE = re.compile(r"[=:>]\s*[\"']")
-_HEX32 = re.compile(r"[0-9a-fA-F]{32}")
 
 
 def _shannon_bits(s: str) -> float:
@@ -130,36 +129,36 @@ SECRET_RULES = (
         ),
         E.SECRET,
         1.0,
-        needles=("-----begin",),
+        min_run=10, needles=("-----begin",),
     ),
     # JSON Web Token: base64url header "{"... . payload . signature (RFC 7519)
     Rule(re.compile(r"\beyJ[A-Za-z0-9_-]{5,}\.eyJ[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]{8,}"), E.SECRET, 1.0,
-         needles=("eyj",)),
+         min_run=26, needles=("eyj",)),
     # provider tokens with documented prefixes
     Rule(re.compile(r"\b(?:AKIA|ASIA|ABIA|ACCA|AGPA|AIDA|AROA|ANPA|ANVA|APKA)[0-9A-Z]{16}\b"), E.SECRET, 1.0,
-         needles=("akia", "asia", "abia", "acca", "agpa", "aida", "aroa", "anpa", "anva", "apka")),
+         min_run=20, needles=("akia", "asia", "abia", "acca", "agpa", "aida", "aroa", "anpa", "anva", "apka")),
     Rule(re.compile(r"\bgh[pousr]_[A-Za-z0-9]{30,255}\b|\bgithub_pat_[A-Za-z0-9_]{22,255}"), E.SECRET, 1.0,
-         needles=("ghp_", "gho_", "ghu_", "ghs_", "ghr_", "github_pat_")),
-    Rule(re.compile(r"\bglpat-[A-Za-z0-9_-]{20,}"), E.SECRET, 1.0, needles=("glpat-",)),
-    Rule(re.compile(r"\bsk-(?:ant-|proj-|svcacct-|admin-|or-v1-)?[A-Za-z0-9_-]{20,}"), E.SECRET, 1.0, needles=("sk-",)),
-    Rule(re.compile(r"\b(?:sk|pk|rk)_(?:live|test)_[A-Za-z0-9]{16,}"), E.SECRET, 1.0, needles=("_live_", "_test_")),
-    Rule(re.compile(r"\bxox[abposre]-[A-Za-z0-9-]{10,}"), E.SECRET, 1.0, needles=("xox",)),
+         min_run=33, needles=("ghp_", "gho_", "ghu_", "ghs_", "ghr_", "github_pat_")),
+    Rule(re.compile(r"\bglpat-[A-Za-z0-9_-]{20,}"), E.SECRET, 1.0, min_run=26, needles=("glpat-",)),
+    Rule(re.compile(r"\bsk-(?:ant-|proj-|svcacct-|admin-|or-v1-)?[A-Za-z0-9_-]{20,}"), E.SECRET, 1.0, min_run=23, needles=("sk-",)),
+    Rule(re.compile(r"\b(?:sk|pk|rk)_(?:live|test)_[A-Za-z0-9]{16,}"), E.SECRET, 1.0, min_run=24, needles=("_live_", "_test_")),
+    Rule(re.compile(r"\bxox[abposre]-[A-Za-z0-9-]{10,}"), E.SECRET, 1.0, min_run=15, needles=("xox",)),
     Rule(re.compile(r"https://hooks\.slack\.com/services/[A-Za-z0-9/_-]{20,}"), E.SECRET, 1.0,
-         needles=("hooks.slack",)),
-    Rule(re.compile(r"\bAIza[0-9A-Za-z_-]{35}"), E.SECRET, 1.0, needles=("aiza",)),
-    Rule(re.compile(r"\bya29\.[0-9A-Za-z_-]{20,}"), E.SECRET, 1.0, needles=("ya29.",)),
-    Rule(re.compile(r"\bhf_[A-Za-z0-9]{30,}\b"), E.SECRET, 1.0, needles=("hf_",)),
-    Rule(re.compile(r"\bnpm_[A-Za-z0-9]{36}\b"), E.SECRET, 1.0, needles=("npm_",)),
-    Rule(re.compile(r"\bpypi-[A-Za-z0-9_-]{50,}"), E.SECRET, 1.0, needles=("pypi-",)),
-    Rule(re.compile(r"\bSG\.[A-Za-z0-9_-]{16,}\.[A-Za-z0-9_-]{16,}"), E.SECRET, 1.0, needles=("sg.",)),
-    Rule(re.compile(r"\b(?:SK|AC)[0-9a-fA-F]{32}\b"), E.SECRET, 0.9, hint=_HEX32),  # Twilio
-    Rule(re.compile(r"\b\d{8,10}:AA[A-Za-z0-9_-]{33}\b"), E.SECRET, 1.0, needles=(":aa",)),  # Telegram bot token
-    Rule(re.compile(r"\b(?:dop|doo|dor)_v1_[a-f0-9]{64}\b"), E.SECRET, 1.0, needles=("_v1_",)),  # DigitalOcean
+         min_run=53, needles=("hooks.slack",)),
+    Rule(re.compile(r"\bAIza[0-9A-Za-z_-]{35}"), E.SECRET, 1.0, min_run=39, needles=("aiza",)),
+    Rule(re.compile(r"\bya29\.[0-9A-Za-z_-]{20,}"), E.SECRET, 1.0, min_run=25, needles=("ya29.",)),
+    Rule(re.compile(r"\bhf_[A-Za-z0-9]{30,}\b"), E.SECRET, 1.0, min_run=33, needles=("hf_",)),
+    Rule(re.compile(r"\bnpm_[A-Za-z0-9]{36}\b"), E.SECRET, 1.0, min_run=40, needles=("npm_",)),
+    Rule(re.compile(r"\bpypi-[A-Za-z0-9_-]{50,}"), E.SECRET, 1.0, min_run=55, needles=("pypi-",)),
+    Rule(re.compile(r"\bSG\.[A-Za-z0-9_-]{16,}\.[A-Za-z0-9_-]{16,}"), E.SECRET, 1.0, min_run=36, needles=("sg.",)),
+    Rule(re.compile(r"\b(?:SK|AC)[0-9a-fA-F]{32}\b"), E.SECRET, 0.9, min_run=34),  # Twilio
+    Rule(re.compile(r"\b\d{8,10}:AA[A-Za-z0-9_-]{33}\b"), E.SECRET, 1.0, min_run=44, needles=(":aa",)),  # Telegram bot token
+    Rule(re.compile(r"\b(?:dop|doo|dor)_v1_[a-f0-9]{64}\b"), E.SECRET, 1.0, min_run=71, needles=("_v1_",)),  # DigitalOcean
     # Authorization headers (RFC 6750 bearer, RFC 7617 basic)
-    Rule(re.compile(r"(?i)\bbearer\s+([A-Za-z0-9._~+/=-]{12,})"), E.SECRET, 1.0, 1, needles=("bearer",)),
-    Rule(re.compile(r"(?i)\bbasic\s+([A-Za-z0-9+/]{12,}={0,2})"), E.SECRET, 0.9, 1, needles=("basic",)),
+    Rule(re.compile(r"(?i)\bbearer\s+([A-Za-z0-9._~+/=-]{12,})"), E.SECRET, 1.0, 1, min_run=12, needles=("bearer",)),
+    Rule(re.compile(r"(?i)\bbasic\s+([A-Za-z0-9+/]{12,}={0,2})"), E.SECRET, 0.9, 1, min_run=12, needles=("basic",)),
     # user:password@ in any URL, connection strings included (RFC 3986 userinfo)
-    Rule(re.compile(r"\b[A-Za-z][A-Za-z0-9+.-]{1,20}://[^\s:/@'\"]{1,128}:([^\s@/'\"]{1,256})@"), E.SECRET, 1.0, 1, needles=("://",)),
+    Rule(re.compile(r"\b[A-Za-z][A-Za-z0-9+.-]{1,20}://[^\s:/@'\"]{1,128}:([^\s@/'\"]{1,256})@"), E.SECRET, 1.0, 1, min_run=9, needles=("://",)),
     # key = value / key: value assignments (config files, env, ADO connection strings, JSON)
     Rule(
         re.compile(
@@ -203,8 +202,7 @@ SECRET_RULES = (
         needles=("password", "passphrase", "passcode", "pin ", "api key", "token", "secret"),
     ),
     # long random-looking tokens of unknown providers (high entropy, mixed character classes)
-    Rule(re.compile(r"(?<![A-Za-z0-9_/+=-])[A-Za-z0-9_+/-]{32,}={0,2}"), E.SECRET, 0.6, 0, _looks_random,
-         hint=re.compile(r"[A-Za-z0-9_+/-]{32}")),
+    Rule(re.compile(r"(?<![A-Za-z0-9_/+=-])[A-Za-z0-9_+/-]{32,}={0,2}"), E.SECRET, 0.6, 0, _looks_random, min_run=32),
 )
 
 # --- crypto, MAC, passport -------------------------------------------------------------------------
@@ -212,11 +210,10 @@ SECRET_RULES = (
 OTHER_RULES = (
     # e-mail addresses whose domain is not in the public-suffix snapshot (presidio's check drops them)
     Rule(re.compile(r"(?<![\w.+:/-])[\w.+-]{1,64}@[A-Za-z0-9-]{1,63}(?:\.[A-Za-z0-9-]{1,63})+"), E.EMAIL_ADDRESS, 0.5,
-         needles=("@",)),
-    Rule(re.compile(r"\b0x[a-fA-F0-9]{40}\b"), E.CRYPTO, 0.9, needles=("0x",)),  # Ethereum address (EIP-55)
-    Rule(re.compile(r"\b(?:bc1|tb1)[ac-hj-np-z02-9]{25,87}\b"), E.CRYPTO, 0.9, needles=("bc1", "tb1")),  # BIP-173
-    Rule(re.compile(r"\b[LM3][a-km-zA-HJ-NP-Z1-9]{26,33}\b"), E.CRYPTO, 0.5, 0, _has_digit,  # LTC/P2SH
-         hint=re.compile(r"[LM3][a-km-zA-HJ-NP-Z1-9]{26}")),
+         min_run=5, needles=("@",)),
+    Rule(re.compile(r"\b0x[a-fA-F0-9]{40}\b"), E.CRYPTO, 0.9, min_run=42, needles=("0x",)),  # Ethereum address (EIP-55)
+    Rule(re.compile(r"\b(?:bc1|tb1)[ac-hj-np-z02-9]{25,87}\b"), E.CRYPTO, 0.9, min_run=28, needles=("bc1", "tb1")),  # BIP-173
+    Rule(re.compile(r"\b[LM3][a-km-zA-HJ-NP-Z1-9]{26,33}\b"), E.CRYPTO, 0.5, 0, _has_digit, min_run=27),  # LTC/P2SH
     Rule(
         re.compile(
             r"(?i)\bpassport(?:\s+(?:no\.?|number|num|#|id))?\s*(?:is|:|#|was)?\s*:?\s*(?P<v>[A-Z0-9]{1,3}[ -]?"
@@ -265,9 +262,9 @@ def iban_shape_ok(value: str) -> bool:
 
 SHAPE_RULES = (
     Rule(re.compile(r"(?<![\w-])(?:\d[ -]?){11,18}\d(?![\w-])"), E.CREDIT_CARD, 0.8, 0, luhn_ok,
-         hint=re.compile(r"(?:\d[ -]?){11}\d")),
+         hint=re.compile(r"\d(?:[ -]?\d){11}")),
     Rule(re.compile(r"(?i)\b[A-Z]{2}\d{2}(?:[ -]?[A-Z0-9]){11,30}\b"), E.IBAN_CODE, 0.8, 0, iban_shape_ok,
-         hint=re.compile(r"(?i)[A-Z]{2}\d{2}")),
+         hint=re.compile(r"\d\d(?<=(?i:[A-Z]{2})\d\d)")),
 )
 
 
