@@ -15,9 +15,8 @@ ratio of the medians potluck / floor; the goal is <= 1.2x. Members share this ma
 N > cores measures CPU time and scheduling as much as the network: read the ratio, not the
 absolute figure.
 
-``--transport libp2p`` is the hook for the libp2p-stream fallback: it needs a
-:class:`~potluck.sharding.channel.ByteStream` over a libp2p stream from the overlay, passed to
-``StarMaster.admit`` / ``StarWorker.over``; until the overlay provides one it exits with a message.
+``--transport libp2p`` measures the libp2p-stream fallback as well (``bench/allreduce_libp2p.py``):
+floor, TCP star and the star over libp2p streams, side by side in the same processes.
 
 Usage: ``.venv/bin/python bench/allreduce.py [--nodes 2 4 8] [--blocks 40] [--block 25]``
 """
@@ -156,13 +155,10 @@ def main() -> int:
     parser.add_argument("--block", type=int, default=25, help="all-reduces per block")
     parser.add_argument("--transport", choices=["tcp", "libp2p"], default="tcp")
     args = parser.parse_args()
-    if args.transport == "libp2p":
-        print(
-            "libp2p-stream fallback: not measurable yet; needs the overlay's libp2p ByteStream "
-            "(StarMaster.admit / StarWorker.over take it).",
-            file=sys.stderr,
-        )
-        return 2
+    if args.transport == "libp2p":  # floor, TCP star and libp2p-stream star side by side
+        from allreduce_libp2p import main as libp2p_main
+
+        return libp2p_main(args.nodes, args.blocks, args.block)
     print(
         f"star all-reduce, float32, {args.blocks} interleaved blocks x {args.block} ops per implementation; "
         "µs/op on the master: median of blocks (min)"
