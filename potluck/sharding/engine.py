@@ -13,6 +13,12 @@ final norm and the head. Numerics follow llama.cpp's CPU path where it matters f
 RMSNorm sums squares in float64 (``ggml_compute_forward_rms_norm_f32``), RoPE "normal" rotates pairs
 (2i, 2i+1) and "neox" pairs (i, i + d/2) (``ggml_rope``), and the KV cache is float16 with Q and the
 softmax probabilities rounded to float16 before they meet it (llama.cpp's default F16 cache).
+
+Execution: the blocks are ONNX subgraphs (:mod:`potluck.sharding.blocks`) run by ONNX Runtime through
+IO binding, the KV cache rows written in place. With N = 1 the whole model and the head are one
+graph, one ``run`` per forward pass (on the 1.1B bench model this took decode from 45 to 35 ms/token
+against 66 stage sessions plus numpy norms/RoPE/attention). With N > 1 each layer is two graphs cut
+at the all-reduce points.
 """
 
 from __future__ import annotations
@@ -23,12 +29,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
+import onnxruntime as ort
 from gguf import GGMLQuantizationType, quants
 
 from potluck.errors import ProtocolViolation, RequestError, ShardPlanError
+from potluck.sharding import blocks
 from potluck.sharding.collective import Collective
 from potluck.sharding.gguf_tensors import ModelConfig
-from potluck.sharding.onnx_ops import DEFAULT_ACCURACY_LEVEL, GraphBuilder, Stage, session_options
+from potluck.sharding.onnx_ops import DEFAULT_ACCURACY_LEVEL, GraphBuilder, Program, session_options
 from potluck.sharding.plan import ShardPlan
 from potluck.sharding.shard_file import ShardData
 
@@ -44,9 +52,10 @@ class EngineOptions:
     Attributes:
         n_ctx: KV-cache length in tokens.
         threads: ONNX Runtime intra-op threads.
-        spinning: let ORT pool threads spin between calls. Off by default: every stage is its own
-            session with its own pool, and 66 spinning pools (22 layers x 3 stages) starve the
-            running one; measured on the 1.1B bench model, N = 1: 5000 ms/token spinning vs 50 off.
+        spinning: let ORT pool threads spin between calls. Off by default: with N > 1 every
+            segment is its own session with its own pool, and 44-66 spinning pools starve the
+            running one (measured on the 1.1B bench model with 66 stages: 5000 ms/token spinning
+            vs 50 off). With N = 1 there is one session, so spinning is harmless.
         accuracy_level: ``MatMulNBits`` accuracy level (4: int8 activations, like llama.cpp).
     """
 
@@ -65,14 +74,6 @@ class RankStats:
     steps: int = 0
 
 
-def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
-    """RMSNorm (Zhang & Sennrich 2019) of float32 ``(T, d)`` rows; sums of squares in float64 as llama.cpp."""
-    x64 = x.astype(np.float64)
-    mean = np.einsum("ij,ij->i", x64, x64) / x.shape[1]
-    scale = (1.0 / np.sqrt(mean + eps)).astype(np.float32)
-    return (x * scale[:, None]) * weight
-
-
 def rope_tables(config: ModelConfig, n_ctx: int) -> tuple[np.ndarray, np.ndarray]:
     """cos/sin float32 ``(n_ctx, head_dim/2)``: theta_i = p * freq_scale * base^(-2i/d) (Su et al. 2021)."""
     half = config.head_dim // 2
@@ -82,30 +83,19 @@ def rope_tables(config: ModelConfig, n_ctx: int) -> tuple[np.ndarray, np.ndarray
     return np.cos(theta).astype(np.float32), np.sin(theta).astype(np.float32)
 
 
-def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, mode: str) -> np.ndarray:
-    """Rotate ``x`` float32 ``(T, heads, d)`` with per-position tables ``(T, d/2)``."""
-    c, s = cos[:, None, :], sin[:, None, :]
-    out = np.empty_like(x)
-    if mode == "normal":
-        x0, x1 = x[..., 0::2], x[..., 1::2]
-        out[..., 0::2] = x0 * c - x1 * s
-        out[..., 1::2] = x0 * s + x1 * c
-    else:
-        h = x.shape[-1] // 2
-        x0, x1 = x[..., :h], x[..., h:]
-        out[..., :h] = x0 * c - x1 * s
-        out[..., h:] = x0 * s + x1 * c
-    return out
+def causal_mask(pos: int, n: int) -> np.ndarray:
+    """Additive mask float32 ``(n, pos + n)``: 0 where new token ``t`` may attend, ``-inf`` after it."""
+    mask = np.zeros((n, pos + n), np.float32)
+    if n > 1:
+        mask[np.arange(pos + n)[None, :] > (pos + np.arange(n))[:, None]] = -np.inf
+    return mask
 
 
 @dataclass
 class _Layer:
-    attn_norm: np.ndarray
-    ffn_norm: np.ndarray
-    qkv: Stage | None
-    o: Stage | None
-    ffn: Stage | None
-    k_cache: np.ndarray  # (kv_local, n_ctx, hd) float16
+    attn: Program | None  # N > 1: RMSNorm .. o_proj partial sum; None without KV heads or for N = 1
+    ffn: Program | None  # N > 1: RMSNorm .. down partial sum; None without FFN columns or for N = 1
+    k_cache: np.ndarray  # (n_ctx, kv_local, hd) float16
     v_cache: np.ndarray
 
 
@@ -113,6 +103,9 @@ class _Layer:
 class RankCompute:
     """One rank's slices of every layer, its KV cache, and the layer loop.
 
+    With one rank (N = 1) the whole model, head included, is one ONNX graph (:attr:`stack`) run once
+    per forward pass. With N > 1 each layer is two graphs cut at the all-reduce points (attention
+    up to the o_proj partial sum, FFN up to the down-proj partial sum); the residual adds are numpy.
     Build with :meth:`from_shard`.
     """
 
@@ -121,13 +114,13 @@ class RankCompute:
     rank: int
     options: EngineOptions
     layers: list[_Layer]
-    cos: np.ndarray
-    sin: np.ndarray
+    stack: Program | None = None
+    stack_logits: str = ""
     stats: RankStats = field(default_factory=RankStats)
 
     @classmethod
     def from_shard(cls, shard: ShardData, options: EngineOptions) -> RankCompute:
-        """Compile the ORT stages of a shard (its arrays are used in place, no copy).
+        """Compile the ORT programs of a shard (its arrays are used in place, no copy).
 
         Raises:
             ShardPlanError: the shard's metadata is inconsistent.
@@ -142,40 +135,91 @@ class RankCompute:
         except (KeyError, TypeError, IndexError) as exc:
             raise ShardPlanError(f"shard metadata is incomplete: {exc}") from exc
         t = shard.tensors
-        hd = config.head_dim
-        n_q = share.kv_count * config.group * hd
-        layers = []
-        for i in range(config.n_layers):
-            p = f"blk.{i}."
-
-            qkv = o = ffn = None
-            if share.kv_count:
+        hd, kv = config.head_dim, share.kv_count
+        cos, sin = rope_tables(config, options.n_ctx)
+        layers = [
+            _Layer(
+                None, None, np.zeros((options.n_ctx, kv, hd), np.float16), np.zeros((options.n_ctx, kv, hd), np.float16)
+            )
+            for _ in range(config.n_layers)
+        ]
+        if plan.world_size == 1:
+            if "output" not in linears:
+                raise ShardPlanError("a single-rank shard must hold the head")
+            gb = _builder(options)
+            blocks.declare_inputs(gb, config)
+            rope = (gb.constant("rope.cos", cos), gb.constant("rope.sin", sin))
+            h = "x"
+            for i in range(config.n_layers):
+                h = gb.node("Add", [h, blocks.attention(gb, i, h, config, kv, linears, t, rope)], f"l{i}.h_attn")
+                h = gb.node("Add", [h, blocks.ffn(gb, i, h, config, linears, t)], f"l{i}.h_ffn")
+            gb.add_input("rows", np.int64, ["R"])
+            logits = blocks.head(gb, h, "rows", config, linears, t)
+            stack = gb.program([(logits, np.float32), *_cache_outputs(config.n_layers)], _options(options))
+            return cls(config, plan, rank, options, layers, stack, logits)
+        for i, layer in enumerate(layers):
+            if kv:
                 gb = _builder(options)
-                outs = [gb.linear("x", p + n, linears[p + n], t) for n in ("attn_q", "attn_k", "attn_v")]
-                qkv = gb.session([("x", config.hidden)], outs, _options(options))
-                gb = _builder(options)
-                outs = [gb.linear("x", p + "attn_output", linears[p + "attn_output"], t)]
-                o = gb.session([("x", n_q)], outs, _options(options))
+                blocks.declare_inputs(gb, config)
+                rope = (gb.constant("rope.cos", cos), gb.constant("rope.sin", sin))
+                part = gb.node("Identity", [blocks.attention(gb, i, "x", config, kv, linears, t, rope)], "partial")
+                layer.attn = gb.program([(part, np.float32), *_cache_outputs(1, first=i)], _options(options))
             if share.ffn_count:
                 gb = _builder(options)
-                outs = [_ffn_graph(gb, p, linears, t)]
-                ffn = gb.session([("x", config.hidden)], outs, _options(options))
-            layers.append(
-                _Layer(
-                    attn_norm=t[p + "attn_norm"],
-                    ffn_norm=t[p + "ffn_norm"],
-                    qkv=qkv,
-                    o=o,
-                    ffn=ffn,
-                    k_cache=np.zeros((share.kv_count, options.n_ctx, hd), np.float16),
-                    v_cache=np.zeros((share.kv_count, options.n_ctx, hd), np.float16),
-                )
-            )
-        cos, sin = rope_tables(config, options.n_ctx)
-        return cls(config, plan, rank, options, layers, cos, sin)
+                blocks.declare_inputs(gb, config, attention=False)
+                part = gb.node("Identity", [blocks.ffn(gb, i, "x", config, linears, t)], "partial")
+                layer.ffn = gb.program([(part, np.float32)], _options(options))
+        return cls(config, plan, rank, options, layers)
+
+    def _check(self, n: int, pos: int) -> None:
+        if pos < 0 or pos + n > self.options.n_ctx:
+            raise RequestError(f"positions {pos}..{pos + n} exceed the context of {self.options.n_ctx} tokens")
+
+    def _cache_io(self, i: int, pos: int, n: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """Layer ``i``'s cache bindings: inputs rows ``[0, pos)``, outputs rows ``[pos, pos + n)`` (in place)."""
+        layer = self.layers[i]
+        past = {f"{i}.past_k": layer.k_cache[:pos], f"{i}.past_v": layer.v_cache[:pos]}
+        new = {f"{i}.new_k": layer.k_cache[pos : pos + n], f"{i}.new_v": layer.v_cache[pos : pos + n]}
+        return past, new
+
+    def forward_logits(self, x: np.ndarray, pos: int, rows: np.ndarray) -> np.ndarray:
+        """N = 1: the whole model on ``x`` float32 ``(T, hidden)`` at positions ``pos..pos+T-1``.
+
+        Args:
+            x: token embeddings.
+            pos: position of ``x[0]``; the KV cache beyond ``pos`` is overwritten.
+            rows: int64 ``(R,)`` rows of ``x`` whose logits are wanted.
+
+        Returns:
+            float32 ``(R, vocab)`` logits.
+
+        Raises:
+            RequestError: ``pos + T`` exceeds the KV cache.
+        """
+        if self.stack is None:
+            raise ShardPlanError("forward_logits needs a single-rank shard")
+        n = x.shape[0]
+        self._check(n, pos)
+        t0 = time.perf_counter()
+        inputs = {
+            "x": np.ascontiguousarray(x, dtype=np.float32),
+            "pos_ids": np.arange(pos, pos + n, dtype=np.int64)[None],
+            "mask": causal_mask(pos, n),
+            "rows": np.ascontiguousarray(rows, dtype=np.int64),
+        }
+        logits = np.empty((len(rows), self.config.vocab), np.float32)
+        outputs = {self.stack_logits: logits}
+        for i in range(self.config.n_layers):
+            past, new = self._cache_io(i, pos, n)
+            inputs.update(past)
+            outputs.update(new)
+        self.stack.run(inputs, outputs)
+        self.stats.compute_s += time.perf_counter() - t0
+        self.stats.steps += 1
+        return logits
 
     def forward(self, x: np.ndarray, pos: int, reduce: Reduce | None) -> np.ndarray:
-        """Run every layer on ``x`` float32 ``(T, hidden)`` at positions ``pos..pos+T-1``.
+        """N > 1: run every layer on ``x`` float32 ``(T, hidden)`` at positions ``pos..pos+T-1``.
 
         Args:
             x: token embeddings (the residual stream's input).
@@ -187,30 +231,32 @@ class RankCompute:
 
         Raises:
             RequestError: ``pos + T`` exceeds the KV cache.
+            ShardPlanError: a single-rank shard (use :meth:`forward_logits`).
             PeerFailed / TransferError: from ``reduce``.
         """
+        if self.stack is not None:
+            raise ShardPlanError("a single-rank shard runs forward_logits")
         c = self.config
         n = x.shape[0]
-        if pos < 0 or pos + n > self.options.n_ctx:
-            raise RequestError(f"positions {pos}..{pos + n} exceed the context of {self.options.n_ctx} tokens")
+        self._check(n, pos)
         zeros = np.zeros((n, c.hidden), np.float32)
         h = np.ascontiguousarray(x, dtype=np.float32)
-        cos, sin = self.cos[pos : pos + n], self.sin[pos : pos + n]
+        attn_in = {"pos_ids": np.arange(pos, pos + n, dtype=np.int64)[None], "mask": causal_mask(pos, n)}
         clock = time.perf_counter
-        for layer in self.layers:
+        for i, layer in enumerate(self.layers):
             t0 = clock()
             part = zeros
-            if layer.qkv is not None and layer.o is not None:
-                a = rms_norm(h, layer.attn_norm, c.rms_eps)
-                q, k, v = layer.qkv.run(a)
-                att = self._attention(layer, q, k, v, pos, cos, sin)
-                (part,) = layer.o.run(att)
+            if layer.attn is not None:
+                part = np.empty((n, c.hidden), np.float32)
+                past, new = self._cache_io(i, pos, n)
+                layer.attn.run({"x": h, **attn_in, **past}, {"partial": part, **new})
             t1 = clock()
             h = h + (reduce(part) if reduce else part)
             t2 = clock()
             part = zeros
             if layer.ffn is not None:
-                (part,) = layer.ffn.run(rms_norm(h, layer.ffn_norm, c.rms_eps))
+                part = np.empty((n, c.hidden), np.float32)
+                layer.ffn.run({"x": h}, {"partial": part})
             t3 = clock()
             h = h + (reduce(part) if reduce else part)
             t4 = clock()
@@ -219,61 +265,17 @@ class RankCompute:
         self.stats.steps += 1
         return h
 
-    def _attention(
-        self,
-        layer: _Layer,
-        q: np.ndarray,
-        k: np.ndarray,
-        v: np.ndarray,
-        pos: int,
-        cos: np.ndarray,
-        sin: np.ndarray,
-    ) -> np.ndarray:
-        """Causal GQA attention of this rank's heads; returns float32 ``(T, heads_local * hd)``."""
-        c = self.config
-        n, hd, g = q.shape[0], c.head_dim, c.group
-        kv = layer.k_cache.shape[0]
-        q = apply_rope(q.reshape(n, kv * g, hd), cos, sin, c.rope_mode)  # (T, nh, hd)
-        k = apply_rope(k.reshape(n, kv, hd), cos, sin, c.rope_mode)  # (T, nkv, hd)
-        layer.k_cache[:, pos : pos + n] = k.transpose(1, 0, 2)
-        layer.v_cache[:, pos : pos + n] = v.reshape(n, kv, hd).transpose(1, 0, 2)
-        s = pos + n
-        keys = layer.k_cache[:, :s].astype(np.float32)  # (nkv, S, hd)
-        vals = layer.v_cache[:, :s].astype(np.float32)
-        # (nkv, G*T, hd): query heads grouped under their KV head, rounded like llama.cpp's F16 cache path
-        qg = q.reshape(n, kv, g, hd).transpose(1, 2, 0, 3).reshape(kv, g * n, hd)
-        qg = qg.astype(np.float16).astype(np.float32)
-        scores = (qg @ keys.transpose(0, 2, 1)) * np.float32(1.0 / np.sqrt(hd))  # (nkv, G*T, S)
-        if n > 1:
-            causal = np.arange(s)[None, :] > (pos + np.arange(n))[:, None]  # (T, S)
-            scores = scores.reshape(kv, g, n, s)
-            scores[:, :, causal] = -np.inf
-            scores = scores.reshape(kv, g * n, s)
-        scores = np.exp(scores - scores.max(axis=-1, keepdims=True))
-        probs = scores / scores.sum(axis=-1, keepdims=True)
-        probs = probs.astype(np.float16).astype(np.float32)
-        out = probs @ vals  # (nkv, G*T, hd)
-        return np.ascontiguousarray(out.reshape(kv, g, n, hd).transpose(2, 0, 1, 3).reshape(n, kv * g * hd))
+
+def _cache_outputs(n_layers: int, first: int = 0) -> list[tuple[str, type]]:
+    return [(f"{i}.new_{kv}", np.float16) for i in range(first, first + n_layers) for kv in "kv"]
 
 
 def _builder(options: EngineOptions) -> GraphBuilder:
     return GraphBuilder(accuracy_level=options.accuracy_level)
 
 
-def _options(options: EngineOptions):
+def _options(options: EngineOptions) -> ort.SessionOptions:
     return session_options(options.threads, options.spinning)
-
-
-def _ffn_graph(gb: GraphBuilder, p: str, linears: dict, t: dict[str, np.ndarray]) -> str:
-    """SwiGLU (Shazeer 2020): ``down(silu(gate(x)) * up(x))``; returns the output name."""
-    from onnx import helper
-
-    gate = gb.linear("x", p + "ffn_gate", linears[p + "ffn_gate"], t)
-    up = gb.linear("x", p + "ffn_up", linears[p + "ffn_up"], t)
-    gb.nodes.append(helper.make_node("Sigmoid", [gate], ["sig"]))
-    gb.nodes.append(helper.make_node("Mul", [gate, "sig"], ["silu"]))
-    gb.nodes.append(helper.make_node("Mul", ["silu", up], ["act"]))
-    return gb.linear("act", p + "ffn_down", linears[p + "ffn_down"], t)
 
 
 class TPMaster:
@@ -296,14 +298,14 @@ class TPMaster:
         emb = shard.meta["embedding"]
         self._embd = t["token_embd.raw"]
         self._embd_type = GGMLQuantizationType(int(emb["qtype"]))
-        self._out_norm = t["output_norm"]
-        gb = GraphBuilder(accuracy_level=compute.options.accuracy_level)
-        out = gb.linear("x", "output", shard.meta["linears"]["output"], t)
-        self._head = gb.session(
-            [("x", self.config.hidden)],
-            [out],
-            session_options(compute.options.threads, compute.options.spinning),
-        )
+        self._head: Program | None = None
+        self._head_out = ""
+        if compute.stack is None:
+            gb = _builder(compute.options)
+            gb.add_input("x", np.float32, ["T", self.config.hidden])
+            gb.add_input("rows", np.int64, ["R"])
+            self._head_out = blocks.head(gb, "x", "rows", self.config, shard.meta["linears"], t)
+            self._head = gb.program([(self._head_out, np.float32)], _options(compute.options))
 
     @property
     def n_ctx(self) -> int:
@@ -334,14 +336,16 @@ class TPMaster:
         if pos + len(ids) > self.n_ctx:
             raise RequestError(f"{pos + len(ids)} tokens exceed the context of {self.n_ctx}")
         x = self.embed(ids)
+        rows = np.arange(len(ids), dtype=np.int64) if all_logits else np.array([len(ids) - 1], np.int64)
+        if self._head is None:
+            return self.compute.forward_logits(x, pos, rows)
         if self.collective is not None:
             self.collective.broadcast({"op": "forward", "pos": pos, "n": len(ids)}, x)
         reduce = self.collective.all_reduce if self.collective is not None else None
         h = self.compute.forward(x, pos, reduce)
-        if not all_logits:
-            h = h[-1:]
         t0 = time.perf_counter()
-        (logits,) = self._head.run(rms_norm(h, self._out_norm, self.config.rms_eps))
+        logits = np.empty((len(rows), self.config.vocab), np.float32)
+        self._head.run({"x": h, "rows": rows}, {self._head_out: logits})
         self.compute.stats.compute_s += time.perf_counter() - t0
         return logits
 

@@ -1,7 +1,9 @@
-"""ONNX Runtime graphs for the engine's matmul stages.
+"""ONNX Runtime graph building: linear layers, activation rounding, compiled programs.
 
-Each stage is one small ONNX graph run with one ``InferenceSession.run`` call, so a layer costs
-three calls (Q/K/V, o_proj, FFN). Weights enter the sessions as *external initializers*
+:class:`GraphBuilder` accumulates the nodes of one graph (the transformer blocks themselves are in
+:mod:`potluck.sharding.blocks`); :meth:`GraphBuilder.program` compiles it into a :class:`Program`
+that runs through ORT's IO binding on caller-owned numpy buffers (no copies in or out; the KV cache
+rows are written in place). Weights enter the sessions as *external initializers*
 (``SessionOptions.add_external_initializers``) that point at the shard's memory-mapped arrays,
 so building a session copies no weights through protobuf.
 
@@ -20,7 +22,7 @@ Linear kinds (see :mod:`potluck.sharding.extract`):
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,6 +58,7 @@ class GraphBuilder:
 
     nodes: list[Any] = field(default_factory=list)
     initializers: list[TensorProto] = field(default_factory=list)
+    inputs: list[Any] = field(default_factory=list)
     arrays: dict[str, np.ndarray] = field(default_factory=dict)
     accuracy_level: int = DEFAULT_ACCURACY_LEVEL
     q8_activations: bool = True
@@ -92,6 +95,16 @@ class GraphBuilder:
         n.append(helper.make_node("Reshape", [f"{p}.deq", f"{p}.xshape"], [p]))
         self._quantized[x] = p
         return p
+
+    def add_input(self, name: str, dtype: type | np.dtype, dims: Sequence[int | str]) -> str:
+        """Declare a graph input of numpy ``dtype`` and shape ``dims`` (strings are symbolic)."""
+        self.inputs.append(helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(np.dtype(dtype)), dims))
+        return name
+
+    def node(self, op: str, inputs: Sequence[str], output: str, domain: str = "", **attrs: Any) -> str:
+        """Append one node with a single output; returns the output name."""
+        self.nodes.append(helper.make_node(op, list(inputs), [output], domain=domain, **attrs))
+        return output
 
     def constant(self, name: str, array: np.ndarray) -> str:
         """Declare ``array`` as an initializer: external (no copy) unless it is tiny (shapes, scalars),
@@ -153,11 +166,23 @@ class GraphBuilder:
 
     def session(self, inputs: list[tuple[str, int]], outputs: list[str], options: ort.SessionOptions) -> Stage:
         """Compile the graph. ``inputs``: (name, width) pairs of float32 ``(T, width)`` tensors."""
+        for n, w in inputs:
+            self.add_input(n, np.float32, ["T", w])
+        sess = self._compile([(o, np.float32) for o in outputs], options)
+        return Stage(sess, [n for n, _ in inputs], outputs, self.arrays)
+
+    def program(self, outputs: Sequence[tuple[str, type | np.dtype]], options: ort.SessionOptions) -> Program:
+        """Compile the graph (inputs declared with :meth:`add_input`) into an IO-bound :class:`Program`."""
+        return Program(self._compile(outputs, options), self.arrays)
+
+    def _compile(
+        self, outputs: Sequence[tuple[str, type | np.dtype]], options: ort.SessionOptions
+    ) -> ort.InferenceSession:
         graph = helper.make_graph(
             self.nodes,
             "stage",
-            [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["T", w]) for n, w in inputs],
-            [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outputs],
+            self.inputs,
+            [helper.make_tensor_value_info(o, helper.np_dtype_to_tensor_dtype(np.dtype(t)), None) for o, t in outputs],
             initializer=self.initializers,
         )
         model = helper.make_model(
@@ -167,8 +192,7 @@ class GraphBuilder:
         )
         names = list(self.arrays)
         options.add_external_initializers(names, [ort.OrtValue.ortvalue_from_numpy(self.arrays[n]) for n in names])
-        sess = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        return Stage(sess, [n for n, _ in inputs], outputs, self.arrays)
+        return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
 @dataclass
@@ -183,3 +207,35 @@ class Stage:
     def run(self, *xs: np.ndarray) -> list[np.ndarray]:
         """Run on float32 ``(T, width)`` inputs; returns the outputs in declaration order."""
         return self.session.run(self.outputs, dict(zip(self.inputs, xs, strict=False)))
+
+
+class Program:
+    """A compiled graph run through ORT's IO binding on caller-owned, C-contiguous numpy buffers.
+
+    Inputs are read and outputs written in place (no copies through ``InferenceSession.run``); the
+    caller keeps every bound array alive until :meth:`run` returns. The weight arrays of the graph
+    are kept alive as long as the program.
+    """
+
+    def __init__(self, session: ort.InferenceSession, keep_alive: dict[str, np.ndarray]) -> None:
+        self.session = session
+        self.keep_alive = keep_alive
+        self._io = session.io_binding()
+
+    def run(self, inputs: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray]) -> None:
+        """Bind ``inputs`` and preallocated ``outputs`` (exact shapes and dtypes) by address and run.
+
+        Raises:
+            ValueError: an array is not C-contiguous (or an output is read-only).
+            onnxruntime exceptions (``Fail``, ``InvalidArgument``): shapes or dtypes do not fit the graph.
+        """
+        io = self._io
+        for name, a in inputs.items():
+            if not a.flags.c_contiguous:
+                raise ValueError(f"input {name} is not C-contiguous")
+            io.bind_input(name, "cpu", 0, a.dtype, a.shape, a.ctypes.data)
+        for name, a in outputs.items():
+            if not (a.flags.c_contiguous and a.flags.writeable):
+                raise ValueError(f"output {name} is not a writeable C-contiguous array")
+            io.bind_output(name, "cpu", 0, a.dtype, a.shape, a.ctypes.data)
+        self.session.run_with_iobinding(io)
