@@ -26,7 +26,7 @@ import struct
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeAlias
 
 import numpy as np
 
@@ -34,7 +34,7 @@ from potluck.errors import ClosedError, ProtocolViolation, TransferError
 from potluck.sharding import frames
 from potluck.sharding.frames import DType, Kind
 
-__all__ = ["ByteStream", "Frame", "FrameChannel", "SocketStream", "configure_socket"]
+__all__ = ["ArrayLane", "ByteStream", "Frame", "FrameChannel", "SocketStream", "configure_socket"]
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +43,12 @@ _TIMEVAL = struct.Struct("@ll")  # struct timeval {tv_sec; tv_usec}
 _REARM_SLACK_S = 0.05
 _SEQ = struct.Struct("<Q")
 _SEQ_OFFSET = 8  # of the sequence number in the frame prefix (see frames.PREFIX)
-_MAX_TEMPLATES = 64
 _UNKNOWN = -1.0  # kernel timeout state unknown: re-arm before the next call
+_INF = math.inf
+_monotonic = time.monotonic
+# Any C-contiguous object with the buffer protocol: bytes, bytearray, memoryview, numpy array (numpy's
+# stubs do not declare the buffer protocol, hence Any).
+Buffer: TypeAlias = Any
 
 
 class ByteStream(Protocol):
@@ -100,13 +104,15 @@ class SocketStream:
         self._sock = sock
         self._closed = False
         # Armed kernel timeouts in seconds: 0.0 none, _UNKNOWN to re-arm.
-        self._armed = {socket.SO_RCVTIMEO: _UNKNOWN, socket.SO_SNDTIMEO: _UNKNOWN}
+        self._rcv_armed = _UNKNOWN
+        self._snd_armed = _UNKNOWN
         self.peer = peer or _peer_name(sock)
 
-    def _arm(self, option: int, deadline: float) -> None:
+    def _arm(self, option: int, armed: float, deadline: float) -> None:
+        """Re-arm ``option`` if its kernel timeout is unknown, absent or would overshoot ``deadline``
+        by more than the slack (the callers inline the common "nothing to do" case)."""
         if self._closed:
             raise ClosedError(f"stream to {self.peer} is closed")
-        armed = self._armed[option]
         if deadline == math.inf:
             if armed != 0.0:
                 self._set_timeout(option, 0.0)
@@ -123,13 +129,16 @@ class SocketStream:
         if seconds and not (whole or micros):
             micros = 1  # 0 would mean "no timeout"
         self._sock.setsockopt(socket.SOL_SOCKET, option, _TIMEVAL.pack(whole, micros))
-        self._armed[option] = seconds
+        if option == socket.SO_RCVTIMEO:
+            self._rcv_armed = seconds
+        else:
+            self._snd_armed = seconds
 
     def _expired(self, exc: OSError, deadline: float) -> bool:
         """A kernel timeout: True if the deadline has passed, False to retry (timed out early)."""
         if not isinstance(exc, BlockingIOError) or time.monotonic() >= deadline:
             return True
-        self._armed = dict.fromkeys(self._armed, _UNKNOWN)  # re-arm precisely on the retry
+        self._rcv_armed = self._snd_armed = _UNKNOWN  # re-arm precisely on the retry
         return False
 
     def _translate(self, exc: OSError, what: str) -> Exception:
@@ -140,17 +149,32 @@ class SocketStream:
         return TransferError(f"{what} to/from {self.peer} failed: {exc}")
 
     def send(self, buffers: Sequence[bytes | bytearray | memoryview], deadline: float) -> None:
-        views = [memoryview(b) for b in buffers]
-        total = sum(v.nbytes for v in views)
-        while total:
-            self._arm(socket.SO_SNDTIMEO, deadline)
-            try:
-                sent = self._sock.sendmsg(views)
-            except OSError as exc:
-                if not self._expired(exc, deadline):
-                    continue
+        total = 0
+        for buf in buffers:
+            total += buf.nbytes if type(buf) is memoryview else len(buf)
+        self.send_exact(buffers, total, deadline)
+
+    def send_exact(self, buffers: Sequence[Buffer], total: int, deadline: float) -> None:
+        """:meth:`send` of ``buffers`` (any C-contiguous buffers, numpy arrays included) holding
+        ``total`` bytes, known to the caller: the all-reduce fast path, one ``sendmsg``."""
+        # The deadline check is inlined: re-arm only when the armed kernel timeout is unknown or
+        # could overshoot the deadline by more than the slack.
+        armed = self._snd_armed
+        if self._closed or deadline == _INF or not 0.0 < armed <= deadline - _monotonic() + _REARM_SLACK_S:
+            self._arm(socket.SO_SNDTIMEO, armed, deadline)
+        try:
+            sent = self._sock.sendmsg(buffers)
+        except OSError as exc:
+            if self._expired(exc, deadline):
                 raise self._translate(exc, "send") from exc
-            total -= sent
+            sent = 0
+        if sent != total:
+            self._send_rest(buffers, sent, deadline)
+
+    def _send_rest(self, buffers: Sequence[Buffer], sent: int, deadline: float) -> None:
+        """The slow path of :meth:`send`: finish after a partial (or early timed-out) ``sendmsg``."""
+        views = [_bytes_of(b) for b in buffers]
+        while True:
             while sent:
                 n = views[0].nbytes
                 if sent >= n:
@@ -159,17 +183,27 @@ class SocketStream:
                 else:
                     views[0] = views[0][sent:]
                     sent = 0
+            if not views:
+                return
+            self._arm(socket.SO_SNDTIMEO, self._snd_armed, deadline)
+            try:
+                sent = self._sock.sendmsg(views)
+            except OSError as exc:
+                if self._expired(exc, deadline):
+                    raise self._translate(exc, "send") from exc
 
     def recv_into(self, buffers: Sequence[memoryview], deadline: float) -> int:
+        sock = self._sock
         while True:
-            self._arm(socket.SO_RCVTIMEO, deadline)
+            armed = self._rcv_armed
+            if self._closed or deadline == _INF or not 0.0 < armed <= deadline - _monotonic() + _REARM_SLACK_S:
+                self._arm(socket.SO_RCVTIMEO, armed, deadline)
             try:
-                n = self._sock.recvmsg_into(buffers)[0]
+                n = sock.recv_into(buffers[0]) if len(buffers) == 1 else sock.recvmsg_into(buffers)[0]
                 break
             except OSError as exc:
-                if not self._expired(exc, deadline):
-                    continue
-                raise self._translate(exc, "receive") from exc
+                if self._expired(exc, deadline):
+                    raise self._translate(exc, "receive") from exc
         if n == 0:
             if self._closed:
                 raise ClosedError(f"stream to {self.peer} is closed")
@@ -185,6 +219,12 @@ class SocketStream:
         except OSError:
             pass  # already disconnected: nothing left to shut down
         self._sock.close()
+
+
+def _bytes_of(buf: Buffer) -> memoryview:
+    """A flat byte view of any C-contiguous buffer."""
+    view = memoryview(buf)
+    return view if view.format == "B" and view.ndim == 1 else view.cast("B")
 
 
 def _peer_name(sock: socket.socket) -> str:
@@ -221,7 +261,6 @@ class FrameChannel:
         self._recv_seq = 0
         self._prefix = bytearray(frames.PREFIX.size)
         self._prefix_view = memoryview(self._prefix)
-        self._templates: dict[tuple[Any, ...], bytearray] = {}  # prefixes of header-less array frames
 
     @property
     def peer(self) -> str:
@@ -251,30 +290,6 @@ class FrameChannel:
         self._send_seq += 1
         self.stream.send((head,) if payload is None else (head, payload), deadline)
 
-    def send_array(self, kind: Kind, array: np.ndarray, *, deadline: float, payload: memoryview | None = None) -> None:
-        """Fast path of :meth:`send` for a header-less frame of a :func:`frames.wire_array` (the
-        all-reduce): the prefix is validated once per (kind, dtype, shape), then only its sequence
-        number is patched in, and prefix + array go out in one ``sendmsg``.
-
-        Args:
-            payload: optional ready byte view of ``array`` (saves making one per receiver).
-        """
-        key = (True, kind, array.dtype.char, array.shape)
-        head = self._templates.get(key)
-        if head is None:
-            head = bytearray(frames.encode_packed(kind, 0, b"", array, max_frame_bytes=self.max_frame_bytes)[0])
-            self._remember(key, head)
-        _SEQ.pack_into(head, _SEQ_OFFSET, self._send_seq)
-        self._send_seq += 1
-        if payload is None:
-            payload = frames.byte_view(array)
-        self.stream.send((head, payload), deadline)
-
-    def _remember(self, key: tuple[Any, ...], template: bytearray) -> None:
-        if len(self._templates) >= _MAX_TEMPLATES:
-            self._templates.clear()
-        self._templates[key] = template
-
     # -- receiving -----------------------------------------------------------------------------------
 
     def _fill(self, views: list[memoryview], deadline: float) -> None:
@@ -289,8 +304,13 @@ class FrameChannel:
                     views[0] = views[0][got:]
                     got = 0
 
-    def _prefix_ok(self, max_frame_bytes: int | None) -> frames.Prefix:
-        prefix = frames.decode_prefix(self._prefix, max_frame_bytes=max_frame_bytes or self.max_frame_bytes)
+    def _prefix_ok(
+        self, max_frame_bytes: int | None, raw: bytes | bytearray | memoryview | None = None
+    ) -> frames.Prefix:
+        """Decode and check the prefix in ``raw`` (default: the channel's prefix buffer), count it."""
+        prefix = frames.decode_prefix(
+            self._prefix if raw is None else raw, max_frame_bytes=max_frame_bytes or self.max_frame_bytes
+        )
         if prefix.seq != self._recv_seq:
             raise ProtocolViolation(f"sequence number {prefix.seq} from {self.peer}, expected {self._recv_seq}")
         self._recv_seq += 1
@@ -321,29 +341,109 @@ class FrameChannel:
         self._fill(views, deadline)
         return Frame(prefix.kind, frames.decode_header(header_buf), array)
 
-    def recv_array_into(
-        self, kind: Kind, out: np.ndarray, *, deadline: float, payload: memoryview | None = None
-    ) -> None:
-        """Receive a frame of ``kind`` with an empty header whose array has exactly ``out``'s dtype and
-        shape, straight into ``out`` (one scatter read of prefix + payload, no copy). ``payload`` is
-        an optional ready byte view of ``out`` (for reused buffers).
+    def close(self) -> None:
+        self.stream.close()
+
+
+class ArrayLane:
+    """The all-reduce hot path over one :class:`FrameChannel`: header-less frames of one fixed dtype and
+    shape, sent as ``send_kind`` and received as ``recv_kind`` (PARTIAL and REDUCED).
+
+    Both 40-byte prefixes are packed once; per frame only the sequence number is patched in. A send is
+    one ``sendmsg`` of prefix + array bytes. A receive is one ``recv_into`` of the whole frame into a
+    preallocated buffer (or a scatter read into a caller's array), validated with one bytes comparison
+    against the expected prefix; only a mismatch is decoded field by field, to say what was wrong.
+    Sequence numbers are the channel's own, so lanes and other frames interleave freely.
+
+    Args:
+        channel: the channel; the lane shares its sequence numbers and stream.
+        send_kind, recv_kind: frame kinds of the two directions.
+        dtype: float32 or float16 (the wire dtype).
+        shape: the array shape (at most :data:`frames.MAX_NDIM` dimensions).
+
+    Raises:
+        ProtocolViolation: dtype or shape not framable, or a frame larger than the channel's limit.
+    """
+
+    def __init__(self, channel: FrameChannel, send_kind: Kind, recv_kind: Kind, dtype: Any, shape: tuple[int, ...]):
+        self.channel = channel
+        self._socket_stream = channel.stream if isinstance(channel.stream, SocketStream) else None
+        self.dtype = np.dtype(dtype)
+        self.shape = shape
+        probe = np.empty(shape, self.dtype)  # validates dtype, layout and size through the encoder
+        self._send_head = bytearray(
+            frames.encode_packed(send_kind, 0, b"", probe, max_frame_bytes=channel.max_frame_bytes)[0]
+        )
+        self._want = bytearray(frames.encode_packed(recv_kind, 0, b"", probe)[0])
+        self.recv_kind = recv_kind
+        self.size = frames.PREFIX.size + probe.nbytes  # bytes per frame
+        self._frame = bytearray(self.size)
+        self._whole = [memoryview(self._frame)]
+        self._prefix_view = self._whole[0][: frames.PREFIX.size]
+        # (shape): the payload of the last received frame, a view into the lane's buffer
+        self.received: np.ndarray = np.frombuffer(self._frame, self.dtype, probe.size, frames.PREFIX.size).reshape(
+            shape
+        )
+
+    def send(self, payload: np.ndarray | memoryview, deadline: float) -> None:
+        """Send one frame carrying ``payload``: a C-contiguous array of the lane's dtype and shape, or a
+        byte view of one (the caller guarantees it; the star checks its inputs).
 
         Raises:
-            ProtocolViolation: another kind, dtype, shape or a non-empty header (checked as soon as the
-                prefix has arrived, so a mismatch never waits for the deadline).
-            TransferError: as :meth:`recv`.
+            TransferError, ClosedError: see :class:`ByteStream`.
         """
-        if payload is None:
-            payload = frames.byte_view(out)
-        views = [self._prefix_view, payload] if payload.nbytes else [self._prefix_view]
-        got_prefix = 0
+        channel = self.channel
+        head = self._send_head
+        _SEQ.pack_into(head, _SEQ_OFFSET, channel._send_seq)
+        channel._send_seq += 1
+        if self._socket_stream is not None:
+            self._socket_stream.send_exact((head, payload), self.size, deadline)
+        else:
+            channel.stream.send((head, _bytes_of(payload)), deadline)
+
+    def recv(self, deadline: float) -> np.ndarray:
+        """Receive the next frame into the lane's buffer; returns :attr:`received` (a view: valid until
+        the next :meth:`recv` on this lane).
+
+        Raises:
+            ProtocolViolation: another kind, dtype, shape, sequence number or a non-empty header, raised as
+                soon as the prefix has arrived (a mismatch never waits for the deadline).
+            TransferError: the peer sent CLOSE, closed, reset or stalled past the deadline.
+            ClosedError: we closed the channel.
+        """
+        channel = self.channel
+        got = channel.stream.recv_into(self._whole, deadline)
+        want = self._want
+        _SEQ.pack_into(want, _SEQ_OFFSET, channel._recv_seq)
+        if got == self.size and self._frame.startswith(want):
+            channel._recv_seq += 1
+            return self.received
+        self._finish([self._whole[0]], got, deadline)
+        return self.received
+
+    def recv_into(self, out: np.ndarray, deadline: float) -> None:
+        """Receive the next frame's array straight into ``out`` (C-contiguous, the lane's dtype and
+        shape; e.g. a fresh array to return to a caller): one scatter read of prefix + payload.
+
+        Raises:
+            As :meth:`recv`.
+        """
+        channel = self.channel
+        views = [self._prefix_view, out.data.cast("B")]
+        got = channel.stream.recv_into(views, deadline)
+        want = self._want
+        _SEQ.pack_into(want, _SEQ_OFFSET, channel._recv_seq)
+        if got == self.size and self._frame.startswith(want):
+            channel._recv_seq += 1
+            return
+        self._finish(views, got, deadline)
+
+    def _finish(self, views: list[memoryview], got: int, deadline: float) -> None:
+        """Slow path of a receive: check the prefix as soon as it is complete, then read the rest."""
         need = frames.PREFIX.size
-        while views:
-            got = self.stream.recv_into(views, deadline)
-            if got_prefix < need:
-                got_prefix += got
-                if got_prefix >= need:
-                    self._expect(kind, out)
+        checked = False
+        while True:
+            seen = got
             while got:
                 n = views[0].nbytes
                 if got >= n:
@@ -352,27 +452,26 @@ class FrameChannel:
                 else:
                     views[0] = views[0][got:]
                     got = 0
+            if not checked:
+                need -= seen
+                if need <= 0:
+                    self._check_prefix()
+                    checked = True
+            if not views:
+                return
+            got = self.channel.stream.recv_into(views, deadline)
 
-    def _expect(self, kind: Kind, out: np.ndarray) -> None:
-        # Fast path: the whole prefix is predictable; compare bytes, decode only to explain a mismatch.
-        key = (False, kind, out.dtype.char, out.shape)
-        template = self._templates.get(key)
-        if template is None:
-            code = frames.dtype_code(out.dtype)
-            template = bytearray(frames.encode_prefix(kind, 0, code, out.shape, 0, out.nbytes))
-            self._remember(key, template)
-        _SEQ.pack_into(template, _SEQ_OFFSET, self._recv_seq)
-        if self._prefix == template:
-            self._recv_seq += 1
+    def _check_prefix(self) -> None:
+        """Accept the received prefix or raise naming what differs from the expected one."""
+        channel = self.channel
+        raw = self._frame[: frames.PREFIX.size]
+        if raw == self._want:
+            channel._recv_seq += 1
             return
-        prefix = self._prefix_ok(None)
-        if prefix.kind is not kind:
-            raise ProtocolViolation(f"{self.peer} sent a {prefix.kind.name} frame, expected {kind.name}")
-        if prefix.header_len or prefix.np_dtype != out.dtype or prefix.shape != out.shape:
-            raise ProtocolViolation(
-                f"{self.peer} sent {prefix.kind.name} with dtype {prefix.dtype.name}, shape {prefix.shape}, "
-                f"header {prefix.header_len} bytes; expected {out.dtype}, {out.shape}, no header"
-            )
-
-    def close(self) -> None:
-        self.stream.close()
+        prefix = channel._prefix_ok(None, raw)
+        if prefix.kind is not self.recv_kind:
+            raise ProtocolViolation(f"{channel.peer} sent a {prefix.kind.name} frame, expected {self.recv_kind.name}")
+        raise ProtocolViolation(
+            f"{channel.peer} sent {prefix.kind.name} with dtype {prefix.dtype.name}, shape {prefix.shape}, "
+            f"header {prefix.header_len} bytes; expected {self.dtype}, {self.shape}, no header"
+        )

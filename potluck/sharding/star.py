@@ -8,9 +8,11 @@ ring here.
 
 Wire: :mod:`potluck.sharding.frames` over :class:`~potluck.sharding.channel.FrameChannel` over
 :class:`~potluck.sharding.channel.SocketStream` (TCP_NODELAY). Connections are admitted by the mutual
-HMAC-SHA256 handshake of :mod:`potluck.sharding.auth` with the per-session key. Partial sums are
-received with one scatter read straight into preallocated buffers; sends are one ``sendmsg`` of
-prefix + array bytes, no copies.
+HMAC-SHA256 handshake of :mod:`potluck.sharding.auth` with the per-session key. The all-reduce runs
+over :class:`~potluck.sharding.channel.ArrayLane` objects (one per worker and shape, prefixes packed
+once): per frame one ``recv_into`` of the whole frame into a preallocated buffer checked with one
+bytes comparison, and one ``sendmsg`` of prefix + array bytes; no msgpack, no copies. The master
+receives in rank order with blocking reads (no readiness poll: that would add a syscall per operation).
 
 Timeouts: every operation has one deadline, ``timeout_s`` after it starts, covering all its sends and
 receives (a worker's wait for the next broadcast uses ``idle_timeout_s`` instead, no deadline by
@@ -41,7 +43,7 @@ from potluck.errors import (
     TransferError,
 )
 from potluck.sharding import auth, frames
-from potluck.sharding.channel import FrameChannel, SocketStream, configure_socket
+from potluck.sharding.channel import ArrayLane, FrameChannel, SocketStream, configure_socket
 from potluck.sharding.frames import Kind
 
 __all__ = ["StarMaster", "StarWorker"]
@@ -50,6 +52,9 @@ log = logging.getLogger(__name__)
 
 _WIRE_DTYPES = {np.dtype(np.float32): "float32", np.dtype(np.float16): "float16"}
 _CLOSE_GRACE_S = 0.5
+_F32 = np.dtype(np.float32)
+_MAX_CACHED_LANES = 4  # shapes whose lanes (and receive buffers) the master keeps between calls
+_MAX_CACHED_FRAME = 1 << 20  # bytes; larger (prefill) frames get one-off lanes
 
 
 def _wire_dtype(dtype: Any) -> np.dtype[Any]:
@@ -60,11 +65,18 @@ def _wire_dtype(dtype: Any) -> np.dtype[Any]:
 
 
 def _check_reduce_input(array: np.ndarray) -> np.ndarray:
+    """``array`` as a C-contiguous float32 array of at most 4 dimensions (the all-reduce callers skip
+    this call for arrays that already are: see :func:`_ready_for_wire`)."""
     if not isinstance(array, np.ndarray) or array.dtype != np.float32:
         raise TypeError("all_reduce takes a float32 numpy array")
     if array.ndim > frames.MAX_NDIM:
         raise ValueError(f"all_reduce takes at most {frames.MAX_NDIM} dimensions")
     return np.require(array, requirements="C")
+
+
+def _ready_for_wire(array: Any) -> bool:
+    """True for what the hot path takes as is: a C-contiguous float32 ndarray of at most 4 dimensions."""
+    return type(array) is np.ndarray and array.dtype is _F32 and array.flags.c_contiguous and array.ndim <= 4
 
 
 def _say_goodbye(channel: FrameChannel) -> None:
@@ -111,7 +123,7 @@ class StarMaster:
         self.max_frame_bytes = max_frame_bytes
         self._key = auth.check_key(session_key)
         self._channels: dict[int, FrameChannel] = {}
-        self._hot: list[tuple[int, FrameChannel, np.ndarray, memoryview]] = []
+        self._lanes: dict[tuple[int, ...], list[tuple[int, ArrayLane]]] = {}  # by shape, rank order
         self._wire_is_f32 = self.wire_dtype == np.float32
         self._failed: PeerFailed | None = None
         self._closed = False
@@ -241,37 +253,48 @@ class StarMaster:
             PeerFailed: a worker died, stalled past ``timeout_s`` or sent a bad frame.
             ClosedError: the master was closed.
         """
-        own = _check_reduce_input(array)
-        self._ready()
+        own = array if _ready_for_wire(array) else _check_reduce_input(array)
+        if self._failed is not None or self._closed or len(self._channels) != self.world_size - 1:
+            self._ready()
         if self.world_size == 1:
             return own.copy()
         deadline = time.monotonic() + self.timeout_s
-        members = self._members(own.shape)  # [(rank, channel, partial buffer, its bytes)], rank order
-        for rank, channel, partial, view in members:
+        lanes = self._lanes.get(own.shape) or self._members(own.shape)  # [(rank, lane)], rank order
+        # Hop 1: receive every partial into its lane's buffer, then add them in rank order into a fresh
+        # result (the caller keeps it), so the sum is bit-for-bit the same whatever the arrival order.
+        total = None
+        for rank, lane in lanes:
             try:
-                channel.recv_array_into(Kind.PARTIAL, partial, deadline=deadline, payload=view)
+                partial = lane.recv(deadline)
             except (TransferError, ClosedError, ProtocolViolation) as exc:
                 raise self._fail(rank, exc, "all-reduce (partial sum)") from exc
-        total = own.copy()
-        for _, _, partial, _ in members:
-            np.add(total, partial, out=total)
+            if total is None:
+                total = np.add(own, partial)
+                if type(total) is not np.ndarray:  # 0-d operands give a numpy scalar
+                    total = np.array(total, _F32)
+            else:
+                np.add(total, partial, out=total)
+        assert total is not None  # world_size > 1
+        # Hop 2: the sum goes back, one sendmsg (prefix + the sum's bytes) per worker.
         wire = total if self._wire_is_f32 else total.astype(self.wire_dtype)
-        wire_bytes = frames.byte_view(wire)
-        for rank, channel, _, _ in members:
+        for rank, lane in lanes:
             try:
-                channel.send_array(Kind.REDUCED, wire, deadline=deadline, payload=wire_bytes)
+                lane.send(wire, deadline)
             except (TransferError, ClosedError) as exc:
                 raise self._fail(rank, exc, "all-reduce (sum)") from exc
         return total if wire is total else wire.astype(np.float32)
 
-    def _members(self, shape: tuple[int, ...]) -> list[tuple[int, FrameChannel, np.ndarray, memoryview]]:
-        """Workers in rank order with a reusable receive buffer of ``shape`` (and its byte view) each."""
-        if not self._hot or self._hot[0][2].shape != shape:
-            self._hot = []
-            for rank, channel in sorted(self._channels.items()):
-                buf = np.empty(shape, dtype=self.wire_dtype)
-                self._hot.append((rank, channel, buf, frames.byte_view(buf)))
-        return self._hot
+    def _members(self, shape: tuple[int, ...]) -> list[tuple[int, ArrayLane]]:
+        """An all-reduce lane of ``shape`` per worker, in rank order (kept for a few shapes)."""
+        lanes = [
+            (rank, ArrayLane(channel, Kind.REDUCED, Kind.PARTIAL, self.wire_dtype, shape))
+            for rank, channel in sorted(self._channels.items())
+        ]
+        if lanes[0][1].size <= _MAX_CACHED_FRAME:
+            if len(self._lanes) >= _MAX_CACHED_LANES:
+                self._lanes.clear()
+            self._lanes[shape] = lanes
+        return lanes
 
     def channel(self, rank: int) -> FrameChannel:
         """The authenticated channel to ``rank``, e.g. for :mod:`potluck.sharding.transfer` before the
@@ -315,6 +338,8 @@ class StarWorker:
         self.idle_timeout_s = idle_timeout_s
         self.wire_dtype = wire_dtype
         self._closed = False
+        self._lane: ArrayLane | None = None  # all-reduce frames of the last shape
+        self._wire_is_f32 = wire_dtype == _F32
 
     @classmethod
     def connect(
@@ -415,13 +440,20 @@ class StarWorker:
             ProtocolViolation: the master answered with a malformed or mismatched frame.
             ClosedError: we closed this worker.
         """
-        own = _check_reduce_input(array)
-        deadline = self._deadline(self.timeout_s)
-        wire = own if self.wire_dtype == np.float32 else own.astype(self.wire_dtype)
-        self.channel.send_array(Kind.PARTIAL, wire, deadline=deadline)
-        total = np.empty(own.shape, dtype=self.wire_dtype)
-        self.channel.recv_array_into(Kind.REDUCED, total, deadline=deadline)
-        return total if self.wire_dtype == np.float32 else total.astype(np.float32)
+        own = array if _ready_for_wire(array) else _check_reduce_input(array)
+        if self._closed:
+            raise ClosedError("star worker is closed")
+        deadline = time.monotonic() + self.timeout_s
+        lane = self._lane
+        if lane is None or lane.shape != own.shape:
+            lane = self._lane = ArrayLane(self.channel, Kind.PARTIAL, Kind.REDUCED, self.wire_dtype, own.shape)
+        if self._wire_is_f32:
+            lane.send(own, deadline)
+            total = np.empty(own.shape, _F32)  # fresh: the caller keeps it
+            lane.recv_into(total, deadline)
+            return total
+        lane.send(own.astype(self.wire_dtype), deadline)
+        return lane.recv(deadline).astype(np.float32)
 
     def close(self) -> None:
         """Say goodbye to the master (best effort) and close the connection; idempotent."""

@@ -465,3 +465,63 @@ def test_another_byte_stream_slots_in_under_the_star() -> None:
             reducer.start()
             assert np.array_equal(master.all_reduce(np.ones(3, np.float32)), np.full(3, 2, np.float32))
             reducer.join(timeout=10)
+
+
+class TrickleStream:
+    """A ByteStream that is not a SocketStream (the generic lane path) and delivers at most ``step``
+    bytes per receive, so every frame arrives in pieces (prefix split included)."""
+
+    def __init__(self, inner: SocketStream, step: int) -> None:
+        self.inner, self.step, self.peer = inner, step, inner.peer
+
+    def send(self, buffers: Any, deadline: float) -> None:
+        self.inner.send(buffers, deadline)
+
+    def recv_into(self, buffers: Any, deadline: float) -> int:
+        return self.inner.recv_into([memoryview(buffers[0])[: self.step]], deadline)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+@pytest.mark.parametrize("step", [7, 41, 1000])
+@pytest.mark.parametrize("wire", [np.float32, np.float16])
+def test_all_reduce_over_a_stream_that_delivers_frames_in_pieces(step: int, wire: type) -> None:
+    shapes = [(300,), (300,), (2, 3), ()]
+    with StarMaster(2, KEY, timeout_s=5, wire_dtype=wire) as master:
+        a, b = socket.socketpair()
+        holder: dict[str, Any] = {}
+
+        def work() -> None:
+            channel = FrameChannel(TrickleStream(SocketStream(b, peer="pair"), step))  # type: ignore[arg-type]
+            with StarWorker.over(channel, 1, 2, KEY, wire_dtype=wire) as worker:
+                holder["sums"] = [
+                    worker.all_reduce(partial(i, 1, int(np.prod(s))).reshape(s)) for i, s in enumerate(shapes)
+                ]
+
+        thread = threading.Thread(target=work)
+        thread.start()
+        assert master.admit(FrameChannel(TrickleStream(SocketStream(a, peer="pair"), step))) == 1  # type: ignore[arg-type]
+        got = [master.all_reduce(partial(i, 0, int(np.prod(s))).reshape(s)) for i, s in enumerate(shapes)]
+        thread.join(timeout=10)
+    for i, shape in enumerate(shapes):
+        want = expected_sum(i, 2, int(np.prod(shape)), np.dtype(wire)).reshape(shape)
+        assert got[i].tobytes() == want.tobytes() and got[i].shape == shape
+        assert holder["sums"][i].tobytes() == want.tobytes() and holder["sums"][i].shape == shape
+
+
+def test_a_bad_prefix_in_pieces_is_refused_as_soon_as_it_is_complete() -> None:
+    """The prefix of a wrong frame arrives in pieces and its body never does: refused at once anyway."""
+    with StarMaster(2, KEY, timeout_s=10) as master:
+        a, b = socket.socketpair()
+        thread = threading.Thread(target=lambda: StarWorker.over(FrameChannel(SocketStream(b, peer="p")), 1, 2, KEY))
+        thread.start()
+        assert master.admit(FrameChannel(TrickleStream(SocketStream(a, peer="p"), 5))) == 1  # type: ignore[arg-type]
+        thread.join(timeout=10)
+        # A PARTIAL whose prefix announces 64 floats, where the master expects 16; no body follows.
+        b.sendall(frames.encode_prefix(Kind.PARTIAL, 2, frames.DType.FLOAT32, (64,), 0, 256))
+        start = time.monotonic()
+        with pytest.raises(PeerFailed, match=r"shape \(64,\)"):
+            master.all_reduce(np.ones(16, np.float32))
+        assert time.monotonic() - start < 5
+        b.close()
