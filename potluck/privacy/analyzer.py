@@ -224,4 +224,4 @@ class Detector:
             log.error("sensitive-data detection failed: %s", type(exc).__name__)
             raise PrivacyError(f"sensitive-data detection failed ({type(exc).__name__}); nothing was sent") \
                 from exc
-        return resolve_overlaps(Span(r.start, r.end, r.entity_type, r.score) for r in results)
+        return [Span(r.start, r.end, r.entity_type, r.score) for r in resolve_overlaps(results)]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Protocol, TypeVar
 
 # Entity types this package emits (presidio names where presidio has one).
 PERSON = "PERSON"
@@ -45,17 +46,37 @@ class Span:
         return self.end - self.start
 
 
-def resolve_overlaps(spans: Iterable[Span]) -> list[Span]:
+class Located(Protocol):
+    """Anything with offsets and a score: :class:`Span`, presidio's ``RecognizerResult``."""
+
+    @property
+    def start(self) -> int: ...
+    @property
+    def end(self) -> int: ...
+    @property
+    def score(self) -> float: ...
+
+
+S = TypeVar("S", bound=Located)
+
+
+def resolve_overlaps(spans: Iterable[S]) -> list[S]:
     """Disjoint spans, sorted by start: of overlapping detections the longest wins.
 
     Greedy over spans ordered by (length desc, score desc, start asc), keeping each span that
-    overlaps none already kept. Adjacent spans (``a.end == b.start``) do not overlap.
+    overlaps none already kept. Adjacent spans (``a.end == b.start``) do not overlap. Empty spans
+    are dropped. Returns the kept objects themselves (so callers can resolve raw detections and
+    convert only the survivors).
     """
-    kept: list[Span] = []
-    for span in sorted(spans, key=lambda s: (-len(s), -s.score, s.start)):
-        if len(span) <= 0:
+    kept: list[S] = []
+    for span in sorted(spans, key=lambda s: (s.start - s.end, -s.score, s.start)):
+        start, end = span.start, span.end
+        if end <= start:
             continue
-        if all(span.end <= k.start or span.start >= k.end for k in kept):
+        for k in kept:
+            if end > k.start and start < k.end:
+                break
+        else:
             kept.append(span)
-    kept.sort()
+    kept.sort(key=lambda s: (s.start, s.end))
     return kept

@@ -20,9 +20,11 @@ from cryptography.fernet import Fernet, InvalidToken
 from potluck.errors import PrivacyError
 
 # Anything a model or a user might write as a placeholder: TYPE words, a separator, a number.
-# Found from the number backwards (a forward scan would retry every word start).
-_NUMBER_AFTER_WORD = re.compile(r"(?<=[A-Za-z])[ _](\d{1,6})(?!\d)")
-_TYPE_WORDS_BEFORE = re.compile(r"(?:[A-Za-z]+[ _]){0,3}[A-Za-z]+$")
+# Found from the number backwards: the scan looks for digits only (a fast skip over everything
+# else), then the up to four words before the separator are matched on the reversed text.
+_NUMBER_AFTER_WORD = re.compile(r"\d(?<=[A-Za-z][ _]\d)\d{0,5}(?!\d)")
+_TYPE_WORDS_REVERSED = re.compile(r"[A-Za-z]+(?:[ _][A-Za-z]+){0,3}")
+_SEPARATOR = re.compile(r"[ _]")
 
 
 def placeholder_text(entity_type: str, number: int) -> str:
@@ -46,11 +48,12 @@ class PlaceholderMap:
         """Reserve the (type, number) of every placeholder-like text in ``texts`` (collision safety)."""
         for text in texts:
             for m in _NUMBER_AFTER_WORD.finditer(text):
-                before = _TYPE_WORDS_BEFORE.search(text, max(0, m.start() - 80), m.start())
+                sep = m.start() - 1
+                before = _TYPE_WORDS_REVERSED.match(text[max(0, sep - 80) : sep][::-1])
                 if before is None:
                     continue
-                words = re.split(r"[ _]", before.group(0).upper())
-                number = int(m.group(1))
+                words = _SEPARATOR.split(before.group(0)[::-1].upper())
+                number = int(m.group(0))
                 # "EMAIL ADDRESS 1" reserves EMAIL_ADDRESS_1 and ADDRESS_1
                 for i in range(len(words)):
                     self._reserved.add(("_".join(words[i:]), number))

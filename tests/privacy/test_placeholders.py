@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from cryptography.fernet import Fernet
 
 from potluck.errors import PrivacyError
@@ -37,3 +39,25 @@ def test_encrypted_round_trip_and_wrong_key():
         PlaceholderMap.decrypt(token, Fernet.generate_key())
     with pytest.raises(PrivacyError):
         PlaceholderMap.decrypt(token[:-4] + b"AAAA", key)
+
+
+def _reference_reservations(text: str) -> set[tuple[str, int]]:
+    """The straightforward forward scan that ``reserve_from`` must agree with."""
+    import re
+
+    out = set()
+    for m in re.finditer(r"(?<=[A-Za-z])[ _](\d{1,6})(?!\d)", text):
+        before = re.compile(r"(?:[A-Za-z]+[ _]){0,3}[A-Za-z]+$").search(text, max(0, m.start() - 80), m.start())
+        if before is not None:
+            words = re.split(r"[ _]", before.group(0).upper())
+            out.update(("_".join(words[i:]), int(m.group(1))) for i in range(len(words)))
+    return out
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.sampled_from(["PERSON", "email", "ADDRESS", "x", " ", "_", "  ", "1", "12", "1234567", "<", ">",
+                                 "é", "\n", "a" * 30]), max_size=25).map("".join))
+def test_reservations_match_the_forward_scan(text):
+    m = PlaceholderMap()
+    m.reserve_from([text])
+    assert m._reserved == _reference_reservations(text)
