@@ -112,7 +112,7 @@ async def test_eight_concurrent_requests_all_complete(start_node, q8):
 async def test_queue_overflow_gives_429_with_retry_after(start_node, tmp_path):
     # The demo model has a 2048-token context: long generations keep the model busy.
     async with start_node(max_queue=1) as (_node, http):
-        body = {"prompt": "x", "max_tokens": 1500, "temperature": 1.0}
+        body = {"prompt": "x", "max_tokens": 400, "temperature": 1.0}
 
         async def one():
             async with http.post("/v1/completions", json=body) as resp:
