@@ -1,0 +1,141 @@
+"""Choosing tensor-parallel workers, the placement decision, and what a worker node accepts."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from potluck.config import Settings
+from potluck.errors import ConfigError, PeerRefused
+from potluck.overlay.wire import TpJoinRequest
+from potluck.sharding.channel import FrameChannel
+from potluck.sharding.gguf_tensors import open_gguf
+from potluck.sharding.group import plan_for
+from potluck.sharding.placement import fits_locally, wants_tensor_parallel
+from potluck.sharding.plan import NodeCapability
+from potluck.sharding.remote import PendingJoin, TensorParallelService
+from potluck.sharding.swarm import Candidate, capabilities, rank_candidates
+
+
+def cand(peer: str, rtt: float | None, tps: float = 0.0, ram: int = 1 << 30, cores: int = 2) -> Candidate:
+    return Candidate(peer, ram, tps, cores, rtt)
+
+
+def test_candidates_rank_by_rtt_then_speed_then_memory():
+    ranked = rank_candidates(
+        [
+            cand("unmeasured", None, tps=999),
+            cand("far", 0.050),
+            cand("near-slow", 0.001, tps=10),
+            cand("near-fast", 0.001, tps=50),
+            cand("near-fast-big", 0.001, tps=50, ram=8 << 30),
+        ]
+    )
+    assert [c.peer_id for c in ranked] == ["near-fast-big", "near-fast", "near-slow", "far", "unmeasured"]
+
+
+def test_speeds_are_measured_tps_only_when_everyone_has_one():
+    me = cand("me", 0.0, tps=40, cores=8)
+    assert [c.speed for c in capabilities(me, [cand("a", 0.1, tps=20, cores=2)])] == [40, 20]
+    assert [c.speed for c in capabilities(me, [cand("a", 0.1, tps=0, cores=2)])] == [8, 2]
+
+
+def test_pending_join_takes_only_invited_streams():
+    pending = PendingJoin("s" * 32, {1: "peer-a", 2: "peer-b"})
+
+    class Closing:
+        peer = "x"
+        closed = False
+
+        def close(self) -> None:
+            self.closed = True
+
+    stream = Closing()
+    channel = FrameChannel(stream)  # type: ignore[arg-type]
+    with pytest.raises(PeerRefused):
+        pending.offer_stream("peer-a", 2, channel)
+    pending.offer_stream("peer-b", 2, channel)
+    pending.close_leftovers()
+    assert stream.closed
+
+
+def test_placement_uses_the_planners_memory_check(model_path, tmp_path):
+    path = model_path("f32")
+    assert fits_locally(path, 256, free_ram=8 << 30)
+    assert not fits_locally(path, 256, free_ram=4 << 20)
+    overlay = object()
+    assert wants_tensor_parallel(Settings(tensor_parallel=3, data_dir=tmp_path), path, overlay)
+    assert not wants_tensor_parallel(Settings(tensor_parallel=1, data_dir=tmp_path), path, overlay)
+    assert not wants_tensor_parallel(Settings(tensor_parallel=0, data_dir=tmp_path), path, overlay)  # fits here
+    assert not wants_tensor_parallel(Settings(tensor_parallel=0, data_dir=tmp_path), path, None)
+    with pytest.raises(ConfigError):
+        wants_tensor_parallel(Settings(tensor_parallel=2, data_dir=tmp_path), path, None)
+
+
+def join_request(path: Path, worker_id: str, ram: int = 8 << 30) -> TpJoinRequest:
+    plan = plan_for(
+        open_gguf(path), path, [NodeCapability("master", ram, 1.0), NodeCapability(worker_id, ram, 1.0)], 256
+    )
+    return TpJoinRequest(
+        session="ab" * 16,
+        model=path.name,
+        rank=1,
+        world_size=2,
+        plan=plan.to_msgpack(),
+        model_hash="m",
+        plan_hash=f"{plan.plan_id}-r1",
+        shard_sha256="0" * 64,
+        shard_bytes=1,
+        key=b"k" * 32,
+        star_addrs=(),
+        transport="tcp",
+        timeout_s=5.0,
+        accuracy_level=4,
+    )
+
+
+@pytest.mark.parametrize(
+    ("settings", "worker_id", "reason"),
+    [
+        ({"tp_worker": False}, "me", "does not take"),
+        ({}, "someone-else", "belongs to"),
+        ({}, "me", "no star address"),
+    ],
+)
+def test_a_worker_refuses_work_it_should_not_take(model_path, tmp_path, settings, worker_id, reason):
+    overlay = SimpleNamespace(peer_id="me", tp=None)
+    service = TensorParallelService(Settings(data_dir=tmp_path, **settings), overlay)
+    request = join_request(model_path("f32"), worker_id)
+
+    async def run() -> None:
+        async with service:
+            assert overlay.tp is service
+            with pytest.raises(PeerRefused, match=reason):
+                await service.join("master-peer", request)
+        assert overlay.tp is None
+
+    asyncio.run(run())
+
+
+def test_a_worker_refuses_a_share_bigger_than_its_free_memory(model_path, tmp_path):
+    overlay = SimpleNamespace(peer_id="me", tp=None)
+    service = TensorParallelService(Settings(data_dir=tmp_path), overlay)
+    request = join_request(model_path("f32"), "me", ram=1 << 50)  # a plan that assumed a huge node
+    big = request.model_copy(update={"star_addrs": (("127.0.0.1", 9),)})
+    plan = plan_for(
+        open_gguf(model_path("f32")),
+        model_path("f32"),
+        [NodeCapability("master", 1 << 50, 1.0), NodeCapability("me", 1 << 50, 1.0)],
+        1 << 28,  # a KV cache of 268 M tokens: far more than any free RAM here
+    )
+    big = big.model_copy(update={"plan": plan.to_msgpack()})
+
+    async def run() -> None:
+        async with service:
+            with pytest.raises(PeerRefused, match="MB are free"):
+                await service.join("master-peer", big)
+
+    asyncio.run(run())
