@@ -273,6 +273,7 @@ SHAPE_RULES = (
 _PHONE_CANDIDATE = re.compile(
     r"(?<![\w+.-])(?:\+|00)?\(?\d[\d ().\-/]{4,22}\d(?:\s?(?:x|ext\.?|#)\s?\d{1,6})?(?![\w])"
 )
+_PHONE_CORE = re.compile(r"\d[\d ().\-/]{4,22}\d")  # the candidate's core, digit first: a fast gate
 _IPV4 = re.compile(r"\d{1,3}(?:\.\d{1,3}){3}")
 _DATE_LIKE = re.compile(r"\d{4}-\d{2}-\d{2}|\d{1,2}/\d{1,2}/\d{2,4}|\d{1,2}:\d{2}")
 _PHONE_REGIONS = ("US", "GB", "DE", "FR", "IT", "ES", "NL", "SE", "NO", "DK", "FI", "CH", "AT", "BE", "PL",
@@ -297,7 +298,7 @@ class PhoneRecognizer(EntityRecognizer):
     def analyze(
         self, text: str, entities: list[str], nlp_artifacts: NlpArtifacts | None = None
     ) -> list[RecognizerResult]:
-        if not _has_digit(text):
+        if _PHONE_CORE.search(text) is None:
             return []
         out = []
         for m in _PHONE_CANDIDATE.finditer(text):
