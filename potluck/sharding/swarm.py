@@ -47,6 +47,7 @@ import numpy as np
 import psutil
 
 from potluck.errors import (
+    ClosedError,
     ConnectError,
     GenerationError,
     NetworkError,
@@ -152,6 +153,11 @@ class SwarmContext:
     threads: int = 1
     accuracy_level: int = 4
     manifests: dict[Path, transfer.Manifest] = field(default_factory=dict)
+    stop: threading.Event = field(default_factory=threading.Event)  # set when the node shuts down
+
+    def check_stop(self) -> None:
+        if self.stop.is_set():
+            raise ClosedError("the node is shutting down")
 
     def call(self, coro: Any, timeout: float) -> Any:
         """Run ``coro`` on the node's loop from this (non-loop) thread and wait for its result."""
@@ -234,6 +240,7 @@ class SwarmGroup:
         deadline = time.monotonic() + self.ctx.join_timeout_s
         kept = {c.peer_id for c in keep}
         while True:
+            self.ctx.check_stop()
             others = [c for c in rank_candidates(self.ctx.call(self._snapshot(), 10.0)) if c.peer_id not in kept]
             if self.want >= 1:
                 chosen = keep + others[: max(0, self.want - 1 - len(keep))]
@@ -376,6 +383,7 @@ class SwarmGroup:
         deadline = time.monotonic() + self.ctx.join_timeout_s
         joined: set[int] = set()
         while len(joined) < n - 1:
+            self.ctx.check_stop()
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 missing = sorted(set(range(1, n)) - joined)

@@ -68,6 +68,7 @@ class SwarmTPBackend:
         self._group: SwarmGroup | None = None
         self._tok: GGUFTokenizer | None = None
         self._formatter: Any = None
+        self._stop = threading.Event()  # ends a load still waiting for workers
 
     @property
     def info(self) -> ModelInfo:
@@ -98,6 +99,7 @@ class SwarmTPBackend:
             timeout_s=s.tp_timeout_s,
             join_timeout_s=s.tp_join_timeout_s,
             threads=default_threads(s.n_threads),
+            stop=self._stop,
         )
         self._tok = GGUFTokenizer(self._path)
         if self._template:
@@ -143,6 +145,7 @@ class SwarmTPBackend:
             yield GeneratedToken(-1, tail)
 
     def close(self) -> None:
+        self._stop.set()
         if self._group is not None:
             self._group.close()
         if self._tok is not None:

@@ -143,6 +143,19 @@ def test_libp2p_stream_fallback_produces_the_same_tokens(swarm, model_path):
     assert sum(after) == sum(before) + 1
 
 
+def test_too_few_peers_fail_with_a_clear_error(swarm, model_path):
+    root = swarm["base"] / "m-short"
+    env = {**node_env(root, swarm["name"]), "POTLUCK_TP_JOIN_TIMEOUT_S": "6"}
+    args = ("-m", str(model_path("f32")), "--bootstrap", swarm["boot_addr"], "--tensor-parallel", "4")
+    master = NodeProcess(root, *args, env=env)
+    try:
+        master.proc.wait(120)
+    finally:
+        master.stop()
+    assert master.proc.returncode != 0
+    assert "the group needs 3" in master.output()
+
+
 def test_killing_a_worker_mid_generation_still_completes(swarm, model_path):
     path = model_path("f32")
     n = 120
