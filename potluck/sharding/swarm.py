@@ -120,7 +120,9 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-class _JoinFailed(PotluckError):
+class _JoinFailed(Exception):
+    """A worker failed while the group was forming (internal: :meth:`SwarmGroup._start` catches it)."""
+
     def __init__(self, rank: int, message: str) -> None:
         super().__init__(message)
         self.rank = rank
