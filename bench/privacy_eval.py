@@ -120,15 +120,50 @@ def evaluate(sanitizer: Sanitizer, rows: list[dict], show_leaks: int = 0, repeat
     }
 
 
+def split_templates(rows: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """(rest, held out): ``fraction`` of the distinct ``template_id`` s, drawn with ``seed``."""
+    import random
+
+    ids = sorted({r.get("template_id", -1) for r in rows})
+    held = set(random.Random(seed).sample(ids, max(1, round(fraction * len(ids)))))
+    return [r for r in rows if r.get("template_id", -1) not in held], [r for r in rows if r.get("template_id", -1) in held]
+
+
+def holdout_report(rows: list[dict], fraction: float, seed: int, show_leaks: int) -> int:
+    """Leak rates on held-out templates next to the rest: a check for rules fitted to templates."""
+    rest, held = split_templates(rows, fraction, seed)
+    sanitizer = Sanitizer()
+    a, b = evaluate(sanitizer, rest, 0, 0), evaluate(sanitizer, held, show_leaks, 0)
+    print(f"templates: {len(rows)} texts; held out {fraction:.0%} of templates (seed {seed}): "
+          f"{len(held)} texts vs {len(rest)}")
+    print(f"{'entity type':16s} {'n rest':>6s} {'leak':>7s} {'n held':>6s} {'leak':>7s} {'goal':>6s}")
+    for etype in sorted(set(a["totals"]) | set(b["totals"]), key=lambda t: -(a["totals"].get(t, 0))):
+        goal = GOALS.get(etype)
+        print(f"{etype:16s} {a['totals'].get(etype, 0):6d} {a['leak'].get(etype, 0.0):7.1%} "
+              f"{b['totals'].get(etype, 0):6d} {b['leak'].get(etype, 0.0):7.1%} "
+              + (f"{goal:6.0%}" if goal is not None else "     -"))
+    for key, label in (("over_redaction", "over-redaction"), ("round_trip", "exact round trip")):
+        print(f"{label:18s} {a[key]:7.2%}   held out {b[key]:7.2%}")
+    for etype, examples in b["examples"].items():
+        for ex in examples:
+            print(f"  held-out leak {etype}: {ex}")
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "pii" / "dev.jsonl")
     ap.add_argument("--no-anchor", action="store_true", help="skip the stock-presidio anchor run")
     ap.add_argument("--show-leaks", type=int, default=0, help="print up to N leaked values per type")
     ap.add_argument("--repeats", type=int, default=3, help="timing passes (best is reported)")
+    ap.add_argument("--holdout", type=float, default=0.0, metavar="FRACTION",
+                    help="also report leak rates on this fraction of templates (by template_id) against the rest")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the --holdout template split")
     args = ap.parse_args()
     logging.basicConfig(level=logging.ERROR)
     rows = [json.loads(line) for line in args.data.read_text().splitlines() if line.strip()]
+    if args.holdout:
+        return holdout_report(rows, args.holdout, args.seed, args.show_leaks)
     t0 = time.perf_counter()
     ours = evaluate(Sanitizer(), rows, args.show_leaks, args.repeats)
     print(f"data: {args.data} ({len(rows)} texts); setup+run {time.perf_counter() - t0:.1f} s")

@@ -21,7 +21,7 @@ from presidio_analyzer import EntityRecognizer, RecognizerResult
 from presidio_analyzer.nlp_engine import NlpArtifacts
 
 from potluck.privacy import entities as E
-from potluck.privacy.lexicon import STREET_ENDINGS, STREET_PREFIXES, Lexicon
+from potluck.privacy.lexicon import STREET_PREFIXES, Lexicon
 
 _NUM = r"\d{1,6}[A-Za-z]?(?:[/-]\d{1,4}[A-Za-z]?)?"
 _WORD = r"[^\W\d_][\w'’.-]*"
@@ -53,7 +53,6 @@ _WORDS = re.compile(r"[^\W\d_]+\.?")
 _WORDS_ASCII = re.compile(r"[A-Za-z]+\.?")  # the same on ASCII text (twice as fast)
 _SPACE_DIGIT = re.compile(r"[ \t]\d")
 _LINE_ENDS_IN_DIGIT = re.compile(r"\d[ \t]*$", re.M)
-_ENDINGS = tuple(e.lower() for e in STREET_ENDINGS)
 _BLOCK_LINE = re.compile(r"[ \t>]*[^\n.!?;:]{1,60}")
 
 
@@ -87,7 +86,8 @@ class AddressRecognizer(EntityRecognizer):
         words = lexicon.street_words
         suffixes = _alternation([w.title() for w in words] + [w.upper() for w in words] + list(words))
         prefixes = _alternation([w.title() for w in STREET_PREFIXES] + list(STREET_PREFIXES))
-        endings = _alternation(list(STREET_ENDINGS))
+        endings = _alternation(list(lexicon.street_endings))
+        self._endings = tuple(e.lower() for e in lexicon.street_endings)
         unit = rf"(?:,?\s+{_UNIT})?"
         self._number_first = re.compile(
             rf"(?<![\w.-]){_NUM}(?:[ \t]+\d{{1,5}})?[ \t]+(?:[NSEW]\.?[ \t]+)?(?:{_WORD}[ \t]+){{0,4}}?"
@@ -146,15 +146,22 @@ class AddressRecognizer(EntityRecognizer):
             out.append(text[start:end])
         return out
 
-    def _rare_word_before_number(self, runs: list[str]) -> bool:
+    def _rare_street_word(self, word: str, lower_text: bool) -> bool:
+        """A word of a street name before a number: capitalised and rarer than ``rare_zipf``, or in
+        an all-lower-case text, very rare (Zipf below ``rare_zipf - 1``)."""
+        if word[0].isupper():
+            return self.lex.zipf_of(word) < self.rare_zipf
+        return lower_text and self.lex.zipf_of(word) < self.rare_zipf - 1.0
+
+    def _rare_word_before_number(self, runs: list[str], lower_text: bool) -> bool:
         """Necessary condition for ``_rare_then_number`` to yield a span: some number preceded by
-        blanks and a capitalised letter run rarer than ``rare_zipf`` (the last word of the name)."""
+        blanks and a letter run that passes :meth:`_rare_street_word` (the last word of the name)."""
         for run in runs:
             start = len(run)
             while start > 0 and run[start - 1].isalnum() and not run[start - 1].isdecimal():  # [^\W\d_]
                 start -= 1
             word = run[start:]
-            if len(word) >= 2 and word[0].isupper() and self.lex.zipf_of(word) < self.rare_zipf:
+            if len(word) >= 2 and self._rare_street_word(word, lower_text):
                 return True
         return False
 
@@ -171,17 +178,18 @@ class AddressRecognizer(EntityRecognizer):
         regexes = []
         if not self._street_heads.isdisjoint(words):
             regexes.append(self._number_first)
-        if any(w.lower().endswith(_ENDINGS) for w in before_numbers):
+        if any(w.lower().endswith(self._endings) for w in before_numbers):
             regexes.append(self._fused)
         if not self._prefix_heads.isdisjoint(words):
             regexes.append(self._prefix_first)
         for regex in regexes:
             for m in regex.finditer(text):
                 out.append(RecognizerResult(E.STREET_ADDRESS, m.start(), self._extend_block(text, m.end()), 0.85))
-        if self._rare_word_before_number(before_numbers):
+        lower_text = not any(map(str.isupper, text))
+        if self._rare_word_before_number(before_numbers, lower_text):
             for m in self._rare_then_number.finditer(text):
                 parts = re.split(r"[ -]", m.group("name"))
-                if all(w[0].isupper() and self.lex.zipf_of(w) < self.rare_zipf for w in parts):
+                if all(self._rare_street_word(w, lower_text) for w in parts):
                     out.append(RecognizerResult(E.STREET_ADDRESS, m.start(), self._extend_block(text, m.end()), 0.7))
         if any(n in lower for n in _CUE_NEEDLES):
             for m in _ADDRESS_CUE.finditer(text):

@@ -88,6 +88,7 @@ class Lexicon:
     org_words: frozenset[str]
     common_words: frozenset[str]  # frequent lower-case English words (stop words, lorem list)
     zipf: dict[str, float]  # lower-cased English word -> Zipf frequency
+    street_endings: tuple[str, ...] = STREET_ENDINGS  # designators fused to the end of a street name
 
     def zipf_of(self, word: str) -> float:
         """Zipf frequency of ``word`` (case-insensitive); 0.0 for words wordfreq does not know."""
@@ -124,4 +125,8 @@ class Lexicon:
             org_words=ORG_WORDS | {s.lower() for s in suffixes if s.replace(".", "").isalpha()},
             common_words=frozenset(Lorem.word_list) | frozenset(STOP_WORDS),
             zipf=zipf,
+            # Faker's lower-case suffixes are the fused ones ("Holm" + "vej", "Stor" + "gatan", "Solli" + "plassen")
+            street_endings=tuple(sorted(set(STREET_ENDINGS) | {
+                s for s in streets if s[0].islower() and s.isalpha() and len(s) >= 4
+            })),
         )

@@ -38,6 +38,13 @@ _SENTENCE_BREAK = set(".!?:;\n\"“”(>*•–—|[")
 _TITLES = frozenset(
     "mr mr. mrs mrs. ms ms. miss dr dr. prof prof. sir madam dame lord lady mx mx. herr frau".split()
 )
+# lower-case "given family" pairs: a listed given name and a listed family name, neither frequent
+# nor a stop word, e.g. "leo kauppinen" (rarer words need no list: see _lowercase_names)
+_PAIR_GIVEN_ZIPF = 5.5
+_PAIR_FAMILY_ZIPF = 5.0
+# abbreviated titles that are no English words ("ms" alone is also milliseconds, "dr" also drive)
+_NAME_TITLES = frozenset({"mr", "mr.", "mrs", "mrs.", "ms.", "dr.", "prof.", "mx."})
+_FUNCTION_WORDS = frozenset("and or the of a an to in on at for with from by is was are and & nor but".split())
 _PARTICLES = frozenset("van von der den de da del della di du la le ten ter bin al el dos das".split())
 _CONNECTORS = frozenset({"&", "and", "of", "And", "Of", "for", "the"})
 _PERSON_CUES = re.compile(
@@ -85,7 +92,7 @@ class ProperNounRecognizer(EntityRecognizer):
         self.rare_zipf = rare_zipf
         self._given_lower = frozenset(w.lower() for w in lexicon.given_names)
         self._family_lower = frozenset(w.lower() for w in lexicon.family_names)
-        self._rare_given_lower = frozenset(w for w in self._given_lower if lexicon.zipf_of(w) < 4.0)
+        self._pair_given_lower = frozenset(w for w in self._given_lower if lexicon.zipf_of(w) < _PAIR_GIVEN_ZIPF)
         super().__init__(
             supported_entities=[E.PERSON, E.ORGANIZATION, E.LOCATION, E.NAME], name="PotluckProperNouns"
         )
@@ -258,24 +265,44 @@ class ProperNounRecognizer(EntityRecognizer):
                 out.append(RecognizerResult(E.ORGANIZATION, toks[j].start, end, 0.55))
         return out
 
+    def _after_lowercase_title(self, text: str, toks: list[_Tok]) -> list[RecognizerResult]:
+        """``mr. smith``, ``dr. green``: a lower-case word after an abbreviated title is a name,
+        whatever its frequency (capitalised ones are handled by the runs)."""
+        out = []
+        for i, tok in enumerate(toks[:-1]):
+            if tok.word.lower() not in _NAME_TITLES:
+                continue
+            nxt = toks[i + 1]
+            if (nxt.word.islower() and nxt.word not in _FUNCTION_WORDS and len(nxt.word) >= 2
+                    and text[tok.end : nxt.start] == " "):
+                end = nxt.end
+                if i + 2 < len(toks) and text[nxt.end : toks[i + 2].start] == " " and toks[i + 2].word.islower() \
+                        and toks[i + 2].word in self._family_lower and toks[i + 2].word not in _FUNCTION_WORDS:
+                    end = toks[i + 2].end  # "dr. anna berg"
+                out.append(RecognizerResult(E.PERSON, nxt.start, end, 0.55))
+        return out
+
     def _lowercase_names(self, text: str, toks: list[_Tok]) -> list[RecognizerResult]:
         out = []
-        rare_given = self._rare_given_lower  # given names with Zipf < 4.0, lower case
+        given = self._pair_given_lower  # given names with Zipf < _PAIR_GIVEN_ZIPF, lower case
         for a, b in itertools.pairwise(toks):
-            if a.word not in rare_given:
+            if a.word not in given:
                 continue
             if not (a.word.islower() and b.word.islower()) or text[a.end : b.start] != " ":
                 continue
-            if ((b.word in self._family_lower or self.lex.zipf_of(b.word) < 2.5)
-                    and self.lex.zipf_of(b.word) < 3.5):
+            za, zb = self.lex.zipf_of(a.word), self.lex.zipf_of(b.word)
+            if za < 4.0 and (b.word in self._family_lower or zb < 2.5) and zb < 3.5:
                 out.append(RecognizerResult(E.PERSON, a.start, b.end, 0.5))
+            elif (zb < _PAIR_FAMILY_ZIPF and b.word in self._family_lower and a.word not in self.lex.common_words
+                  and b.word not in self.lex.common_words):
+                out.append(RecognizerResult(E.PERSON, a.start, b.end, 0.45))  # "leo kauppinen", "john smith"
         return out
 
     def analyze(
         self, text: str, entities: list[str], nlp_artifacts: NlpArtifacts | None = None
     ) -> list[RecognizerResult]:
         toks = self._tokens(text)
-        lower_mode = len(toks) >= 3 and not any(c.isupper() for c in text)
+        lower_mode = bool(toks) and not any(map(str.isupper, text))
         out: list[RecognizerResult] = []
         for run in self._runs(text, toks, lower_mode):
             found = self._span_of_run(text, run, lower_mode)
@@ -286,8 +313,8 @@ class ProperNounRecognizer(EntityRecognizer):
         if ", " in text and (" and " in text or " & " in text):  # both are literal parts of the pattern
             firm = _FIRM_LOWER if lower_mode else _FIRM
             out.extend(RecognizerResult(E.ORGANIZATION, m.start(), m.end(), 0.7) for m in firm.finditer(text))
-        if not lower_mode:
-            out.extend(self._lowercase_names(text, toks))
+        out.extend(self._lowercase_names(text, toks))
+        out.extend(self._after_lowercase_title(text, toks))
         out.extend(self._before_org_words(text, toks))
         lower = text.lower()
         for m in _NAME_CUE.finditer(text) if "name" in lower or "call" in lower else ():

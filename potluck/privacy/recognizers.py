@@ -38,6 +38,7 @@ class Rule:
     score: float = 0.9
     group: int | str = 0
     validate: Callable[[str], bool] | None = None
+    trim: Callable[[str], int] | None = None  # length of the valid prefix of a match (0: no match)
     needles: tuple[str, ...] = ()  # the rule runs only if one of these occurs in the lower-cased text
     hint: re.Pattern[str] | None = None  # ... and only if this (a necessary condition) is found in the text
     min_run: int = 0  # every match holds a whitespace-free run at least this long (a necessary condition)
@@ -88,6 +89,10 @@ class RegexRecognizer(EntityRecognizer):
                 start, end = m.span(rule.group)
                 if start < 0 or end <= start:
                     continue
+                if rule.trim is not None:
+                    end = start + rule.trim(text[start:end])
+                    if end <= start:
+                        continue
                 if rule.validate is not None and not rule.validate(text[start:end]):
                     continue
                 out.append(RecognizerResult(rule.entity, start, end, rule.score))
@@ -260,10 +265,30 @@ def iban_shape_ok(value: str) -> bool:
     return IBAN_LENGTHS.get(compact[:2]) == len(compact)
 
 
+def iban_prefix_len(value: str) -> int:
+    """Length of the prefix of ``value`` that holds exactly as many characters (separators aside) as
+    an IBAN of its country code has, and ends at a word boundary; 0 if there is none.
+
+    The shape pattern is greedy and case-insensitive, so it also takes the words after an IBAN
+    (``de89 3704 0044 0532 0130 00 before``); this cuts the candidate back to the IBAN.
+    """
+    want = IBAN_LENGTHS.get(value[:2].upper())
+    if want is None:
+        return 0
+    count = 0
+    for i, c in enumerate(value):
+        if c.isalnum():
+            count += 1
+            if count == want:
+                rest = value[i + 1 : i + 2]
+                return i + 1 if not rest or not rest.isalnum() else 0
+    return 0
+
+
 SHAPE_RULES = (
     Rule(re.compile(r"(?<![\w-])(?:\d[ -]?){11,18}\d(?![\w-])"), E.CREDIT_CARD, 0.8, 0, luhn_ok,
          hint=re.compile(r"\d(?:[ -]?\d){11}")),
-    Rule(re.compile(r"(?i)\b[A-Z]{2}\d{2}(?:[ -]?[A-Z0-9]){11,30}\b"), E.IBAN_CODE, 0.8, 0, iban_shape_ok,
+    Rule(re.compile(r"(?i)\b[A-Z]{2}\d{2}(?:[ -]?[A-Z0-9]){11,30}\b"), E.IBAN_CODE, 0.8, 0, iban_shape_ok, trim=iban_prefix_len,
          hint=re.compile(r"\d\d(?<=(?i:[A-Z]{2})\d\d)")),
 )
 
@@ -312,15 +337,21 @@ class PhoneRecognizer(EntityRecognizer):
         return out
 
     def _possible(self, number: str) -> bool:
-        intl = number.startswith(("+", "00"))
-        for region in (None,) if intl else self.regions:
-            try:
-                parsed = phonenumbers.parse(number if not number.startswith("00") else "+" + number[2:], region)
-            except phonenumbers.NumberParseException:
-                continue
-            if phonenumbers.is_possible_number(parsed):
+        """Possible as an international number (leading ``+``/``00``) or, failing that (``00`` also
+        starts national numbers in some plans, e.g. ``009-735 25 17``), in any of ``regions``."""
+        if number.startswith(("+", "00")):
+            if self._possible_in("+" + number[2:] if number.startswith("00") else number, None):
                 return True
-        return False
+            if number.startswith("+"):
+                return False
+        return any(self._possible_in(number, region) for region in self.regions)
+
+    @staticmethod
+    def _possible_in(number: str, region: str | None) -> bool:
+        try:
+            return phonenumbers.is_possible_number(phonenumbers.parse(number, region))
+        except phonenumbers.NumberParseException:
+            return False
 
 
 class OfflineEmailRecognizer(EmailRecognizer):

@@ -129,3 +129,28 @@ def test_detector_failure_is_privacy_error():
 
     with pytest.raises(PrivacyError, match="nothing was sent"):
         Sanitizer(Detector(engine=Engine())).sanitize(["Henrike Vollmar"])  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        # lower-case IBAN followed by words: the greedy shape match is cut back to the IBAN's length
+        ("transfer the deposit to iban cz6508000000192000145399 before friday.", "cz6508000000192000145399"),
+        ("pay GB33 BUKB 2020 1555 5555 55 today", "GB33 BUKB 2020 1555 5555 55"),
+        # "00" also starts national numbers: fall back to the regional plans
+        ("update his phone number to 009-735 25 17.", "009-735 25 17"),
+        # Faker's lower-case (fused) street suffixes: Norwegian "-plassen", Dutch "-straat"
+        ("the office moved to Solbergplassen 81 last year", "Solbergplassen 81"),
+        ("send it to Keizerstraat 12 please", "Keizerstraat 12"),
+        # all-lower-case text: a very rare street name before a number
+        ("birkelandsvingen 81, 1323 isaksen", "birkelandsvingen 81"),
+        # lower-case given + family name pairs, and a lower-case name after an abbreviated title
+        ("can you ask leo kauppinen about it", "leo kauppinen"),
+        ("Forward this to zoe fischer when she is back.", "zoe fischer"),
+        ("ms. green from the bank called twice today.", "green"),
+        ("zoe fischer", "zoe fischer"),
+    ],
+)
+def test_generalises_beyond_the_dev_templates(sanitizer, text, value):
+    out = sanitizer.sanitize([text]).texts[0]
+    assert value not in out, out
