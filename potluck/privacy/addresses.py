@@ -21,12 +21,12 @@ from presidio_analyzer import EntityRecognizer, RecognizerResult
 from presidio_analyzer.nlp_engine import NlpArtifacts
 
 from potluck.privacy import entities as E
-from potluck.privacy.lexicon import STREET_PREFIXES, Lexicon
+from potluck.privacy.lexicon import STREET_PREFIXES, STREET_WORDS, Lexicon
 
 _NUM = r"\d{1,6}[A-Za-z]?(?:[/-]\d{1,4}[A-Za-z]?)?"
 _WORD = r"[^\W\d_][\w'’.-]*"
 _UNIT = r"(?:Apt\.?|Apartment|Suite|Ste\.?|Unit|Flat|Fl\.?|Floor|Room|Rm\.?|Bldg\.?|Building|#)\s?\d{1,5}[A-Za-z]?\b"
-_UNIT_RE = re.compile(rf"(?i)\b{_UNIT}|#\d{{1,5}}\b")
+_UNIT_RE = re.compile(rf"(?i)\b{_UNIT}")
 _PO_BOX = re.compile(r"(?i)\bP\.?\s?O\.?\s?Box\s+\d{1,7}\b")
 _ADDRESS_CUE = re.compile(
     r"(?i)(?:\b(?:lives?|living|resides?|residing|located|situated|moved)\s+(?:at|to|on)|\baddress(?:\s+is|:)"
@@ -84,7 +84,13 @@ class AddressRecognizer(EntityRecognizer):
         self.lex = lexicon
         self.rare_zipf = rare_zipf
         words = lexicon.street_words
-        suffixes = _alternation([w.title() for w in words] + [w.upper() for w in words] + list(words))
+        # A designator that is also a frequent English word ("Rise", "View", "Mission" in Faker's
+        # en_GB/en_AU lists) counts only when capitalised: in lower case it is the word
+        # ("10 transaction of", "in its mission"). Function words ("of") never count.
+        weak = {w for w in words - STREET_WORDS if w in lexicon.common_words or lexicon.zipf_of(w) >= 4.5}
+        words = frozenset(w for w in words if lexicon.zipf_of(w) < 6.0 or w in STREET_WORDS)
+        suffixes = _alternation([w.title() for w in words] + [w.upper() for w in words]
+                                + [w for w in words if w not in weak])
         prefixes = _alternation([w.title() for w in STREET_PREFIXES] + list(STREET_PREFIXES))
         endings = _alternation(list(lexicon.street_endings))
         self._endings = tuple(e.lower() for e in lexicon.street_endings)
@@ -98,7 +104,7 @@ class AddressRecognizer(EntityRecognizer):
         )
         self._fused = re.compile(
             rf"(?:(?<![\w.-]){_NUM}[ \t]+)?\b(?=[^\W\d_][\w'’-]*[ \t]+\d)"
-            rf"[^\W\d_][\w'’-]*?(?i:{endings})[ \t]+{_NUM}\b{unit}"
+            rf"(?P<fw>[^\W\d_][\w'’-]*?(?i:{endings}))[ \t]+{_NUM}\b{unit}"
         )
         self._rare_then_number = re.compile(
             rf"(?:(?<![\w.-]){_NUM}[ \t]+)?\b(?=[^\W\d_]{{2,}}(?:[ -][^\W\d_]{{2,}}){{0,2}}[ \t]+\d)"
@@ -146,6 +152,11 @@ class AddressRecognizer(EntityRecognizer):
             out.append(text[start:end])
         return out
 
+    def _fused_name(self, word: str) -> bool:
+        """A street name with a fused designator ("Koskikatu") is no frequent English word that
+        merely ends like one ("During", "Spring", "Offering")."""
+        return word.lower() not in self.lex.common_words and self.lex.zipf_of(word) < 4.0
+
     def _rare_street_word(self, word: str, lower_text: bool) -> bool:
         """A word of a street name before a number: capitalised and rarer than ``rare_zipf``, or in
         an all-lower-case text, very rare (Zipf below ``rare_zipf - 1``)."""
@@ -184,6 +195,8 @@ class AddressRecognizer(EntityRecognizer):
             regexes.append(self._prefix_first)
         for regex in regexes:
             for m in regex.finditer(text):
+                if regex is self._fused and not self._fused_name(m.group("fw")):
+                    continue
                 out.append(RecognizerResult(E.STREET_ADDRESS, m.start(), self._extend_block(text, m.end()), 0.85))
         lower_text = not any(map(str.isupper, text))
         if self._rare_word_before_number(before_numbers, lower_text):

@@ -45,6 +45,7 @@ _PAIR_FAMILY_ZIPF = 5.0
 # abbreviated titles that are no English words ("ms" alone is also milliseconds, "dr" also drive)
 _NAME_TITLES = frozenset({"mr", "mr.", "mrs", "mrs.", "ms.", "dr.", "prof.", "mx."})
 _FUNCTION_WORDS = frozenset("and or the of a an to in on at for with from by is was are and & nor but".split())
+_FUNCTION_CAPS = frozenset("The A An By To In On At For With From Of And Or".split())
 _PARTICLES = frozenset("van von der den de da del della di du la le ten ter bin al el dos das".split())
 _CONNECTORS = frozenset({"&", "and", "of", "And", "Of", "for", "the"})
 _PERSON_CUES = re.compile(
@@ -136,7 +137,15 @@ class ProperNounRecognizer(EntityRecognizer):
     def _capitalised(self, word: str, lower_mode: bool = False) -> bool:
         if lower_mode:
             return self._lower_candidate(word)
-        return word[0].isupper() and (len(word) == 1 or not word[1:].isupper() or len(word) >= 4)
+        if not word[0].isupper():
+            return False
+        if len(word) == 1 or not word[1:].isupper():
+            return True
+        # ALL CAPS: emphasis or an acronym, not a name signal, unless the word is a name or uncommon
+        # ("DON'T KNOW WHAT", "PRESS NEXT", "Users WHERE" are no entities; "SMITH", "NATO" may be)
+        return len(word) >= 4 and not (
+            (word.lower() in self.lex.common_words or self.lex.zipf_of(word) >= 4.5) and not self._is_name(word)
+        )
 
     def _lower_candidate(self, word: str) -> bool:
         """In an all-lower-case text: a known name that is not a common word, or a very rare word."""
@@ -206,8 +215,8 @@ class ProperNounRecognizer(EntityRecognizer):
         while run and not lower_mode and len(run) > 1 and self._sentence_initial(text, run[0].start) \
                 and run[0].word.lower() in self.lex.common_words:
             run = run[1:]
-        while run and (run[-1].word in _CONNECTORS or run[-1].word in _PARTICLES):
-            run = run[:-1]
+        while run and (run[-1].word in _CONNECTORS or run[-1].word in _PARTICLES or run[-1].word in _FUNCTION_CAPS):
+            run = run[:-1]  # "Musicians Of The", "Directed By": a name does not end in a function word
         if not run:
             return None
         if titled or len(run) >= 2 or self._candidate(text, run[0], lower_mode):
@@ -265,6 +274,16 @@ class ProperNounRecognizer(EntityRecognizer):
                 out.append(RecognizerResult(E.ORGANIZATION, toks[j].start, end, 0.55))
         return out
 
+    def _firm_names(self, words: tuple[str, ...]) -> bool:
+        """"Clark, Romero and Hall": partners' names make a firm; two of the three must be listed
+        family names or rare words (Zipf < 2.5; "Comedy, Kids & Family" and "antelope, camels, and
+        more" are lists)."""
+        hits = 0
+        for word in words:
+            w = word.title() if word.islower() or word.isupper() else word
+            hits += w in self.lex.family_names or self.lex.zipf_of(word) < 2.5
+        return hits >= 2
+
     def _after_lowercase_title(self, text: str, toks: list[_Tok]) -> list[RecognizerResult]:
         """``mr. smith``, ``dr. green``: a lower-case word after an abbreviated title is a name,
         whatever its frequency (capitalised ones are handled by the runs)."""
@@ -312,7 +331,8 @@ class ProperNounRecognizer(EntityRecognizer):
                 out.append(RecognizerResult(etype, span[0].start, span[-1].end, 0.6))
         if ", " in text and (" and " in text or " & " in text):  # both are literal parts of the pattern
             firm = _FIRM_LOWER if lower_mode else _FIRM
-            out.extend(RecognizerResult(E.ORGANIZATION, m.start(), m.end(), 0.7) for m in firm.finditer(text))
+            out.extend(RecognizerResult(E.ORGANIZATION, m.start(), m.end(), 0.7) for m in firm.finditer(text)
+                       if self._firm_names(m.groups()))
         out.extend(self._lowercase_names(text, toks))
         out.extend(self._after_lowercase_title(text, toks))
         out.extend(self._before_org_words(text, toks))
