@@ -10,7 +10,8 @@ Per layer (Megatron-LM, Shoeybi et al. 2019, §3; TPI-LLM, Li et al. 2024, §3.1
 The all-reduce returns the same bytes on every rank, so every rank keeps an identical residual
 stream ``h``; only the master (rank 0) embeds tokens (it broadcasts the embeddings) and applies the
 final norm and the head. Numerics follow llama.cpp's CPU path where it matters for token equality:
-RMSNorm sums squares in float64 (``ggml_compute_forward_rms_norm_f32``), RoPE "normal" rotates pairs
+RMSNorm is ORT's fused SimplifiedLayerNormalization (llama.cpp sums squares in float64; see
+:func:`potluck.sharding.blocks.rms_norm` for why that costs no fidelity), RoPE "normal" rotates pairs
 (2i, 2i+1) and "neox" pairs (i, i + d/2) (``ggml_rope``), and the KV cache is float16 with Q and the
 softmax probabilities rounded to float16 before they meet it (llama.cpp's default F16 cache).
 

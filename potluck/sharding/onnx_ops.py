@@ -64,37 +64,32 @@ class GraphBuilder:
     q8_activations: bool = True
     _quantized: dict[str, str] = field(default_factory=dict)
 
-    def q8_0_activations(self, x: str) -> str:
-        """Round ``x`` float32 ``(T, K)`` to llama.cpp's Q8_0 grid, once per input name.
+    def q8_0_activations(self, x: str, k: int) -> str:
+        """Give ``x`` float32 ``(T, k)`` llama.cpp's Q8_0 block scales, once per input name.
 
-        ggml ``quantize_row_q8_0``: per 32-element block ``d = amax / 127`` stored as float16,
-        ``q = round_half_even(x * 127 / amax)``; the result ``q * d`` is what llama.cpp's integer dot
-        products see. Fed these values, ``MatMulNBits`` at accuracy level 4 re-derives the same ``q``
-        and scale, so its int8 products equal llama.cpp's (only the float summation order differs).
+        ggml ``quantize_row_q8_0``: per 32-element block ``d = amax / 127`` stored as float16 and
+        ``q = round(x * 127 / amax)``; llama.cpp's integer dot products see ``q * fp16(d)``.
+        ``MatMulNBits`` at accuracy level 4 quantizes its input the same way but keeps ``d`` in
+        float32. Scaling each block by ``fp16(d) / d`` first makes ORT derive the scale ``fp16(d)``
+        and the same ``q`` (``x * fp16(d)/d * 127 / (amax * fp16(d)/d)``), so its int8 products equal
+        llama.cpp's (only the float summation order differs). 10 nodes; an all-zero block stays zero.
         """
         if x in self._quantized:
             return self._quantized[x]
         p = f"{x}.q8"
-        shape_blocks = self.constant(f"{p}.shape", np.array([-1, 32], np.int64))
-        n = self.nodes
-        n.append(helper.make_node("Shape", [x], [f"{p}.xshape"]))
-        n.append(helper.make_node("Reshape", [x, shape_blocks], [f"{p}.blk"]))
-        n.append(helper.make_node("Abs", [f"{p}.blk"], [f"{p}.abs"]))
-        n.append(helper.make_node("ReduceMax", [f"{p}.abs"], [f"{p}.amax"], axes=[1], keepdims=1))
-        c127 = self.constant(f"{p}.c127", np.array(127.0, np.float32))
-        n.append(helper.make_node("Div", [f"{p}.amax", c127], [f"{p}.d"]))
-        n.append(helper.make_node("Cast", [f"{p}.d"], [f"{p}.d16h"], to=TensorProto.FLOAT16))
-        n.append(helper.make_node("Cast", [f"{p}.d16h"], [f"{p}.d16"], to=TensorProto.FLOAT))
-        # id = 127 / amax, or 0 for an all-zero block (the Max keeps the division finite)
+        blk = self.node("Reshape", [x, self.constant(f"{p}.shape", np.array([-1, 32], np.int64))], f"{p}.blk")
+        amax = self.node("ReduceMax", [self.node("Abs", [blk], f"{p}.abs")], f"{p}.amax", axes=[1], keepdims=1)
+        d = self.node("Div", [amax, self.constant(f"{p}.c127", np.array(127.0, np.float32))], f"{p}.d")
+        d16 = self.node(
+            "Cast", [self.node("Cast", [d], f"{p}.d16h", to=TensorProto.FLOAT16)], f"{p}.d16", to=TensorProto.FLOAT
+        )
+        # the Max keeps the ratio finite (0 / tiny = 0) for an all-zero block
         tiny = self.constant(f"{p}.tiny", np.array(np.finfo(np.float32).tiny, np.float32))
-        n.append(helper.make_node("Max", [f"{p}.amax", tiny], [f"{p}.safe"]))
-        n.append(helper.make_node("Div", [c127, f"{p}.safe"], [f"{p}.id"]))
-        n.append(helper.make_node("Mul", [f"{p}.blk", f"{p}.id"], [f"{p}.scaled"]))
-        n.append(helper.make_node("Round", [f"{p}.scaled"], [f"{p}.q"]))
-        n.append(helper.make_node("Mul", [f"{p}.q", f"{p}.d16"], [f"{p}.deq"]))
-        n.append(helper.make_node("Reshape", [f"{p}.deq", f"{p}.xshape"], [p]))
-        self._quantized[x] = p
-        return p
+        ratio = self.node("Div", [d16, self.node("Max", [d, tiny], f"{p}.safe")], f"{p}.ratio")
+        scaled = self.node("Mul", [blk, ratio], f"{p}.scaled")
+        out = self.node("Reshape", [scaled, self.constant(f"{p}.kshape", np.array([-1, k], np.int64))], p)
+        self._quantized[x] = out
+        return out
 
     def add_input(self, name: str, dtype: type | np.dtype, dims: Sequence[int | str]) -> str:
         """Declare a graph input of numpy ``dtype`` and shape ``dims`` (strings are symbolic)."""
@@ -130,7 +125,7 @@ class GraphBuilder:
         out = f"{name}.out"
         if kind in ("q4", "q8"):
             if self.q8_activations and self.accuracy_level == 4:
-                x = self.q8_0_activations(x)
+                x = self.q8_0_activations(x, k)
             b = self.constant(f"{name}.B", tensors[f"{name}.B"])
             s = self.constant(f"{name}.scales", tensors[f"{name}.scales"])
             self.nodes.append(
