@@ -52,6 +52,12 @@ _MILITARY = re.compile(
 _WORDS = re.compile(r"[^\W\d_]+\.?")
 _WORDS_ASCII = re.compile(r"[A-Za-z]+\.?")  # the same on ASCII text (twice as fast)
 _SPACE_DIGIT = re.compile(r"[ \t]\d")
+_ZIP_AT = re.compile(r"\d{3,6}(?:[ -]\d{2,3})?(?![\w-])")
+# "ZIP: 3520", "postal code 394 13", "Postcode: 7412 SL", "PLZ 10115" (the value holds a digit)
+_ZIP_CUE = re.compile(
+    r"\b(?i:zip(?:\s*code)?|post(?:al)?\s*code|postcode|plz)\s*[:#]?\s*"
+    r"(?P<zip>(?=[A-Za-z0-9]{0,5}\d)[A-Za-z0-9]{2,6}(?:[ -](?:\d{2,4}|[A-Z]{2})(?![\w-]))?)(?![\w-])"
+)
 _LINE_ENDS_IN_DIGIT = re.compile(r"\d[ \t]*$", re.M)
 _BLOCK_LINE = re.compile(r"[ \t>]*[^\n.!?;:]{1,60}")
 
@@ -139,8 +145,9 @@ class AddressRecognizer(EntityRecognizer):
         return end
 
     @staticmethod
-    def _words_before_numbers(text: str) -> list[str]:
-        """For every number preceded by blanks, the ``[\\w'’.-]`` run right before the blanks."""
+    def _words_before_numbers(text: str) -> list[tuple[str, int]]:
+        """For every number preceded by blanks: the ``[\\w'’.-]`` run right before the blanks, and
+        where the number starts."""
         out = []
         for m in _SPACE_DIGIT.finditer(text):
             end = m.start()
@@ -149,7 +156,7 @@ class AddressRecognizer(EntityRecognizer):
             start = end
             while start > 0 and (text[start - 1].isalnum() or text[start - 1] in "_'’.-"):
                 start -= 1
-            out.append(text[start:end])
+            out.append((text[start:end], m.start() + 1))
         return out
 
     def _fused_name(self, word: str) -> bool:
@@ -164,10 +171,10 @@ class AddressRecognizer(EntityRecognizer):
             return self.lex.zipf_of(word) < self.rare_zipf
         return lower_text and self.lex.zipf_of(word) < self.rare_zipf - 1.0
 
-    def _rare_word_before_number(self, runs: list[str], lower_text: bool) -> bool:
+    def _rare_word_before_number(self, runs: list[tuple[str, int]], lower_text: bool) -> bool:
         """Necessary condition for ``_rare_then_number`` to yield a span: some number preceded by
         blanks and a letter run that passes :meth:`_rare_street_word` (the last word of the name)."""
-        for run in runs:
+        for run, _ in runs:
             start = len(run)
             while start > 0 and run[start - 1].isalnum() and not run[start - 1].isdecimal():  # [^\W\d_]
                 start -= 1
@@ -189,7 +196,7 @@ class AddressRecognizer(EntityRecognizer):
         regexes = []
         if not self._street_heads.isdisjoint(words):
             regexes.append(self._number_first)
-        if any(w.lower().endswith(self._endings) for w in before_numbers):
+        if any(w.lower().endswith(self._endings) for w, _ in before_numbers):
             regexes.append(self._fused)
         if not self._prefix_heads.isdisjoint(words):
             regexes.append(self._prefix_first)
@@ -208,6 +215,12 @@ class AddressRecognizer(EntityRecognizer):
             for m in _ADDRESS_CUE.finditer(text):
                 if any(c.isdigit() for c in m.group("addr")):
                     out.append(RecognizerResult(E.STREET_ADDRESS, m.start("addr"), m.end("addr"), 0.65))
+        for word, at in before_numbers:  # "Sydney 2000", "Tunisia 6091": a postcode after a place name
+            if word in self.lex.places and (m := _ZIP_AT.match(text, at)) is not None:
+                out.append(RecognizerResult(E.ZIP_CODE, m.start(), m.end(), 0.45))
+        if "zip" in lower or "post" in lower or "plz" in lower:
+            for m in _ZIP_CUE.finditer(text):
+                out.append(RecognizerResult(E.ZIP_CODE, m.start("zip"), m.end("zip"), 0.6))
         if _LINE_ENDS_IN_DIGIT.search(text):
             for m in _POSTCODE_LINE.finditer(text):
                 out.append(RecognizerResult(E.ZIP_CODE, m.start("zip"), m.end("zip"), 0.5))

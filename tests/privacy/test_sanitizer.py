@@ -185,3 +185,18 @@ def test_common_phrases_are_not_redacted(sanitizer, text):
 )
 def test_designators_and_names_still_found(sanitizer, text, value):
     assert value not in sanitizer.sanitize([text]).texts[0]
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [("ZIP: 48750", "48750"), ("Postcode: 7412 SL please", "7412 SL"), ("postal code 394 13", "394 13"),
+     ("They moved to Sydney 2000 last year.", "2000")],
+)
+def test_postcodes_from_cues_and_places(sanitizer, text, value):
+    result = sanitizer.sanitize([text])
+    assert value not in result.texts[0] and "ZIP_CODE" in result.entity_counts(), result.texts[0]
+
+
+def test_zip_cue_takes_no_following_word(sanitizer):
+    result = sanitizer.sanitize(["ZIP: 3520 and the rest"])
+    assert result.texts[0].endswith(" and the rest")
