@@ -6,22 +6,29 @@
    round trip between two of the nodes.
 2. Two real ``potluck node start`` processes: a serving node (the model) and a forwarding node
    (another model, bootstrapped to the first). The same greedy streaming chat request goes to the
-   serving node directly and through the forwarding node; we report TTFT and decode tokens/s of
-   both, and their ratios (forwarded / direct).
+   serving node directly and through the forwarding node, interleaved; we report TTFT and decode
+   tokens/s of both, and their ratios (forwarded / direct), plus the CPU time both node processes
+   spend per completion token (user + system, ``psutil``): on a shared, loaded machine the rates
+   swing with the neighbours, the CPU cost per token much less. The load average is printed too.
 
-Run: ``.venv/bin/python bench/overlay.py`` (about a minute).
+Run: ``.venv/bin/python bench/overlay.py [--part all|propagation|forwarding] [--reps 8]`` (about a
+minute).
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
+import os
 import statistics
 import sys
 import tempfile
 import time
 import urllib.request
 from pathlib import Path
+
+import psutil
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -101,6 +108,14 @@ def stream_chat(url: str, model: str, max_tokens: int) -> tuple[float, float, in
     return first - t0, (tokens - 1) / max(last - first, 1e-9), tokens
 
 
+def _cpu_s(procs: list[psutil.Process]) -> float:
+    return sum(t.user + t.system for t in (p.cpu_times() for p in procs))
+
+
+def _load() -> str:
+    return " ".join(f"{value:.2f}" for value in os.getloadavg())
+
+
 def forwarding(tmp: Path, reps: int = 8, max_tokens: int = 200) -> None:
     p2p = free_port()
     env = {"POTLUCK_SWARM": "bench", "POTLUCK_N_THREADS": "1"}
@@ -125,22 +140,42 @@ def forwarding(tmp: Path, reps: int = 8, max_tokens: int = 200) -> None:
                 time.sleep(0.2)
             stream_chat(serve.url, MODEL.stem, 16)  # warm-up both paths
             stream_chat(fwd.url, MODEL.stem, 16)
-            direct, forwarded = [], []
+            nodes = [psutil.Process(serve.proc.pid), psutil.Process(fwd.proc.pid)]
+            direct: list[tuple[float, float, int, float]] = []
+            forwarded: list[tuple[float, float, int, float]] = []
+            print(f"forwarding: load average {_load()} before")
             for _ in range(reps):  # interleaved, so machine load hits both alike
-                direct.append(stream_chat(serve.url, MODEL.stem, max_tokens))
-                forwarded.append(stream_chat(fwd.url, MODEL.stem, max_tokens))
+                for url, out in ((serve.url, direct), (fwd.url, forwarded)):
+                    cpu = _cpu_s(nodes)
+                    ttft, tps, tokens = stream_chat(url, MODEL.stem, max_tokens)
+                    out.append((ttft, tps, tokens, (_cpu_s(nodes) - cpu) / max(tokens, 1)))
     med = lambda xs, i: statistics.median(x[i] for x in xs)  # noqa: E731
     d_ttft, f_ttft = med(direct, 0), med(forwarded, 0)
     d_tps, f_tps = med(direct, 1), med(forwarded, 1)
-    print(f"direct:    TTFT {d_ttft * 1000:.1f} ms, decode {d_tps:.0f} tok/s ({reps} requests x {max_tokens} tokens)")
-    print(f"forwarded: TTFT {f_ttft * 1000:.1f} ms, decode {f_tps:.0f} tok/s")
-    print(f"ratios (forwarded / direct): TTFT {f_ttft / d_ttft:.2f}x, decode tokens/s {f_tps / d_tps:.2f}x")
+    d_cpu, f_cpu = med(direct, 3), med(forwarded, 3)
+    print(
+        f"direct:    TTFT {d_ttft * 1000:.1f} ms, decode {d_tps:.0f} tok/s, both nodes' CPU {d_cpu * 1e3:.2f} ms/token "
+        f"({reps} requests x {max_tokens} tokens)"
+    )
+    print(
+        f"forwarded: TTFT {f_ttft * 1000:.1f} ms, decode {f_tps:.0f} tok/s, both nodes' CPU {f_cpu * 1e3:.2f} ms/token"
+    )
+    print(
+        f"ratios (forwarded / direct): TTFT {f_ttft / d_ttft:.2f}x, decode tokens/s {f_tps / d_tps:.2f}x, "
+        f"CPU per token {f_cpu / d_cpu:.2f}x; load average {_load()} after"
+    )
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--part", choices=["all", "propagation", "forwarding"], default="all")
+    parser.add_argument("--reps", type=int, default=8, help="requests per path (forwarding)")
+    args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        asyncio.run(propagation(Path(tmp) / "prop"))
-        forwarding(Path(tmp) / "fwd")
+        if args.part in ("all", "propagation"):
+            asyncio.run(propagation(Path(tmp) / "prop"))
+        if args.part in ("all", "forwarding"):
+            forwarding(Path(tmp) / "fwd", reps=args.reps)
 
 
 if __name__ == "__main__":

@@ -110,19 +110,23 @@ class PeerRoute:
             wire = to_wire(request, "".join(produced), tokens_done)
             tokens_before = tokens_done
             try:
-                async with aclosing(self._forward(peer, wire)) as frames:
-                    async for frame in frames:
-                        if isinstance(frame, TokenFrame):
-                            produced.append(frame.text)
-                            tokens_done += frame.n_tokens
-                            yield TextDelta(frame.text, frame.n_tokens)
-                        else:
+                async with aclosing(self._forward(peer, wire)) as batches:
+                    async for batch in batches:  # one delta per batch of frames
+                        texts = [f.text for f in batch if isinstance(f, TokenFrame)]
+                        if texts:
+                            n_tokens = sum(f.n_tokens for f in batch if isinstance(f, TokenFrame))
+                            text = "".join(texts)
+                            produced.append(text)
+                            tokens_done += n_tokens
+                            yield TextDelta(text, n_tokens)
+                        finish = batch[-1]
+                        if isinstance(finish, FinishFrame):
                             self.service.record_success(peer)
                             # A resumed peer counted the replayed text as prompt; report the original.
                             yield Finished(
-                                frame.finish_reason,
-                                max(0, frame.prompt_tokens - tokens_before),
-                                tokens_before + frame.completion_tokens,
+                                finish.finish_reason,
+                                max(0, finish.prompt_tokens - tokens_before),
+                                tokens_before + finish.completion_tokens,
                             )
                             return
                 raise GenerationError(f"peer {peer} ended the stream without finishing")
@@ -139,13 +143,16 @@ class PeerRoute:
             raise last_error
         raise ModelNotFound(f"no reachable peer serves {self.model_id!r}")
 
-    async def _forward(self, peer: PeerId, wire: GenerateRequest) -> AsyncGenerator[TokenFrame | FinishFrame, None]:
+    async def _forward(
+        self, peer: PeerId, wire: GenerateRequest
+    ) -> AsyncGenerator[list[TokenFrame | FinishFrame], None]:
+        """The peer's frames in batches (one bridge crossing each; see :func:`rpc.generate`)."""
         s = self.service
         if s.p2p is None:
             raise ConnectError("the overlay is not running")
         await s.bridge.call(s.ensure_admitted, peer)
-        async for frame in s.bridge.stream(rpc.generate, s.p2p, peer, wire):
-            yield frame
+        async for batch in s.bridge.stream(rpc.generate, s.p2p, peer, wire):
+            yield batch
 
 
 class PeerRouteProvider:

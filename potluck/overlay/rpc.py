@@ -58,6 +58,7 @@ PROTOCOL = "/potluck/rpc/1"
 REQUEST_TIMEOUT_S = 10.0  # to receive the request frame, and for ping / state_sync replies
 FIRST_TOKEN_TIMEOUT_S = 120.0  # a queued generation may wait for the model
 TOKEN_IDLE_TIMEOUT_S = 30.0  # between two frames of a running generation
+_MAX_BATCH_FRAMES = 64  # frames handed over together by generate()
 
 _ERROR_CODES: list[tuple[type[PotluckError], str]] = [
     (ModelNotFound, "not_found"),
@@ -228,8 +229,12 @@ async def state_sync(host: Libp2pHost, peer: PeerId, request: StateSyncRequest) 
         await _closing(frames)
 
 
-async def generate(host: Libp2pHost, peer: PeerId, request: GenerateRequest) -> AsyncIterator[TokenFrame | FinishFrame]:
-    """Run a completion on ``peer``; yield its token frames, then its ``FinishFrame``.
+async def generate(
+    host: Libp2pHost, peer: PeerId, request: GenerateRequest
+) -> AsyncIterator[list[TokenFrame | FinishFrame]]:
+    """Run a completion on ``peer``; yield its frames in batches: each batch is a frame plus every
+    frame already received behind it (so the caller crosses the bridge once per batch, not per
+    frame). The ``FinishFrame`` ends the last batch.
 
     Deadlines: ``FIRST_TOKEN_TIMEOUT_S`` for the first frame, ``TOKEN_IDLE_TIMEOUT_S`` between frames.
 
@@ -244,17 +249,29 @@ async def generate(host: Libp2pHost, peer: PeerId, request: GenerateRequest) -> 
         await frames.send(request)
         timeout = FIRST_TOKEN_TIMEOUT_S
         while True:
-            frame = await _reply(frames, peer, timeout)
+            batch = [await _generation_frame(frames, peer, timeout)]
             timeout = TOKEN_IDLE_TIMEOUT_S
-            if isinstance(frame, TokenFrame):
-                yield frame
-            elif isinstance(frame, FinishFrame):
-                yield frame
+            failure: PotluckError | None = None
+            while not isinstance(batch[-1], FinishFrame) and len(batch) < _MAX_BATCH_FRAMES and frames.has_frame():
+                try:  # already buffered: no waiting, and a bad frame behind good ones fails after them
+                    batch.append(await _generation_frame(frames, peer, timeout))
+                except PotluckError as exc:
+                    failure = exc
+                    break
+            yield batch
+            if failure is not None:
+                raise failure
+            if isinstance(batch[-1], FinishFrame):
                 return
-            else:
-                raise ProtocolViolation(f"peer {peer} sent {type(frame).__name__} inside a generation")
     finally:
         await _closing(frames)
+
+
+async def _generation_frame(frames: FrameStream, peer: PeerId, deadline_s: float) -> TokenFrame | FinishFrame:
+    frame = await _reply(frames, peer, deadline_s)
+    if not isinstance(frame, (TokenFrame, FinishFrame)):
+        raise ProtocolViolation(f"peer {peer} sent {type(frame).__name__} inside a generation")
+    return frame
 
 
 async def tp_join(host: Libp2pHost, peer: PeerId, request: TpJoinRequest) -> TpJoinReply:

@@ -289,6 +289,10 @@ class FrameStream:
             raise ProtocolViolation(f"frame of {length} bytes exceeds the {self.max_frame}-byte limit")
         return decode_payload(await self._read_exact(length))
 
+    def has_frame(self) -> bool:
+        """Whether a whole frame is already buffered, so :meth:`recv` returns it without waiting."""
+        return len(self._buf) >= 4 and len(self._buf) >= 4 + _LEN.unpack_from(self._buf)[0]
+
     async def send(self, frame: WireModel) -> None:
         """Write one frame.
 
