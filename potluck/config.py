@@ -101,6 +101,12 @@ class Settings(BaseSettings):
     serve_rate_limit_tps: float = Field(
         0.0, ge=0, le=1e6, description="Cap on tokens/s this node streams to swarm peers (0: no cap)."
     )
+    serve_flush_interval_s: float = Field(
+        0.005,
+        ge=0,
+        le=1.0,
+        description="Most seconds a token streamed to a peer waits to share a frame with later ones (0: per event).",
+    )
 
     # --- NAT traversal (overlay/nat) -----------------------------------------------------
     relay: bool = Field(False, description="Volunteer as a circuit relay v2 (hop) for peers behind NAT.")

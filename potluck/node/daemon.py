@@ -165,7 +165,7 @@ def _make_overlay(settings: Settings, identity: NodeIdentity, router: Router, me
     from potluck.overlay.local import LocalServing
     from potluck.overlay.service import OverlayService
 
-    local = LocalServing(router, settings.serve_rate_limit_tps)
+    local = LocalServing(router, settings.serve_rate_limit_tps, settings.serve_flush_interval_s)
     return OverlayService(settings, identity, local, metrics.registry, __version__)
 
 
