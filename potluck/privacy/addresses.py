@@ -86,6 +86,8 @@ _MILITARY_WORDS = _with_dots(frozenset(("psc", "cmr", "unit", "apo", "fpo", "dpo
 class AddressRecognizer(EntityRecognizer):
     """STREET_ADDRESS spans (see module docstring for the grammar)."""
 
+    needs_digit = True  # every pattern holds a number: the analyzer skips texts without digits
+
     def __init__(self, lexicon: Lexicon, rare_zipf: float = 3.0) -> None:
         self.lex = lexicon
         self.rare_zipf = rare_zipf

@@ -82,9 +82,10 @@ class GatedRecognizer(EntityRecognizer):
     """Runs ``inner`` only on texts for which the cheap ``gate`` holds (a speed-up, never a filter:
     every gate is a necessary condition of the inner patterns)."""
 
-    def __init__(self, inner: EntityRecognizer, gate: Callable[[str], object]) -> None:
+    def __init__(self, inner: EntityRecognizer, gate: Callable[[str], object], needs_digit: bool = False) -> None:
         self.inner = inner
         self.gate = gate
+        self.needs_digit = needs_digit  # every match holds a digit: the engine skips digit-free texts
         super().__init__(
             supported_entities=list(inner.supported_entities),
             name=f"Gated{type(inner).__name__}",
@@ -115,7 +116,7 @@ class FastAnalyzerEngine(AnalyzerEngine):
     contained same-type spans included). Any other call goes through presidio's full path.
     """
 
-    _frozen: tuple[list[EntityRecognizer], list[str]] | None = None
+    _frozen: tuple[list[EntityRecognizer], list[str], list[EntityRecognizer]] | None = None
 
     def _enhance_using_context(self, text, raw_results, nlp_artifacts, recognizers, context=None):
         return raw_results
@@ -123,7 +124,8 @@ class FastAnalyzerEngine(AnalyzerEngine):
     def get_supported_entities(self, language: str | None = None) -> list[str]:
         return list(self._recognizers_and_entities()[1])
 
-    def _recognizers_and_entities(self) -> tuple[list[EntityRecognizer], list[str]]:
+    def _recognizers_and_entities(self) -> tuple[list[EntityRecognizer], list[str], list[EntityRecognizer]]:
+        """(all recognizers, their entities, those that can match a text without digits)."""
         if self._frozen is None:
             recognizers = self.registry.get_recognizers(language="en", all_fields=True)
             for rec in recognizers:
@@ -131,7 +133,8 @@ class FastAnalyzerEngine(AnalyzerEngine):
                     rec.load()
                     rec.is_loaded = True
             entities = sorted({e for rec in recognizers for e in rec.get_supported_entities()})
-            self._frozen = (recognizers, entities)
+            digit_free = [rec for rec in recognizers if not getattr(rec, "needs_digit", False)]
+            self._frozen = (recognizers, entities, digit_free)
         return self._frozen
 
     def analyze(  # type: ignore[override]
@@ -154,7 +157,9 @@ class FastAnalyzerEngine(AnalyzerEngine):
             return super().analyze(
                 text, language, entities, correlation_id, score_threshold, return_decision_process,
                 ad_hoc_recognizers, context, allow_list, allow_list_match, regex_flags, nlp_artifacts)
-        recognizers, all_entities = self._recognizers_and_entities()
+        recognizers, all_entities, digit_free = self._recognizers_and_entities()
+        if _DIGIT.search(text) is None:
+            recognizers = digit_free
         threshold = self.default_score_threshold if score_threshold is None else score_threshold
         results: list[RecognizerResult] = []
         for rec in recognizers:
@@ -179,12 +184,13 @@ def build_engine(lexicon: Lexicon | None = None) -> AnalyzerEngine:
             (CreditCardRecognizer(), _CARD_HINT.search),
             (IbanRecognizer(), _IBAN_HINT.search),
             (UsSsnRecognizer(), _SSN_HINT.search),
-            (IpRecognizer(), _IP_HINT.search),
-            (CryptoRecognizer(), _BTC_HINT.search),
-            (MacAddressRecognizer(), _MAC_HINT.search),
+            (IpRecognizer(), _IP_HINT.search),  # "fe::ab" has no digit
+            (CryptoRecognizer(), _BTC_HINT.search),  # "1", "3" or "bc1" first
+            (MacAddressRecognizer(), _MAC_HINT.search),  # "aa:bb:cc:dd:ee:ff" has no digit
         )
         for inner, gate in gated:
-            registry.add_recognizer(GatedRecognizer(inner, gate))
+            needs_digit = not isinstance(inner, (IpRecognizer, MacAddressRecognizer))
+            registry.add_recognizer(GatedRecognizer(inner, gate, needs_digit))
         for rec in own_recognizers():
             registry.add_recognizer(rec)
         registry.add_recognizer(ProperNounRecognizer(lex))

@@ -58,9 +58,11 @@ class RegexRecognizer(EntityRecognizer):
     longest is skipped before its needles are looked up (prose has no 20-character words).
     """
 
-    def __init__(self, name: str, rules: Sequence[Rule], gate: Callable[[str], bool] | None = None) -> None:
+    def __init__(self, name: str, rules: Sequence[Rule], gate: Callable[[str], bool] | None = None,
+                 needs_digit: bool = False) -> None:
         self.rules = tuple(rules)
         self.gate = gate
+        self.needs_digit = needs_digit  # every rule's matches hold a digit (the engine skips other texts)
         super().__init__(supported_entities=sorted({r.entity for r in rules}), name=name)
 
     def load(self) -> None:
@@ -313,6 +315,8 @@ class PhoneRecognizer(EntityRecognizer):
     15 digits (ITU-T E.164 caps numbers at 15 digits).
     """
 
+    needs_digit = True  # the analyzer skips texts without digits
+
     def __init__(self, regions: Sequence[str] = _PHONE_REGIONS) -> None:
         self.regions = tuple(regions)
         super().__init__(supported_entities=[E.PHONE_NUMBER], name="PotluckPhoneRecognizer")
@@ -378,7 +382,7 @@ def own_recognizers() -> list[EntityRecognizer]:
     return [
         RegexRecognizer("PotluckSecretRecognizer", SECRET_RULES),
         RegexRecognizer("PotluckIdentifierRecognizer", OTHER_RULES),
-        RegexRecognizer("PotluckNumberShapeRecognizer", SHAPE_RULES, _has_digit),
+        RegexRecognizer("PotluckNumberShapeRecognizer", SHAPE_RULES, _has_digit, needs_digit=True),
         PhoneRecognizer(),
         OfflineEmailRecognizer(),
     ]

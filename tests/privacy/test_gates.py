@@ -108,3 +108,19 @@ _HINTED = [r for r in SECRET_RULES + OTHER_RULES + SHAPE_RULES if r.hint is not 
                                       "key", "pass"]), min_size=1, max_size=30).map("".join))
 def test_rule_hints_are_necessary(rule, text):
     assert rule.regex.search(text) is None or rule.hint.search(text) is not None, text
+
+
+@pytest.mark.parametrize(("value", "etype"), [("aa:bb:cc:dd:ee:ff", "MAC_ADDRESS"), ("abcd::ef", "IP_ADDRESS")])
+def test_digit_free_identifiers_are_not_skipped(sanitizer, value, etype):
+    """The analyzer skips recognizers marked ``needs_digit`` on texts without digits; these values
+    have none, so their recognizers must not be marked."""
+    result = sanitizer.sanitize([f"the device at {value} is down"])
+    assert value not in result.texts[0] and etype in result.entity_counts()
+
+
+def test_needs_digit_marks_only_digit_patterns(sanitizer):
+    recognizers, _, digit_free = sanitizer.detector.engine._recognizers_and_entities()
+    skipped = {r.name for r in recognizers} - {r.name for r in digit_free}
+    assert skipped == {"GatedCreditCardRecognizer", "GatedIbanRecognizer", "GatedUsSsnRecognizer",
+                       "GatedCryptoRecognizer", "PotluckNumberShapeRecognizer", "PotluckPhoneRecognizer",
+                       "PotluckAddresses"}
