@@ -24,7 +24,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
-from onnx import TensorProto
+from onnx import TensorProto, helper
 
 from potluck.sharding.gguf_tensors import ModelConfig
 from potluck.sharding.onnx_ops import GraphBuilder
@@ -58,6 +58,27 @@ def rms_norm(gb: GraphBuilder, x: str, name: str, weight: np.ndarray, eps: float
 def _round_f16(gb: GraphBuilder, x: str) -> str:
     half = gb.node("Cast", [x], f"{x}.h", to=TensorProto.FLOAT16)
     return gb.node("Cast", [half], f"{x}.r16", to=TensorProto.FLOAT)
+
+
+def _linears(
+    gb: GraphBuilder,
+    x: str,
+    p: str,
+    names: tuple[str, tuple[str, ...]],
+    linears: Mapping[str, Any],
+    tensors: Mapping[str, np.ndarray],
+) -> list[str]:
+    """Outputs of the linears ``names[1]`` on ``x``: one stacked linear ``names[0]`` + ``Split`` when
+    the shard has it (:func:`potluck.sharding.extract.fuse_linears`), else one linear each."""
+    fused, parts = names
+    if p + fused not in linears:
+        return [gb.linear(x, p + n, linears[p + n], tensors) for n in parts]
+    layout = linears[p + fused]
+    out = gb.linear(x, p + fused, layout, tensors)
+    outs = [f"{p}{n}.out" for n in parts]
+    split = gb.constant(f"{p}{fused}.split", np.array(layout["parts"], np.int64))
+    gb.nodes.append(helper.make_node("Split", [out, split], outs, axis=-1))
+    return outs
 
 
 def _shape(gb: GraphBuilder, name: str, dims: list[int]) -> str:
@@ -95,7 +116,7 @@ def attention(
     past_k = gb.add_input(f"{layer}.past_k", np.float16, ["P", kv, hd])
     past_v = gb.add_input(f"{layer}.past_v", np.float16, ["P", kv, hd])
     a = rms_norm(gb, h, f"{n}.attn_norm", tensors[p + "attn_norm"], config.rms_eps)
-    q, k, v = (gb.linear(a, p + x, linears[p + x], tensors) for x in ("attn_q", "attn_k", "attn_v"))
+    q, k, v = _linears(gb, a, p, ("attn_qkv", ("attn_q", "attn_k", "attn_v")), linears, tensors)
     interleaved = 1 if config.rope_mode == "normal" else 0
     cos, sin = rope
 
@@ -145,8 +166,7 @@ def ffn(
     """RMSNorm and SwiGLU (Shazeer 2020) ``down(silu(gate(b)) * up(b))``: the down-proj partial sum."""
     p = f"blk.{layer}."
     b = rms_norm(gb, h, f"l{layer}.ffn_norm", tensors[p + "ffn_norm"], config.rms_eps)
-    gate = gb.linear(b, p + "ffn_gate", linears[p + "ffn_gate"], tensors)
-    up = gb.linear(b, p + "ffn_up", linears[p + "ffn_up"], tensors)
+    gate, up = _linears(gb, b, p, ("ffn_gate_up", ("ffn_gate", "ffn_up")), linears, tensors)
     silu = gb.node("Mul", [gate, gb.node("Sigmoid", [gate], f"{p}sig")], f"{p}silu")
     act = gb.node("Mul", [silu, up], f"{p}act")
     return gb.linear(act, p + "ffn_down", linears[p + "ffn_down"], tensors)

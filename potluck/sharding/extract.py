@@ -146,6 +146,36 @@ def slice_linear(tensor: ReaderTensor, rows: slice, cols: slice) -> tuple[dict[s
     return {"kind": "q8", "n": n, "k": c1 - c0}, {"B": b, "scales": s}
 
 
+def fuse_linears(
+    linears: dict[str, dict[str, Any]], tensors: dict[str, np.ndarray], name: str, parts: list[str]
+) -> None:
+    """Stack the output rows of linears ``parts`` (same input) into one linear ``name``, in place.
+
+    One ``MatMulNBits`` over the stacked rows (Q/K/V, gate/up) replaces several: fewer kernel
+    launches, input quantizations and thread-pool rounds per token. The layout gains ``"parts"``
+    (the row counts, for the ``Split`` after it). Linears of different kinds (a K-quant file may
+    requantize ``attn_v`` to 8 bits and ``attn_q`` to 4) are left as they are.
+    """
+    layouts = [linears[p] for p in parts]
+    if len({(lay["kind"], lay["k"]) for lay in layouts}) != 1:
+        return
+    keys = ("B", "scales") if layouts[0]["kind"] in ("q4", "q8") else ("W",)
+    for key in keys:
+        tensors[f"{name}.{key}"] = np.concatenate([tensors.pop(f"{p}.{key}") for p in parts])
+    if any(f"{p}.bias" in tensors for p in parts):
+        tensors[f"{name}.bias"] = np.concatenate(
+            [tensors.pop(f"{p}.bias", np.zeros(lay["n"], np.float32)) for p, lay in zip(parts, layouts, strict=True)]
+        )
+    linears[name] = {
+        "kind": layouts[0]["kind"],
+        "n": sum(int(lay["n"]) for lay in layouts),
+        "k": layouts[0]["k"],
+        "parts": [int(lay["n"]) for lay in layouts],
+    }
+    for p in parts:
+        del linears[p]
+
+
 def plan_geometry(reader: GGUFReader, config: ModelConfig, n_ctx: int) -> PlanGeometry:
     """Per-unit memory sizes of a GGUF for :func:`potluck.sharding.plan.make_plan`."""
     t = tensor_map(reader)
@@ -181,7 +211,8 @@ def plan_geometry(reader: GGUFReader, config: ModelConfig, n_ctx: int) -> PlanGe
 def extract_shard(reader: GGUFReader, plan: ShardPlan, rank: int) -> ShardData:
     """Everything rank ``rank`` needs under ``plan``, in engine layout (in memory).
 
-    Tensor names: ``blk.L.{attn_q,attn_k,attn_v,attn_output,ffn_gate,ffn_up,ffn_down}.{B,scales,W,bias}``,
+    Tensor names: ``blk.L.{attn_qkv,attn_output,ffn_gate_up,ffn_down}.{B,scales,W,bias}`` (Q/K/V and
+    gate/up stacked by :func:`fuse_linears`; ``attn_q``... separately when their kinds differ),
     ``blk.L.{attn_norm,ffn_norm}``; rank 0 also ``token_embd.raw`` (GGUF rows, any type),
     ``output_norm`` and ``output.*``.
 
@@ -234,10 +265,12 @@ def extract_shard(reader: GGUFReader, plan: ShardPlan, rank: int) -> ShardData:
                 add_vector(p + "attn_q.bias", p + "attn_q.bias", q_rows)
                 add_vector(p + "attn_k.bias", p + "attn_k.bias", kv_rows)
                 add_vector(p + "attn_v.bias", p + "attn_v.bias", kv_rows)
+            fuse_linears(linears, tensors, p + "attn_qkv", [p + "attn_q", p + "attn_k", p + "attn_v"])
         if share.ffn_count:
             add_linear(p + "ffn_gate", f_rows, every)
             add_linear(p + "ffn_up", f_rows, every)
             add_linear(p + "ffn_down", every, f_rows)
+            fuse_linears(linears, tensors, p + "ffn_gate_up", [p + "ffn_gate", p + "ffn_up"])
     embedding: dict[str, Any] | None = None
     if rank == 0:
         embd = need("token_embd.weight")

@@ -10,9 +10,19 @@ from gguf import GGML_QUANT_SIZES, GGUFReader, GGUFWriter, quants
 from gguf import GGMLQuantizationType as QT
 
 from potluck.errors import ModelFileError
-from potluck.sharding.extract import nbits_dequantize, q4_0_to_nbits, q8_0_to_nbits, slice_linear
+from potluck.sharding.engine import EngineOptions, RankCompute, TPMaster
+from potluck.sharding.extract import (
+    extract_shard,
+    fuse_linears,
+    nbits_dequantize,
+    q4_0_to_nbits,
+    q8_0_to_nbits,
+    slice_linear,
+)
 from potluck.sharding.gguf_tensors import open_gguf, tensor_map
+from potluck.sharding.group import plan_for
 from potluck.sharding.onnx_ops import GraphBuilder, session_options
+from potluck.sharding.plan import NodeCapability
 from potluck.sharding.shard_file import read_shard, write_shard
 
 RNG = np.random.default_rng(7)
@@ -140,3 +150,43 @@ def test_corrupt_shard_files_are_rejected(tmp_path) -> None:
             read_shard(tmp_path / name)
     with pytest.raises(ModelFileError):
         read_shard(tmp_path / "missing")
+
+
+def test_qkv_and_gate_up_are_stacked_and_mixed_kinds_are_not() -> None:
+    t = {f"{n}.B": RNG.integers(0, 256, (r, 8, 16), dtype=np.uint8) for n, r in (("q", 64), ("k", 32), ("v", 32))}
+    t |= {f"{n}.scales": RNG.random(r * 8).astype(np.float32) for n, r in (("q", 64), ("k", 32), ("v", 32))}
+    layouts = {n: {"kind": "q4", "n": r, "k": 256} for n, r in (("q", 64), ("k", 32), ("v", 32))}
+    linears, tensors = dict(layouts), dict(t)
+    fuse_linears(linears, tensors, "qkv", ["q", "k", "v"])
+    assert linears == {"qkv": {"kind": "q4", "n": 128, "k": 256, "parts": [64, 32, 32]}}
+    np.testing.assert_array_equal(tensors["qkv.B"], np.concatenate([t["q.B"], t["k.B"], t["v.B"]]))
+    np.testing.assert_array_equal(tensors["qkv.scales"][64 * 8 : 96 * 8], t["k.scales"])
+    mixed = dict(layouts) | {"v": {"kind": "q8", "n": 32, "k": 256}}
+    tensors = dict(t)
+    fuse_linears(mixed, tensors, "qkv", ["q", "k", "v"])
+    assert "qkv" not in mixed and tensors.keys() == t.keys()
+
+
+def test_stacked_and_separate_linears_give_the_same_logits(model_path) -> None:
+    """Shards cached before stacking (separate Q/K/V, gate/up) still run, with the same result."""
+    path = model_path("q4_0")
+    reader = open_gguf(path)
+    plan = plan_for(reader, path, [NodeCapability("n0", 1 << 30, 1.0)], 64)
+    stacked = extract_shard(reader, plan, 0)
+    separate = extract_shard(reader, plan, 0)
+    for layer in range(int(separate.meta["config"]["n_layers"])):
+        p = f"blk.{layer}."
+        for fused, parts in (("attn_qkv", ("attn_q", "attn_k", "attn_v")), ("ffn_gate_up", ("ffn_gate", "ffn_up"))):
+            layout = separate.meta["linears"].pop(p + fused)
+            rows = np.cumsum([0, *layout["parts"]])
+            blocks = layout["k"] // 32
+            for name, n, a, b in zip(parts, layout["parts"], rows[:-1], rows[1:], strict=True):
+                separate.meta["linears"][p + name] = {"kind": layout["kind"], "n": n, "k": layout["k"]}
+                separate.tensors[f"{p}{name}.B"] = separate.tensors[f"{p}{fused}.B"][a:b]
+                separate.tensors[f"{p}{name}.scales"] = separate.tensors[f"{p}{fused}.scales"][a * blocks : b * blocks]
+    ids = list(range(1, 17))
+    logits = [
+        TPMaster(RankCompute.from_shard(s, EngineOptions(n_ctx=64, threads=1)), s, None).forward(ids, 0, True)
+        for s in (stacked, separate)
+    ]
+    np.testing.assert_allclose(logits[0], logits[1], rtol=0, atol=1e-4)
