@@ -47,12 +47,24 @@ log = logging.getLogger(__name__)
 _DIGIT = re.compile(r"\d")
 # Gates: each is its recognizer's pattern(s) with anchors, look-arounds and context removed, so a
 # text the gate rejects cannot match (presidio's patterns use [0-9]; \d is a superset).
-_CARD_HINT = re.compile(r"\d{4}[- ]?\d{3,4}[- ]?\d{3,4}[- ]?\d{3}")  # CreditCardRecognizer (13-19 digits)
-_IBAN_HINT = re.compile(r"[A-Z]{2}[0-9]{2}")  # IbanRecognizer: country code + check digits (case-sensitive)
-_SSN_HINT = re.compile(r"\d{3}[- .]?\d{2}[- .]?\d{4}")  # UsSsnRecognizer: all five patterns are 9 digits
-_IP_HINT = re.compile(r"\d\.\d|[0-9A-Fa-f]:[0-9A-Fa-f]|::")
-_BTC_HINT = re.compile(r"\b(?:[13][1-9A-HJ-NP-Za-km-z]{25}|bc1)")
-_MAC_HINT = re.compile(r"[0-9A-Fa-f]{2}[:-][0-9A-Fa-f]{2}[:-]|[0-9A-Fa-f]{4}\.[0-9A-Fa-f]{4}")
+# Each starts with a single character class (or literal), which lets the regex engine skip ahead to
+# candidate characters instead of trying a match at every position: several times faster.
+# [0-9] as presidio writes it (a plain set is also what the skip-ahead handles; \d is not).
+_CARD_HINT = re.compile(r"[0-9][0-9]{3}[- ]?[0-9]{3,4}[- ]?[0-9]{3,4}[- ]?[0-9]{3}")  # CreditCardRecognizer
+_IBAN_HINT = re.compile(r"[0-9][0-9](?<=[A-Z]{2}[0-9]{2})")  # IbanRecognizer: country code + check digits
+_SSN_HINT = re.compile(r"[0-9][0-9]{2}[- .]?[0-9]{2}[- .]?[0-9]{4}")  # UsSsnRecognizer: 9 digits
+_IPV4_HINT = re.compile(r"[0-9]\.[0-9]")  # IpRecognizer's IPv4 patterns
+_IPV6_HINT = re.compile(r":(?:(?<=[0-9A-Fa-f]:)[0-9A-Fa-f]|:)")  # ... IPv6 ones: "::" or hex:hex
+_BTC_HINT = re.compile(r"[13][a-zA-HJ-NP-Z0-9]{25}")  # CryptoRecognizer: (bc1|[13]) + 25 or more
+_MAC_HINT = re.compile(  # MacAddressRecognizer: "aa:bb:" / "aa-bb-" / "aabb.ccdd"
+    r"[:.-](?:(?<=[0-9A-Fa-f]{2}[:-])[0-9A-Fa-f]{2}[:-]|(?<=[0-9A-Fa-f]{4}\.)[0-9A-Fa-f]{4})"
+)
+
+
+def _ip_hint(text: str) -> bool:
+    return ("." in text and _IPV4_HINT.search(text) is not None) or (
+        ":" in text and _IPV6_HINT.search(text) is not None
+    )
 
 
 def _has_digit(text: str) -> bool:
@@ -184,7 +196,7 @@ def build_engine(lexicon: Lexicon | None = None) -> AnalyzerEngine:
             (CreditCardRecognizer(), _CARD_HINT.search),
             (IbanRecognizer(), _IBAN_HINT.search),
             (UsSsnRecognizer(), _SSN_HINT.search),
-            (IpRecognizer(), _IP_HINT.search),  # "fe::ab" has no digit
+            (IpRecognizer(), _ip_hint),  # "fe::ab" has no digit
             (CryptoRecognizer(), _BTC_HINT.search),  # "1", "3" or "bc1" first
             (MacAddressRecognizer(), _MAC_HINT.search),  # "aa:bb:cc:dd:ee:ff" has no digit
         )

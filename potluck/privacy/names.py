@@ -70,7 +70,7 @@ _NAME_CUE = re.compile(
     r"(?i)\b(?:my\s+name\s+is|name\s*:|call\s+me|(?:last|first|full|sur)\s*name\s*(?:is|\?|:))\s*"
     r"([^\W\d_][\w'’-]*(?: [^\W\d_][\w'’-]*)?)"
 )
-_PRONOUN_I = re.compile(r"I(?:['’](?:m|ll|ve|d))?")
+_PRONOUN_I = frozenset(f"I{a}{b}" for a in "'’" for b in ("m", "ll", "ve", "d")) | {"I"}  # I, I'm, I’ll ...
 _FIRM_LOWER = re.compile(r"\b([^\W\d_]+(?:-[^\W\d_]+)?), ([^\W\d_]+),? (?:and|&) ([^\W\d_]+)\b")
 
 
@@ -105,19 +105,24 @@ class ProperNounRecognizer(EntityRecognizer):
 
     @staticmethod
     def _tokens(text: str) -> list[_Tok]:
+        """Letter runs (inner ``-``/``'`` allowed) without a possessive ``'s``; a trailing dot is kept
+        only after an initial or a title (``J.``, ``Dr.``). Offsets come from ``str.find`` over the
+        matched words in order (a token starts with a letter and only non-letters lie between
+        tokens, so the next occurrence is the token), cheaper than a match object per token."""
         out = []
+        pos = 0
+        find = text.find
         new = tuple.__new__  # _Tok(...) without NamedTuple's Python-level __new__ (half the cost)
-        for m in (_TOKEN_ASCII if text.isascii() else _TOKEN).finditer(text):
-            word = m.group(0)
-            start, end = m.span()
+        for word in (_TOKEN_ASCII if text.isascii() else _TOKEN).findall(text):
+            start = find(word, pos)
+            pos = end = start + len(word)
             last = word[-1]
             if last == "." and len(word) != 2 and word.lower() not in _TITLES:
                 word, end = word[:-1], end - 1
                 last = word[-1]
             if last == "s" and word[-2:] in ("'s", "’s"):
                 word, end = word[:-2], end - 2
-            if word:
-                out.append(new(_Tok, (start, end, word)))
+            out.append(new(_Tok, (start, end, word)))
         return out
 
     @staticmethod
@@ -176,27 +181,28 @@ class ProperNounRecognizer(EntityRecognizer):
         """Groups of capitalised tokens joined by single spaces (plus particles, initials, connectors)."""
         runs: list[list[_Tok]] = []
         cur: list[_Tok] = []
+        capitalised = self._capitalised
+        org_words = self.lex.org_words
         for i, tok in enumerate(toks):
-            if not cur and not lower_mode and not tok.word[0].isupper():
-                continue  # no run open and no capital: nothing to start or close (the common case)
-            joinable = bool(cur) and text[cur[-1].end : tok.start] in (" ", " & ")
-            cap = self._capitalised(tok.word, lower_mode) and not _PRONOUN_I.fullmatch(tok.word)
-            inner = tok.word in _PARTICLES or tok.word in _CONNECTORS
-            if cur and joinable and tok.word.lower() in self.lex.org_words:
-                cur.append(tok)
+            word = tok.word
+            if not cur:  # only a capitalised token starts a run
+                if (lower_mode or word[0].isupper()) and capitalised(word, lower_mode) and word not in _PRONOUN_I:
+                    cur = [tok]
                 continue
-            nxt = toks[i + 1] if i + 1 < len(toks) else None
-            if cap and (joinable or not cur):
+            joinable = text[cur[-1].end : tok.start] in (" ", " & ")
+            if joinable and word.lower() in org_words:
                 cur.append(tok)
-            elif cap:
-                runs.append(cur)
-                cur = [tok]
-            elif inner and joinable and nxt is not None and self._capitalised(nxt.word, lower_mode) \
-                    and text[tok.end : nxt.start] == " ":
+            elif capitalised(word, lower_mode) and word not in _PRONOUN_I:
+                if joinable:
+                    cur.append(tok)
+                else:
+                    runs.append(cur)
+                    cur = [tok]
+            elif (joinable and (word in _PARTICLES or word in _CONNECTORS) and i + 1 < len(toks)
+                    and capitalised(toks[i + 1].word, lower_mode) and text[tok.end : toks[i + 1].start] == " "):
                 cur.append(tok)
             else:
-                if cur:
-                    runs.append(cur)
+                runs.append(cur)
                 cur = []
         if cur:
             runs.append(cur)

@@ -63,6 +63,8 @@ class RegexRecognizer(EntityRecognizer):
         self.rules = tuple(rules)
         self.gate = gate
         self.needs_digit = needs_digit  # every rule's matches hold a digit (the engine skips other texts)
+        self._uses_needles = any(r.needles for r in self.rules)
+        self._uses_runs = any(r.min_run for r in self.rules)
         super().__init__(supported_entities=sorted({r.entity for r in rules}), name=name)
 
     def load(self) -> None:
@@ -74,8 +76,8 @@ class RegexRecognizer(EntityRecognizer):
         if self.gate is not None and not self.gate(text):
             return []
         out: list[RecognizerResult] = []
-        lower = text.lower()
-        longest = max(map(len, text.split()), default=0)
+        lower = text.lower() if self._uses_needles else text
+        longest = max(map(len, text.split()), default=0) if self._uses_runs else 0
         for rule in self.rules:
             if rule.min_run > longest:
                 continue
