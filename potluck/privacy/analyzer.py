@@ -51,14 +51,26 @@ _DIGIT = re.compile(r"\d")
 # candidate characters instead of trying a match at every position: several times faster.
 # [0-9] as presidio writes it (a plain set is also what the skip-ahead handles; \d is not).
 _CARD_HINT = re.compile(r"[0-9][0-9]{3}[- ]?[0-9]{3,4}[- ]?[0-9]{3,4}[- ]?[0-9]{3}")  # CreditCardRecognizer
+_CARD_HINT_UNICODE = re.compile(r"\d{4}[- ]?\d{3,4}[- ]?\d{3,4}[- ]?\d{3}")  # its pattern says \d
 _IBAN_HINT = re.compile(r"[0-9][0-9](?<=[A-Z]{2}[0-9]{2})")  # IbanRecognizer: country code + check digits
-_SSN_HINT = re.compile(r"[0-9][0-9]{2}[- .]?[0-9]{2}[- .]?[0-9]{4}")  # UsSsnRecognizer: 9 digits
+# UsSsnRecognizer: d5-d4, d3-d6, d3-d2-d4, d9, d3[- .]d2[- .]d4, each a whole word (\b both ends;
+# the ASCII word class here is narrower than any \w, so the gate stays a necessary condition)
+_SSN_HINT = re.compile(
+    r"[0-9](?<![A-Za-z0-9_][0-9])[0-9]{2}(?:[0-9]{2}-[0-9]{4}|-[0-9]{6}|[- .][0-9]{2}[- .][0-9]{4}|[0-9]{6})"
+    r"(?![A-Za-z0-9_])"
+)
 _IPV4_HINT = re.compile(r"[0-9]\.[0-9]")  # IpRecognizer's IPv4 patterns
 _IPV6_HINT = re.compile(r":(?:(?<=[0-9A-Fa-f]:)[0-9A-Fa-f]|:)")  # ... IPv6 ones: "::" or hex:hex
 _BTC_HINT = re.compile(r"[13][a-zA-HJ-NP-Z0-9]{25}")  # CryptoRecognizer: (bc1|[13]) + 25 or more
 _MAC_HINT = re.compile(  # MacAddressRecognizer: "aa:bb:" / "aa-bb-" / "aabb.ccdd"
     r"[:.-](?:(?<=[0-9A-Fa-f]{2}[:-])[0-9A-Fa-f]{2}[:-]|(?<=[0-9A-Fa-f]{4}\.)[0-9A-Fa-f]{4})"
 )
+
+
+def _card_hint(text: str) -> bool:
+    return _CARD_HINT.search(text) is not None or (
+        not text.isascii() and _CARD_HINT_UNICODE.search(text) is not None
+    )
 
 
 def _ip_hint(text: str) -> bool:
@@ -193,7 +205,7 @@ def build_engine(lexicon: Lexicon | None = None) -> AnalyzerEngine:
         nlp.load()
         registry = RecognizerRegistry(supported_languages=["en"])
         gated: tuple[tuple[EntityRecognizer, Callable[[str], object]], ...] = (
-            (CreditCardRecognizer(), _CARD_HINT.search),
+            (CreditCardRecognizer(), _card_hint),
             (IbanRecognizer(), _IBAN_HINT.search),
             (UsSsnRecognizer(), _SSN_HINT.search),
             (IpRecognizer(), _ip_hint),  # "fe::ab" has no digit

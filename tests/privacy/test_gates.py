@@ -18,11 +18,12 @@ from potluck.privacy import analyzer
 from potluck.privacy.names import _ORG_CUE_ENDS, _ORG_CUES, _PERSON_CUE_ENDS, _PERSON_CUES
 from potluck.privacy.recognizers import OTHER_RULES, SECRET_RULES, SHAPE_RULES
 
-_PIECES = st.sampled_from(["1", "4", "0", "12", "123", "4111", "-", " ", ".", "DE", "GB", "89", "x", "\n"])
+_PIECES = st.sampled_from(["1", "4", "0", "12", "123", "4111", "-", " ", ".", "DE", "GB", "89", "x", "\n", "_",
+                           "\u0664", "\u0661\u0662\u0663", "é"])
 _NUMBERISH = st.lists(_PIECES, min_size=1, max_size=30).map("".join)
 
 GATED = [
-    (CreditCardRecognizer(), analyzer._CARD_HINT.search),
+    (CreditCardRecognizer(), analyzer._card_hint),
     (IbanRecognizer(), analyzer._IBAN_HINT.search),
     (UsSsnRecognizer(), analyzer._SSN_HINT.search),
 ]
@@ -124,3 +125,10 @@ def test_needs_digit_marks_only_digit_patterns(sanitizer):
     assert skipped == {"GatedCreditCardRecognizer", "GatedIbanRecognizer", "GatedUsSsnRecognizer",
                        "GatedCryptoRecognizer", "PotluckNumberShapeRecognizer", "PotluckPhoneRecognizer",
                        "PotluckAddresses"}
+
+
+@pytest.mark.parametrize("text", ["123-45-6789", "123 45 6789", "123.45.6789", "12345-6789", "123-456789", "123456789",
+                                  "x123456789", "1234567890", "a 123-45-6789.", "_123456789", "4111 1111 1111 1111"])
+def test_ssn_gate_on_boundaries(text):
+    found = [r for r in UsSsnRecognizer().analyze(text, ["US_SSN"]) if r.score > 0]
+    assert not found or analyzer._SSN_HINT.search(text), text
