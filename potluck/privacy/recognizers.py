@@ -305,7 +305,9 @@ _PHONE_CANDIDATE = re.compile(
 _PHONE_CORE = re.compile(r"\d[\d ().\-/]{4,22}\d")  # the candidate's core, digit first: a fast gate
 _IPV4 = re.compile(r"\d{1,3}(?:\.\d{1,3}){3}")
 _DATE_LIKE = re.compile(r"\d{4}-\d{2}-\d{2}|\d{1,2}/\d{1,2}/\d{2,4}|\d{1,2}:\d{2}")
-_PHONE_REGIONS = ("US", "GB", "DE", "FR", "IT", "ES", "NL", "SE", "NO", "DK", "FI", "CH", "AT", "BE", "PL",
+# Any region that accepts a number decides, so the most permissive plans go first (Germany's and
+# Austria's allow 4-15 digits): most candidates are settled by the first parse.
+_PHONE_REGIONS = ("DE", "AT", "US", "GB", "FR", "IT", "ES", "NL", "SE", "NO", "DK", "FI", "CH", "BE", "PL",
                   "PT", "BR", "IN", "AU", "CA", "IL", "JP", "CN", "RU", "MX", "ZA", "IE", "CZ", "HU", "GR")
 
 
