@@ -103,8 +103,8 @@ class AddressRecognizer(EntityRecognizer):
         endings = _alternation(list(lexicon.street_endings))
         self._endings = tuple(e.lower() for e in lexicon.street_endings)
         unit = rf"(?:,?\s+{_UNIT})?"
-        self._number_first = re.compile(
-            rf"(?<![\w.-]){_NUM}(?:[ \t]+\d{{1,5}})?[ \t]+(?:[NSEW]\.?[ \t]+)?(?:{_WORD}[ \t]+){{0,4}}?"
+        self._number_first = re.compile(  # digit first: the look-behind is checked after one digit
+            rf"\d(?<![\w.-]\d)\d{{0,5}}[A-Za-z]?(?:[/-]\d{{1,4}}[A-Za-z]?)?(?:[ \t]+\d{{1,5}})?[ \t]+(?:[NSEW]\.?[ \t]+)?(?:{_WORD}[ \t]+){{0,4}}?"
             rf"(?:{suffixes})\b\.?(?:[ \t]+(?:N|S|E|W|NE|NW|SE|SW)\b)?(?:[ \t]+\d{{1,5}}[A-Za-z]?\b\.?)?{unit}"
         )
         self._prefix_first = re.compile(
@@ -120,8 +120,9 @@ class AddressRecognizer(EntityRecognizer):
         )
         # gates: the first letter run of every designator, as the lower-cased word set of a text holds it
         self._street_heads = frozenset(
-            h for w in words for form in (w, w.upper().lower()) for h in _heads(form)
+            h for w in words - weak for form in (w, w.upper().lower()) for h in _heads(form)
         )
+        self._weak_heads = frozenset(h for w in words & weak for h in _heads(w))  # must appear capitalised
         self._prefix_heads = frozenset(h for w in STREET_PREFIXES for h in _heads(w))
         super().__init__(supported_entities=[E.STREET_ADDRESS], name="PotluckAddresses")
 
@@ -196,7 +197,9 @@ class AddressRecognizer(EntityRecognizer):
         before_numbers = self._words_before_numbers(text)
         # every gate below is a necessary condition of its pattern (a speed-up, never a filter)
         regexes = []
-        if not self._street_heads.isdisjoint(words):
+        if not self._street_heads.isdisjoint(words) or any(
+            h.title() in text or h.upper() in text for h in self._weak_heads & words
+        ):
             regexes.append(self._number_first)
         if any(w.lower().endswith(self._endings) for w, _ in before_numbers):
             regexes.append(self._fused)
