@@ -23,6 +23,8 @@ from potluck.errors import PrivacyError
 # Found from the number backwards: the scan looks for digits only (a fast skip over everything
 # else), then the up to four words before the separator are matched on the reversed text.
 _NUMBER_AFTER_WORD = re.compile(r"\d(?<=[A-Za-z][ _]\d)\d{0,5}(?!\d)")
+# the same for ASCII text: a plain [0-9] set lets the regex engine skip ahead (\d does not)
+_NUMBER_AFTER_WORD_ASCII = re.compile(r"[0-9](?<=[A-Za-z][ _][0-9])[0-9]{0,5}(?![0-9])")
 _TYPE_WORDS_REVERSED = re.compile(r"[A-Za-z]+(?:[ _][A-Za-z]+){0,3}")
 _SEPARATOR = re.compile(r"[ _]")
 
@@ -47,7 +49,7 @@ class PlaceholderMap:
     def reserve_from(self, texts: Iterable[str]) -> None:
         """Reserve the (type, number) of every placeholder-like text in ``texts`` (collision safety)."""
         for text in texts:
-            for m in _NUMBER_AFTER_WORD.finditer(text):
+            for m in (_NUMBER_AFTER_WORD_ASCII if text.isascii() else _NUMBER_AFTER_WORD).finditer(text):
                 sep = m.start() - 1
                 before = _TYPE_WORDS_REVERSED.match(text[max(0, sep - 80) : sep][::-1])
                 if before is None:
