@@ -12,9 +12,14 @@ Linear kinds (see :mod:`potluck.sharding.extract`):
 - ``q4`` / ``q8``: ``com.microsoft.MatMulNBits`` (bits 4 or 8, block 32, default zero point).
   ``accuracy_level`` 4 (int8 activations per 32-block) was chosen by measurement: for a 2048x5632
   matrix it is 4.7x (4-bit) and 90x (8-bit) faster than level 0 on this machine, and with the
-  activations first rounded to llama.cpp's Q8_0 grid (:meth:`GraphBuilder.q8_0_activations`) its
-  teacher-forced top-1 agreement with llama.cpp on the fixtures is 99.2-100 % (level 0, exact
-  float activations: 98.4 %, every miss at a top-2 margin < 0.007).
+  activations first given llama.cpp's float16 Q8_0 block scales (:meth:`GraphBuilder.q8_0_activations`)
+  its teacher-forced top-1 agreement with llama.cpp on the fixtures is 99.2-100 % (level 0, exact
+  float activations: 98.4 %, every miss at a top-2 margin < 0.007; level 4 without the scale
+  emulation: 97.7 % at N = 2).
+  Cost model worth knowing: at level 4 MLAS repacks B with a float32 scale and a float32 block sum
+  per 32-block (24 bytes per block where llama.cpp reads 18; measured: a 32000x2048 Q4_0 session
+  grows the process by 73 MB at level 4, 49 MB at level 0, for 41 MB of nibbles + scales), so a
+  memory-bound decode reads up to a third more bytes than llama.cpp's.
 - ``f32``: ``Gemm(transB=1)`` on the stored ``(N, K)`` matrix.
 - ``f16``: activations rounded to float16 (as llama.cpp's F16 ``vec_dot_type`` does), then
   ``Gemm`` on the weights widened to float32 (2x the memory of the file, for fidelity).
