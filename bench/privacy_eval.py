@@ -126,7 +126,8 @@ def split_templates(rows: list[dict], fraction: float, seed: int) -> tuple[list[
 
     ids = sorted({r.get("template_id", -1) for r in rows})
     held = set(random.Random(seed).sample(ids, max(1, round(fraction * len(ids)))))
-    return [r for r in rows if r.get("template_id", -1) not in held], [r for r in rows if r.get("template_id", -1) in held]
+    rest = [r for r in rows if r.get("template_id", -1) not in held]
+    return rest, [r for r in rows if r.get("template_id", -1) in held]
 
 
 def holdout_report(rows: list[dict], fraction: float, seed: int, show_leaks: int) -> int:

@@ -104,7 +104,8 @@ class AddressRecognizer(EntityRecognizer):
         self._endings = tuple(e.lower() for e in lexicon.street_endings)
         unit = rf"(?:,?\s+{_UNIT})?"
         self._number_first = re.compile(  # digit first: the look-behind is checked after one digit
-            rf"\d(?<![\w.-]\d)\d{{0,5}}[A-Za-z]?(?:[/-]\d{{1,4}}[A-Za-z]?)?(?:[ \t]+\d{{1,5}})?[ \t]+(?:[NSEW]\.?[ \t]+)?(?:{_WORD}[ \t]+){{0,4}}?"
+            rf"\d(?<![\w.-]\d)\d{{0,5}}[A-Za-z]?(?:[/-]\d{{1,4}}[A-Za-z]?)?"  # _NUM, digit first
+            rf"(?:[ \t]+\d{{1,5}})?[ \t]+(?:[NSEW]\.?[ \t]+)?(?:{_WORD}[ \t]+){{0,4}}?"
             rf"(?:{suffixes})\b\.?(?:[ \t]+(?:N|S|E|W|NE|NW|SE|SW)\b)?(?:[ \t]+\d{{1,5}}[A-Za-z]?\b\.?)?{unit}"
         )
         self._prefix_first = re.compile(
@@ -221,8 +222,8 @@ class AddressRecognizer(EntityRecognizer):
                 if any(c.isdigit() for c in m.group("addr")):
                     out.append(RecognizerResult(E.STREET_ADDRESS, m.start("addr"), m.end("addr"), 0.65))
         for word, at in before_numbers:  # "Sydney 2000", "Tunisia 6091": a postcode after a place name
-            if word in self.lex.places and (m := _ZIP_AT.match(text, at)) is not None:
-                out.append(RecognizerResult(E.ZIP_CODE, m.start(), m.end(), 0.45))
+            if word in self.lex.places and (z := _ZIP_AT.match(text, at)) is not None:
+                out.append(RecognizerResult(E.ZIP_CODE, z.start(), z.end(), 0.45))
         if "zip" in lower or "post" in lower or "plz" in lower:
             for m in _ZIP_CUE.finditer(text):
                 out.append(RecognizerResult(E.ZIP_CODE, m.start("zip"), m.end("zip"), 0.6))

@@ -161,7 +161,7 @@ class FastAnalyzerEngine(AnalyzerEngine):
             self._frozen = (recognizers, entities, digit_free)
         return self._frozen
 
-    def analyze(  # type: ignore[override]
+    def analyze(
         self,
         text: str,
         language: str,

@@ -340,13 +340,13 @@ class ProperNounRecognizer(EntityRecognizer):
             out.extend(RecognizerResult(E.ORGANIZATION, m.start(), m.end(), 0.7) for m in firm.finditer(text)
                        if self._firm_names(m.groups()))
         # the three token scans below run only if a word they look for occurs at all
-        words = {t.word.lower() for t in toks}
-        words.update([w[:-1] for w in words if w[-1] == "."])
-        if not self._pair_given_lower.isdisjoint(words):
+        seen = {t.word.lower() for t in toks}
+        seen.update([w[:-1] for w in seen if w[-1] == "."])
+        if not self._pair_given_lower.isdisjoint(seen):
             out.extend(self._lowercase_names(text, toks))
-        if not _NAME_TITLES.isdisjoint(words):
+        if not _NAME_TITLES.isdisjoint(seen):
             out.extend(self._after_lowercase_title(text, toks))
-        if not self.lex.org_words.isdisjoint(words):
+        if not self.lex.org_words.isdisjoint(seen):
             out.extend(self._before_org_words(text, toks))
         lower = text.lower()
         for m in _NAME_CUE.finditer(text) if "name" in lower or "call" in lower else ():

@@ -149,8 +149,10 @@ SECRET_RULES = (
     Rule(re.compile(r"\bgh[pousr]_[A-Za-z0-9]{30,255}\b|\bgithub_pat_[A-Za-z0-9_]{22,255}"), E.SECRET, 1.0,
          min_run=33, needles=("ghp_", "gho_", "ghu_", "ghs_", "ghr_", "github_pat_")),
     Rule(re.compile(r"\bglpat-[A-Za-z0-9_-]{20,}"), E.SECRET, 1.0, min_run=26, needles=("glpat-",)),
-    Rule(re.compile(r"\bsk-(?:ant-|proj-|svcacct-|admin-|or-v1-)?[A-Za-z0-9_-]{20,}"), E.SECRET, 1.0, min_run=23, needles=("sk-",)),
-    Rule(re.compile(r"\b(?:sk|pk|rk)_(?:live|test)_[A-Za-z0-9]{16,}"), E.SECRET, 1.0, min_run=24, needles=("_live_", "_test_")),
+    Rule(re.compile(r"\bsk-(?:ant-|proj-|svcacct-|admin-|or-v1-)?[A-Za-z0-9_-]{20,}"), E.SECRET, 1.0, min_run=23,
+         needles=("sk-",)),
+    Rule(re.compile(r"\b(?:sk|pk|rk)_(?:live|test)_[A-Za-z0-9]{16,}"), E.SECRET, 1.0, min_run=24,
+         needles=("_live_", "_test_")),
     Rule(re.compile(r"\bxox[abposre]-[A-Za-z0-9-]{10,}"), E.SECRET, 1.0, min_run=15, needles=("xox",)),
     Rule(re.compile(r"https://hooks\.slack\.com/services/[A-Za-z0-9/_-]{20,}"), E.SECRET, 1.0,
          min_run=53, needles=("hooks.slack",)),
@@ -161,13 +163,16 @@ SECRET_RULES = (
     Rule(re.compile(r"\bpypi-[A-Za-z0-9_-]{50,}"), E.SECRET, 1.0, min_run=55, needles=("pypi-",)),
     Rule(re.compile(r"\bSG\.[A-Za-z0-9_-]{16,}\.[A-Za-z0-9_-]{16,}"), E.SECRET, 1.0, min_run=36, needles=("sg.",)),
     Rule(re.compile(r"\b(?:SK|AC)[0-9a-fA-F]{32}\b"), E.SECRET, 0.9, min_run=34),  # Twilio
-    Rule(re.compile(r"\b\d{8,10}:AA[A-Za-z0-9_-]{33}\b"), E.SECRET, 1.0, min_run=44, needles=(":aa",)),  # Telegram bot token
-    Rule(re.compile(r"\b(?:dop|doo|dor)_v1_[a-f0-9]{64}\b"), E.SECRET, 1.0, min_run=71, needles=("_v1_",)),  # DigitalOcean
+    Rule(re.compile(r"\b\d{8,10}:AA[A-Za-z0-9_-]{33}\b"), E.SECRET, 1.0, min_run=44,  # Telegram bot token
+         needles=(":aa",)),
+    Rule(re.compile(r"\b(?:dop|doo|dor)_v1_[a-f0-9]{64}\b"), E.SECRET, 1.0, min_run=71,  # DigitalOcean
+         needles=("_v1_",)),
     # Authorization headers (RFC 6750 bearer, RFC 7617 basic)
     Rule(re.compile(r"(?i)\bbearer\s+([A-Za-z0-9._~+/=-]{12,})"), E.SECRET, 1.0, 1, min_run=12, needles=("bearer",)),
     Rule(re.compile(r"(?i)\bbasic\s+([A-Za-z0-9+/]{12,}={0,2})"), E.SECRET, 0.9, 1, min_run=12, needles=("basic",)),
     # user:password@ in any URL, connection strings included (RFC 3986 userinfo)
-    Rule(re.compile(r"\b[A-Za-z][A-Za-z0-9+.-]{1,20}://[^\s:/@'\"]{1,128}:([^\s@/'\"]{1,256})@"), E.SECRET, 1.0, 1, min_run=9, needles=("://",)),
+    Rule(re.compile(r"\b[A-Za-z][A-Za-z0-9+.-]{1,20}://[^\s:/@'\"]{1,128}:([^\s@/'\"]{1,256})@"), E.SECRET, 1.0, 1,
+         min_run=9, needles=("://",)),
     # key = value / key: value assignments (config files, env, ADO connection strings, JSON)
     Rule(
         re.compile(
@@ -221,7 +226,8 @@ OTHER_RULES = (
     Rule(re.compile(r"(?<![\w.+:/-])[\w.+-]{1,64}@[A-Za-z0-9-]{1,63}(?:\.[A-Za-z0-9-]{1,63})+"), E.EMAIL_ADDRESS, 0.5,
          min_run=5, needles=("@",)),
     Rule(re.compile(r"\b0x[a-fA-F0-9]{40}\b"), E.CRYPTO, 0.9, min_run=42, needles=("0x",)),  # Ethereum address (EIP-55)
-    Rule(re.compile(r"\b(?:bc1|tb1)[ac-hj-np-z02-9]{25,87}\b"), E.CRYPTO, 0.9, min_run=28, needles=("bc1", "tb1")),  # BIP-173
+    Rule(re.compile(r"\b(?:bc1|tb1)[ac-hj-np-z02-9]{25,87}\b"), E.CRYPTO, 0.9, min_run=28,  # BIP-173
+         needles=("bc1", "tb1")),
     Rule(re.compile(r"\b[LM3][a-km-zA-HJ-NP-Z1-9]{26,33}\b"), E.CRYPTO, 0.5, 0, _has_digit, min_run=27),  # LTC/P2SH
     Rule(
         re.compile(
@@ -292,7 +298,8 @@ def iban_prefix_len(value: str) -> int:
 SHAPE_RULES = (
     Rule(re.compile(r"(?<![\w-])(?:\d[ -]?){11,18}\d(?![\w-])"), E.CREDIT_CARD, 0.8, 0, luhn_ok,
          hint=re.compile(r"\d(?:[ -]?\d){11}")),
-    Rule(re.compile(r"(?i)\b[A-Z]{2}\d{2}(?:[ -]?[A-Z0-9]){11,30}\b"), E.IBAN_CODE, 0.8, 0, iban_shape_ok, trim=iban_prefix_len,
+    Rule(re.compile(r"(?i)\b[A-Z]{2}\d{2}(?:[ -]?[A-Z0-9]){11,30}\b"), E.IBAN_CODE, 0.8, 0, iban_shape_ok,
+         trim=iban_prefix_len,
          hint=re.compile(r"\d\d(?<=(?i:[A-Z]{2})\d\d)")),
 )
 

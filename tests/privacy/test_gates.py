@@ -39,7 +39,8 @@ def test_presidio_gates_are_necessary(recognizer, gate, text):
 
 @pytest.mark.parametrize(
     ("recognizer", "gate", "text"),
-    [(GATED[0][0], GATED[0][1], "card 4111 1111 1111 1111 ok"), (GATED[1][0], GATED[1][1], "DE89 3704 0044 0532 0130 00"),
+    [(GATED[0][0], GATED[0][1], "card 4111 1111 1111 1111 ok"),
+     (GATED[1][0], GATED[1][1], "DE89 3704 0044 0532 0130 00"),
      (GATED[2][0], GATED[2][1], "ssn 078-05-1120")],
 )
 def test_presidio_gates_pass_real_values(recognizer, gate, text):

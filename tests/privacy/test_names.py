@@ -23,7 +23,9 @@ def _reference_tokens(text: str) -> list[tuple[int, int, str]]:
     return out
 
 
-_PIECES = st.sampled_from(["Ann", "o", "'", "’", "s", "-", ".", " ", "Dr", "J", "9", "_", "é", "Öz", "ß", "\n", "İ", "x"])
+_PIECES = st.sampled_from(
+    ["Ann", "o", "'", "’", "s", "-", ".", " ", "Dr", "J", "9", "_", "é", "Öz", "ß", "\n", "İ", "x"]
+)
 
 
 @settings(max_examples=300, deadline=None)

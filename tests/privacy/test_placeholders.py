@@ -1,9 +1,9 @@
 from __future__ import annotations
 
 import pytest
+from cryptography.fernet import Fernet
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from cryptography.fernet import Fernet
 
 from potluck.errors import PrivacyError
 from potluck.privacy.placeholders import PlaceholderMap
