@@ -25,7 +25,9 @@ from potluck.privacy.lexicon import STREET_PREFIXES, STREET_WORDS, Lexicon
 
 _NUM = r"\d{1,6}[A-Za-z]?(?:[/-]\d{1,4}[A-Za-z]?)?"
 _WORD = r"[^\W\d_][\w'’.-]*"
-_UNIT = r"(?:Apt\.?|Apartment|Suite|Ste\.?|Unit|Flat|Fl\.?|Floor|Room|Rm\.?|Bldg\.?|Building|#)\s?\d{1,5}[A-Za-z]?\b"
+# unit designators (Faker's secondary-address formats: en_US/GB/AU, es, it)
+_UNIT = (r"(?:Apt\.?|Apartment|Suite|Ste\.?|Unit|Flat|Fl\.?|Floor|Room|Rm\.?|Bldg\.?|Building|Studio|Apto\.?|"
+         r"Apartamento|Appartamento|Dpto\.?|Depto\.?|Dto\.?|Piso|Puerta|Oficina|#)\s?\d{1,5}[A-Za-z]?\b")
 _UNIT_RE = re.compile(rf"(?i)\b{_UNIT}")
 _PO_BOX = re.compile(r"(?i)\bP\.?\s?O\.?\s?Box\s+\d{1,7}\b")
 _ADDRESS_CUE = re.compile(
@@ -79,7 +81,10 @@ def _with_dots(words: frozenset[str]) -> frozenset[str]:
     return words | {w + "." for w in words}
 
 
-_UNIT_WORDS = _with_dots(frozenset("apt apartment suite ste unit flat fl floor room rm bldg building".split()))
+_UNIT_WORDS = _with_dots(frozenset(
+    "apt apartment suite ste unit flat fl floor room rm bldg building studio apto apartamento appartamento dpto depto "
+    "dto piso puerta oficina".split()
+))
 _MILITARY_WORDS = _with_dots(frozenset(("psc", "cmr", "unit", "apo", "fpo", "dpo")))
 
 

@@ -149,6 +149,9 @@ def test_detector_failure_is_privacy_error():
         ("Forward this to zoe fischer when she is back.", "zoe fischer"),
         ("ms. green from the bank called twice today.", "green"),
         ("zoe fischer", "zoe fischer"),
+        # Faker's en_GB / es secondary addresses
+        ("New address for Ann: Studio 84\nGreen Extensions, Leeds", "Studio 84"),
+        ("vivo en la Calle Mayor, Piso 3", "Piso 3"),
     ],
 )
 def test_generalises_beyond_the_dev_templates(sanitizer, text, value):
