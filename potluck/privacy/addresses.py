@@ -45,7 +45,7 @@ _POSTCODE_LINE = re.compile(
 # a bare building number alone on a line, or before "Name. Name 12": part of a street line
 _NUMBER_LINE = re.compile(r"(?m)^[ \t>?*-]*(?P<n>\d{1,6})[ \t]*$")
 _NUMBER_BEFORE_STREET = re.compile(  # digit first (a fast scan), then the look-behind on the char before it
-    r"\d(?<![\w.,-]\d)\d{2,5}(?=[ \t]+[^\W\d_]+\.?[ \t]+[^\W\d_]+[ \t]+\d)"
+    r"\d(?<![\w.,-]\d)\d{2,5}(?=[ \t]+(?P<w1>[^\W\d_]+)\.?[ \t]+(?P<w2>[^\W\d_]+)[ \t]+\d)"
 )
 # US military mail (USPS Publication 28, section 225)
 _MILITARY = re.compile(
@@ -227,7 +227,7 @@ class AddressRecognizer(EntityRecognizer):
                 if any(c.isdigit() for c in m.group("addr")):
                     out.append(RecognizerResult(E.STREET_ADDRESS, m.start("addr"), m.end("addr"), 0.65))
         for word, at in before_numbers:  # "Sydney 2000", "Tunisia 6091": a postcode after a place name
-            if word in self.lex.places and (z := _ZIP_AT.match(text, at)) is not None:
+            if word[:1].isupper() and word in self.lex.places and (z := _ZIP_AT.match(text, at)) is not None:
                 out.append(RecognizerResult(E.ZIP_CODE, z.start(), z.end(), 0.45))
         if "zip" in lower or "post" in lower or "plz" in lower:
             for m in _ZIP_CUE.finditer(text):
@@ -237,8 +237,12 @@ class AddressRecognizer(EntityRecognizer):
                 out.append(RecognizerResult(E.ZIP_CODE, m.start("zip"), m.end("zip"), 0.5))
             for m in _NUMBER_LINE.finditer(text):  # "45818" alone on the line before a street
                 out.append(RecognizerResult(E.STREET_ADDRESS, m.start("n"), m.end("n"), 0.4))
-        for m in _NUMBER_BEFORE_STREET.finditer(text):  # "85199 Name. Name 58"
-            out.append(RecognizerResult(E.STREET_ADDRESS, m.start(), m.end(), 0.4))
+        for m in _NUMBER_BEFORE_STREET.finditer(text):  # "85199 Name. Name 58" (not "2019 we sold 250")
+            w1, w2 = m.group("w1"), m.group("w2")
+            if (w1[0].isupper() and w2[0].isupper()) or (
+                lower_text and self.lex.zipf_of(w1) < 4.0 and self.lex.zipf_of(w2) < 4.0
+            ):
+                out.append(RecognizerResult(E.STREET_ADDRESS, m.start(), m.end(), 0.4))
         for regex, hit in ((_UNIT_RE, not _UNIT_WORDS.isdisjoint(words) or "#" in text),
                            (_PO_BOX, "box" in lower), (_MILITARY, not _MILITARY_WORDS.isdisjoint(words))):
             if hit:

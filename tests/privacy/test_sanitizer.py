@@ -203,3 +203,20 @@ def test_postcodes_from_cues_and_places(sanitizer, text, value):
 def test_zip_cue_takes_no_following_word(sanitizer):
     result = sanitizer.sanitize(["ZIP: 3520 and the rest"])
     assert result.texts[0].endswith(" and the rest")
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        ("pay IR040569805555239207049601 today", "IR040569805555239207049601"),  # valid mod-97, no table entry
+        ("+54 9 3427 2474 is my cell", "+54 9 3427 2474"),  # Argentine mobile: lengths disagree, code is known
+        ("Phone 25 00 02, thanks", "25 00 02"),  # six digits right after a phone cue
+    ],
+)
+def test_identifier_edge_formats(sanitizer, text, value):
+    assert value not in sanitizer.sanitize([text]).texts[0]
+
+
+def test_six_digits_without_cue_and_years_are_left(sanitizer):
+    text = "in 2019 we sold 250 002 units"
+    assert sanitizer.sanitize([text]).texts[0] == text
