@@ -391,7 +391,8 @@ class PhoneRecognizer(EntityRecognizer):
             parsed = phonenumbers.parse(number, None)
         except phonenumbers.NumberParseException:
             return False
-        return phonenumbers.region_code_for_country_code(parsed.country_code) != "ZZ"
+        code = parsed.country_code
+        return code is not None and phonenumbers.region_code_for_country_code(code) != "ZZ"
 
     @staticmethod
     def _possible_in(number: str, region: str | None) -> bool:
