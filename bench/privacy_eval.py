@@ -14,6 +14,14 @@ Input: JSON lines ``{"text", "spans": [{"type", "value", "start", "end"}]}``.
   of ``--repeats`` passes, as wall time and as process CPU time (on a shared machine the CPU figure
   is the one other processes disturb least).
 
+Generalisation checks (the issue's evaluation also uses held-out templates of the same generator):
+
+* ``--holdout 0.3 --seed S``: leak rates on a random 30% of the templates next to the rest;
+* ``--resample S``: every labelled value replaced by a fresh Faker value of its type from one of
+  19 locales (same templates, new names, addresses, phone formats, IBAN countries);
+* ``--own-templates N --seed S``: N texts from templates written for this check (not taken from
+  the dev set), filled with Faker values, 15% of them lower-cased as the generator does.
+
 Anchor, side by side: presidio's stock ``AnalyzerEngine`` with all predefined recognizers on the
 same offline no-op NLP engine (no spaCy model can be installed), replacing its detections with
 the same placeholders. Ratios are ours / anchor.
@@ -22,6 +30,7 @@ the same placeholders. Ratios are ours / anchor.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import sys
@@ -120,6 +129,130 @@ def evaluate(sanitizer: Sanitizer, rows: list[dict], show_leaks: int = 0, repeat
     }
 
 
+# --- generalisation data ------------------------------------------------------------------------------
+
+LOCALES = ("en_US", "en_GB", "de_DE", "fr_FR", "fi_FI", "hu_HU", "pl_PL", "sv_SE", "da_DK", "it_IT", "es_ES", "pt_BR",
+           "cs_CZ", "nl_NL", "no_NO", "de_CH", "en_AU", "en_CA", "pt_PT")
+
+OWN_TEMPLATES = r"""Hey, it's {FIRST}. Can you call me back at {PHONE}?
+Please ship the order to {ADDRESS}
+Our new intern, {PERSON}, starts on Monday in the {ORG} office.
+Transfer the deposit to IBAN {IBAN} before Friday.
+I forgot the PIN for card {CARD}; can you reset it?
+The server at {IP} keeps rejecting my login.
+{PERSON} <{EMAIL}> wrote: see you tomorrow
+Reach our support desk on {PHONE} or at {EMAIL}.
+My social security number is {SSN} and my date of birth is in the file.
+Dear {PERSON},\nthank you for your application to {ORG}.\nKind regards,\n{PERSON2}
+Can {FIRST} pick up the keys from {STREET} after six?
+{ORG} has appointed {PERSON} as chief financial officer.
+Invoice recipient:\n{PERSON}\n{ADDRESS}
+Attn: {PERSON}, {ORG}, {STREET}
+We met {PERSON} and {PERSON2} at the conference in {CITY}.
+Is {STREET} close to the train station?
+Send the contract to {EMAIL} and cc {EMAIL2}.
+Please wire the refund to {IBAN} (account holder: {PERSON}).
+{FIRST} {LAST} was born in {CITY} and moved to {COUNTRY} as a child.
+the package for {PERSON} was left at {STREET}
+card number {CARD} expired last month, please send a new one to {ADDRESS}
+Mr. {LAST} asked us to update his phone number to {PHONE}.
+Ms. {LAST} from {ORG} called twice today.
+{PERSON} ({EMAIL}) has been added to the project.
+New address for {FIRST}: {STREET}, {CITY}
+According to {PERSON}, {ORG} will open a branch in {CITY}.
+Contact person: {PERSON}, tel. {PHONE}
+shipping label:\n{PERSON}\n{ADDRESS}\nphone {PHONE}
+The VPN gateway moved from {IP} to {IP2}.
+Is this {PERSON}'s desk?
+Thanks, {FIRST}! I'll forward it to {PERSON2} at {ORG}.
+Our headquarters are at {ADDRESS}
+I bank with {ORG}; my IBAN is {IBAN}.
+Please remove {PERSON} from the mailing list ({EMAIL}).""".split("\n")
+
+
+def _faker_values(seed: int):  # -> Callable[[str], tuple[str, str] | None]
+    """A function from a type (or template slot) to (entity type, fresh value), seeded."""
+    import random
+
+    from faker import Faker
+
+    rnd = random.Random(seed)
+    fakers = {loc: Faker(loc) for loc in LOCALES}
+    for f in fakers.values():
+        f.seed_instance(rnd.randrange(1 << 30))
+
+    def value(kind: str) -> tuple[str, str] | None:
+        f = fakers[rnd.choice(LOCALES)]
+        k = kind.rstrip("0123456789")
+        table = {
+            "PERSON": ("PERSON", lambda: f.name() if rnd.random() < 0.7 else rnd.choice([f.first_name, f.last_name])()),
+            "FIRST": ("PERSON", f.first_name), "LAST": ("PERSON", f.last_name),
+            "STREET_ADDRESS": ("STREET_ADDRESS", lambda: f.address() if rnd.random() < 0.5 else f.street_address()),
+            "ADDRESS": ("STREET_ADDRESS", f.address), "STREET": ("STREET_ADDRESS", f.street_address),
+            "ORGANIZATION": ("ORGANIZATION", f.company), "ORG": ("ORGANIZATION", f.company),
+            "PHONE_NUMBER": ("PHONE_NUMBER", f.phone_number), "PHONE": ("PHONE_NUMBER", f.phone_number),
+            "EMAIL_ADDRESS": ("EMAIL_ADDRESS", f.email), "EMAIL": ("EMAIL_ADDRESS", f.email),
+            "CREDIT_CARD": ("CREDIT_CARD", f.credit_card_number), "CARD": ("CREDIT_CARD", f.credit_card_number),
+            "IBAN_CODE": ("IBAN_CODE", f.iban), "IBAN": ("IBAN_CODE", f.iban),
+            "US_SSN": ("US_SSN", fakers["en_US"].ssn), "SSN": ("US_SSN", fakers["en_US"].ssn),
+            "IP_ADDRESS": ("IP_ADDRESS", f.ipv4), "IP": ("IP_ADDRESS", f.ipv4),
+            "CITY": ("GPE", f.city), "COUNTRY": ("GPE", f.country),
+        }
+        if k not in table:
+            return None
+        etype, make = table[k]
+        return etype, make()
+
+    return value, rnd
+
+
+def resample_values(rows: list[dict], seed: int) -> list[dict]:
+    """``rows`` with every labelled value of a goal type replaced by a fresh Faker value (same casing
+    style: a lower-case value stays lower case); rows with overlapping labels are dropped."""
+    value, _ = _faker_values(seed)
+    out = []
+    for row in rows:
+        spans = sorted(row["spans"], key=lambda s: s["start"])
+        if any(a["end"] > b["start"] for a, b in itertools.pairwise(spans)):
+            continue
+        text, pos, parts, new = row["text"], 0, [], []
+        for s in spans:
+            fresh = value(s["type"]) if s["type"] in GOALS else None
+            v = fresh[1] if fresh else s["value"]
+            if s["value"].islower() and s["type"] != "EMAIL_ADDRESS":
+                v = v.lower()
+            parts.append(text[pos : s["start"]])
+            start = sum(map(len, parts))
+            parts.append(v)
+            new.append({"type": s["type"], "value": v, "start": start, "end": start + len(v)})
+            pos = s["end"]
+        parts.append(text[pos:])
+        out.append({"text": "".join(parts), "spans": new, "template_id": row.get("template_id")})
+    return out
+
+
+def own_template_rows(n: int, seed: int) -> list[dict]:
+    """``n`` labelled texts from :data:`OWN_TEMPLATES` filled with Faker values."""
+    import re
+
+    value, rnd = _faker_values(seed)
+    rows = []
+    for i in range(n):
+        template = OWN_TEMPLATES[i % len(OWN_TEMPLATES)].replace("\\n", "\n")
+        lower = rnd.random() < 0.15
+        text, spans = "", []
+        for j, part in enumerate(re.split(r"\{(\w+)\}", template)):
+            if j % 2 == 0:
+                text += part.lower() if lower else part
+                continue
+            etype, v = value(part) or ("", "")
+            v = v.lower() if lower else v
+            spans.append({"type": etype, "value": v, "start": len(text), "end": len(text) + len(v)})
+            text += v
+        rows.append({"text": text, "spans": spans, "template_id": 1000 + i % len(OWN_TEMPLATES)})
+    return rows
+
+
 def split_templates(rows: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
     """(rest, held out): ``fraction`` of the distinct ``template_id`` s, drawn with ``seed``."""
     import random
@@ -159,10 +292,21 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=3, help="timing passes (best is reported)")
     ap.add_argument("--holdout", type=float, default=0.0, metavar="FRACTION",
                     help="also report leak rates on this fraction of templates (by template_id) against the rest")
-    ap.add_argument("--seed", type=int, default=0, help="seed of the --holdout template split")
+    ap.add_argument("--seed", type=int, default=0, help="seed of --holdout and --own-templates")
+    ap.add_argument("--resample", type=int, default=None, metavar="SEED",
+                    help="replace every labelled value with a fresh Faker value of its type (seeded)")
+    ap.add_argument("--own-templates", type=int, default=0, metavar="N",
+                    help="evaluate N texts from templates written for this check instead of --data")
     args = ap.parse_args()
     logging.basicConfig(level=logging.ERROR)
-    rows = [json.loads(line) for line in args.data.read_text().splitlines() if line.strip()]
+    if args.own_templates:
+        rows = own_template_rows(args.own_templates, args.seed)
+        args.data = Path(f"<{args.own_templates} texts from own templates, seed {args.seed}>")
+    else:
+        rows = [json.loads(line) for line in args.data.read_text().splitlines() if line.strip()]
+    if args.resample is not None:
+        rows = resample_values(rows, args.resample)
+        args.data = Path(f"{args.data} (values resampled, seed {args.resample})")
     if args.holdout:
         return holdout_report(rows, args.holdout, args.seed, args.show_leaks)
     t0 = time.perf_counter()
