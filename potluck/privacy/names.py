@@ -45,6 +45,10 @@ _PAIR_FAMILY_ZIPF = 5.0
 # abbreviated titles that are no English words ("ms" alone is also milliseconds, "dr" also drive)
 _NAME_TITLES = frozenset({"mr", "mr.", "mrs", "mrs.", "ms.", "dr.", "prof.", "mx."})
 _FUNCTION_WORDS = frozenset("and or the of a an to in on at for with from by is was are and & nor but".split())
+# a weekday alone is a date, even where a name list has it ("Sunday" is also a given name)
+_WEEKDAYS = frozenset(d + s for d in ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday")
+                      for s in ("", "s"))
+_TITLE_ENDS = tuple(_TITLES)  # the last run before a name must end with a title for _title_before
 _FUNCTION_CAPS = frozenset("The A An By To In On At For With From Of And Or".split())
 _PARTICLES = frozenset("van von der den de da del della di du la le ten ter bin al el dos das".split())
 _CONNECTORS = frozenset({"&", "and", "of", "And", "Of", "for", "the"})
@@ -168,7 +172,8 @@ class ProperNounRecognizer(EntityRecognizer):
         word = tok.word.rstrip(".")
         if lower_mode:
             return self._lower_candidate(word)
-        if len(word) < 2 or word.lower() in _TITLES or word.lower() in self.lex.common_words:
+        lw = word.lower()
+        if len(word) < 2 or lw in _TITLES or lw in self.lex.common_words or lw in _WEEKDAYS:
             return False
         z = self.lex.zipf_of(word)
         if self._sentence_initial(text, tok.start):
@@ -242,7 +247,7 @@ class ProperNounRecognizer(EntityRecognizer):
         if words[-1].lower() in self.lex.org_words or any(w in ("&", "And") for w in words):
             return E.ORGANIZATION
         tail = before.rstrip().lower()
-        if titled or self._title_before(before) or (
+        if titled or (tail.endswith(_TITLE_ENDS) and self._title_before(before)) or (
             tail.endswith(_PERSON_CUE_ENDS) and _PERSON_CUES.search(before)
         ):
             return E.PERSON
