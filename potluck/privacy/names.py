@@ -48,6 +48,10 @@ _FUNCTION_WORDS = frozenset("and or the of a an to in on at for with from by is 
 # a weekday alone is a date, even where a name list has it ("Sunday" is also a given name)
 _WEEKDAYS = frozenset(d + s for d in ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday")
                       for s in ("", "s"))
+# ... and the names of the very fields people write next to their data ("my IBAN is", "SSN:")
+_FIELD_ACRONYMS = frozenset("iban bic swift ssn pin cvv cvc dob vat tin ein itin zip url uri api ip mac imei otp".split())
+_NOT_NAMES = _WEEKDAYS | _FIELD_ACRONYMS
+_GREETINGS = frozenset("hi hello hey dear thanks thank cheers greetings welcome".split())  # "Hi Freddy": the name
 _TITLE_ENDS = tuple(_TITLES)  # the last run before a name must end with a title for _title_before
 _FUNCTION_CAPS = frozenset("The A An By To In On At For With From Of And Or".split())
 _PARTICLES = frozenset("van von der den de da del della di du la le ten ter bin al el dos das".split())
@@ -173,7 +177,7 @@ class ProperNounRecognizer(EntityRecognizer):
         if lower_mode:
             return self._lower_candidate(word)
         lw = word.lower()
-        if len(word) < 2 or lw in _TITLES or lw in self.lex.common_words or lw in _WEEKDAYS:
+        if len(word) < 2 or lw in _TITLES or lw in self.lex.common_words or lw in _NOT_NAMES:
             return False
         z = self.lex.zipf_of(word)
         if self._sentence_initial(text, tok.start):
@@ -220,9 +224,10 @@ class ProperNounRecognizer(EntityRecognizer):
         carry information); a single token must be a candidate or follow a title.
         """
         titled = False
-        while run and (run[0].word.lower() in _TITLES or run[0].word in _CONNECTORS):
-            titled = titled or run[0].word.lower() in _TITLES
-            run = run[1:]
+        while run and (run[0].word.lower() in _TITLES or run[0].word in _CONNECTORS
+                       or (len(run) > 1 and run[0].word.lower() in _GREETINGS)):
+            titled = titled or run[0].word.lower() in _TITLES or run[0].word.lower() in _GREETINGS
+            run = run[1:]  # a title or greeting before a name makes it a person's
         while run and not lower_mode and len(run) > 1 and self._sentence_initial(text, run[0].start) \
                 and run[0].word.lower() in self.lex.common_words:
             run = run[1:]
