@@ -49,7 +49,9 @@ _FUNCTION_WORDS = frozenset("and or the of a an to in on at for with from by is 
 _WEEKDAYS = frozenset(d + s for d in ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday")
                       for s in ("", "s"))
 # ... and the names of the very fields people write next to their data ("my IBAN is", "SSN:")
-_FIELD_ACRONYMS = frozenset("iban bic swift ssn pin cvv cvc dob vat tin ein itin zip url uri api ip mac imei otp".split())
+_FIELD_ACRONYMS = frozenset(
+    "iban bic swift ssn pin cvv cvc dob vat tin ein itin zip url uri api ip mac imei otp".split()
+)
 _NOT_NAMES = _WEEKDAYS | _FIELD_ACRONYMS
 _GREETINGS = frozenset("hi hello hey dear thanks thank cheers greetings welcome".split())  # "Hi Freddy": the name
 _TITLE_ENDS = tuple(_TITLES)  # the last run before a name must end with a title for _title_before
