@@ -91,8 +91,18 @@ class Lexicon:
     street_endings: tuple[str, ...] = STREET_ENDINGS  # designators fused to the end of a street name
 
     def zipf_of(self, word: str) -> float:
-        """Zipf frequency of ``word`` (case-insensitive); 0.0 for words wordfreq does not know."""
-        return self.zipf.get(word.lower(), 0.0)
+        """Zipf frequency of ``word`` (case-insensitive); 0.0 for words wordfreq does not know.
+
+        A hyphenated compound wordfreq does not list is as frequent as its rarest part
+        ("well-known", "X-ray" are common; "Mayo-Walters" is not).
+        """
+        w = word.lower()
+        z = self.zipf.get(w)
+        if z is not None:
+            return z
+        if "-" in w:
+            return min((self.zipf.get(p, 0.0) for p in w.split("-") if p), default=0.0)
+        return 0.0
 
     def is_name(self, word: str) -> bool:
         return word in self.given_names or word in self.family_names

@@ -55,6 +55,8 @@ _FIELD_ACRONYMS = frozenset(
 _NOT_NAMES = _WEEKDAYS | _FIELD_ACRONYMS
 _GREETINGS = frozenset("hi hello hey dear thanks thank cheers greetings welcome".split())  # "Hi Freddy": the name
 _TITLE_ENDS = tuple(_TITLES)  # the last run before a name must end with a title for _title_before
+_ORG_CUE_WORDS = ("at", "for", "joined", "became", "support", "from")
+_ORG_CUE_BOUNDARY = re.compile(r"(?:^|\W)(?:at|for|joined|became|support|from)$")
 _FUNCTION_CAPS = frozenset("The A An By To In On At For With From Of And Or".split())
 _PARTICLES = frozenset("van von der den de da del della di du la le ten ter bin al el dos das".split())
 _CONNECTORS = frozenset({"&", "and", "of", "And", "Of", "for", "the"})
@@ -167,12 +169,17 @@ class ProperNounRecognizer(EntityRecognizer):
         if word in self.lex.common_words or len(word) < 3:
             return False
         z = self.lex.zipf_of(word)
-        known = word in self._given_lower or word in self._family_lower
+        known = word in self._given_lower or word in self._family_lower or (
+            "-" in word and all(p in self._given_lower or p in self._family_lower for p in word.split("-"))
+        )  # "garcia-smith"
         return (known and z < 4.8) or (z < 2.0 and len(word) >= 4)
 
     def _is_name(self, word: str) -> bool:
         w = word.title() if word.isupper() else word
-        return self.lex.is_name(w)
+        if self.lex.is_name(w):
+            return True
+        parts = w.split("-")  # "Jean-Luc", "Weber-Santana": every part a listed name
+        return len(parts) > 1 and all(p and self.lex.is_name(p) for p in parts)
 
     def _candidate(self, text: str, tok: _Tok, lower_mode: bool = False) -> bool:
         word = tok.word.rstrip(".")
@@ -201,8 +208,8 @@ class ProperNounRecognizer(EntityRecognizer):
                     cur = [tok]
                 continue
             joinable = text[cur[-1].end : tok.start] in (" ", " & ")
-            if joinable and word.lower() in org_words:
-                cur.append(tok)
+            if joinable and word.lower() in org_words and not (word.islower() and word in self.lex.common_words):
+                cur.append(tok)  # "Acme Inc", "Solna AB"; but "Denmark as a child"
             elif capitalised(word, lower_mode) and word not in _PRONOUN_I:
                 if joinable:
                     cur.append(tok)
@@ -239,7 +246,18 @@ class ProperNounRecognizer(EntityRecognizer):
             return None
         if titled or len(run) >= 2 or self._candidate(text, run[0], lower_mode):
             return run, titled
+        if not lower_mode and self._after_org_cue(text, run[0]):
+            return run, titled
         return None
+
+    def _after_org_cue(self, text: str, tok: _Tok) -> bool:
+        """A capitalised common word in mid-sentence right after "works at", "joined", "became"...
+        ("later became Adaptive", "work for NATO"): the capital marks a name the lists cannot know."""
+        word = tok.word
+        if len(word) < 3 or word.lower() in _NOT_NAMES or word in _PRONOUN_I or self._sentence_initial(text, tok.start):
+            return False
+        before = text[max(0, tok.start - 12) : tok.start].rstrip()  # the cue in lower case: prose, not "FROM"
+        return before.endswith(_ORG_CUE_WORDS) and _ORG_CUE_BOUNDARY.search(before) is not None
 
     @staticmethod
     def _title_before(before: str) -> bool:

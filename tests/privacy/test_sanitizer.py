@@ -171,6 +171,7 @@ def test_generalises_beyond_the_dev_templates(sanitizer, text, value):
         "we bought antelope, camels, and more at the fair",  # a list, not "Clark, Romero and Hall"
         "We meet on Sunday morning.",  # a weekday, though "Sunday" is also a given name
         "Is my IBAN correct?",  # a field name, not an entity
+        "She worked as an X-ray technician for years.",  # hyphenated common words are common
     ],
 )
 def test_common_phrases_are_not_redacted(sanitizer, text):
@@ -187,6 +188,8 @@ def test_common_phrases_are_not_redacted(sanitizer, text):
         ("Send it to Koskikatu 25 in Pori.", "Koskikatu 25"),
         ("Meet Mr. SMITH at noon.", "SMITH"),
         ("Hi Brook, how are you?", "Brook"),  # the greeting stays, the name goes
+        ("which later became Adaptive in 2001", "Adaptive"),  # capitalised word after an org cue
+        ("thanks, i'll forward it to anna at davies-shepherd.", "davies-shepherd"),  # hyphenated surnames
     ],
 )
 def test_designators_and_names_still_found(sanitizer, text, value):
@@ -223,3 +226,8 @@ def test_identifier_edge_formats(sanitizer, text, value):
 def test_six_digits_without_cue_and_years_are_left(sanitizer):
     text = "in 2019 we sold 250 002 units"
     assert sanitizer.sanitize([text]).texts[0] == text
+
+
+def test_norwegian_as_does_not_swallow_the_next_word(sanitizer):
+    out = sanitizer.sanitize(["I want to add Dennis Kastner as a beneficiary to my account"]).texts[0]
+    assert out == "I want to add <PERSON_1> as a beneficiary to my account"
