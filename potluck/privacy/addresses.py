@@ -10,7 +10,16 @@ templates):
 
 A leading building number, a trailing unit (``Apt. 864``, ``Suite 321``) and the following lines
 of an address block (city, region, postcode, country: short lines without sentence punctuation)
-join the street line into one span. Units and PO boxes alone are spans too.
+join the street line into one span. Units and PO boxes alone are spans too; postcodes after a
+"ZIP:"/"postcode" cue, after a place name or at the end of an address block are ZIP_CODE spans.
+
+Designators come from Faker's street suffixes (all locales): capitalised ones follow the name,
+lower-case ones are fused to it. A designator that is also a frequent English word ("Rise",
+"View") counts only when capitalised.
+
+Speed: every pattern runs only behind a cheap necessary condition computed once per text (the
+lower-cased word set, the words right before numbers), and the analyzer skips this recognizer
+for texts without digits.
 """
 
 from __future__ import annotations

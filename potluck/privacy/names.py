@@ -9,13 +9,24 @@ Rules (a model-free variant of the capitalisation features of classic NER, Colli
    a known name must also be uncommon as a word and a rare token must be rarer still.
 3. Capitalised tokens separated by single spaces (plus initials, name particles such as ``van``
    or ``ten``, and ``&``/``and``/``of`` between capitals) form a *run*. A run becomes one span
-   if it holds a candidate, or if it has two or more capitalised words in mid-sentence.
+   if it holds a candidate, or if it has two or more capitalised words in mid-sentence. A run
+   never ends in a function word ("Musicians Of The"); a leading title or greeting ("Dr.",
+   "Hi") stays outside and makes the rest a person's. ALL-CAPS frequent words ("PRESS NEXT")
+   are emphasis, not capitals; weekdays and field names ("IBAN", "SSN") are no candidates.
+   A single capitalised common word right after an organisation cue ("later became Adaptive",
+   "work for NATO") is a span too.
 4. The type comes from context and lists: a title or "my name is" before it, or a known given
    name in it, says PERSON; a legal form or organisation word at its end, or a "``X, Y and Z``"
-   shape, says ORGANIZATION; all tokens being place names says LOCATION; otherwise NAME.
-5. Lower-case "given family" pairs (``patricia desrosiers``) count when both are uncommon words;
-   in a text without any capital letter, known names that are not common words and very rare
-   words take the place of capitalised tokens.
+   shape of family names, says ORGANIZATION; all tokens being place names says LOCATION;
+   otherwise NAME.
+5. Lower-case "given family" pairs (``patricia desrosiers``, ``leo kauppinen``) count when both
+   are listed and neither is a frequent word; a lower-case word after an abbreviated title
+   (``ms. green``) is a name; in a text without any capital letter, known names that are not
+   common words and very rare words take the place of capitalised tokens.
+
+Hyphenated compounds are as frequent as their rarest part and names when every part is one.
+Speed: every token scan is gated by a set lookup on the text's lower-cased words, and the
+tokenizer has an ASCII fast path (see :meth:`ProperNounRecognizer._tokens`).
 """
 
 from __future__ import annotations
