@@ -337,8 +337,12 @@ _PHONE_REGIONS = ("DE", "AT", "US", "GB", "FR", "IT", "ES", "NL", "SE", "NO", "D
                   "PT", "BR", "IN", "AU", "CA", "IL", "JP", "CN", "RU", "MX", "ZA", "IE", "CZ", "HU", "GR")
 
 
-class PhoneRecognizer(EntityRecognizer):
+class PotluckPhoneRecognizer(EntityRecognizer):
     """Phone numbers: a broad candidate regex, then ``phonenumbers`` length/prefix checks.
+
+    (Named apart from presidio's ``PhoneRecognizer``: presidio's loader finds predefined
+    recognizers by class name among all ``EntityRecognizer`` subclasses in the process, so a
+    second class of the same name could be picked instead of presidio's.)
 
     A candidate with a leading ``+``/``00`` is parsed as international; otherwise it is kept if it
     is a possible number in any of ``regions``. Dates and times are skipped. Candidates need 7 to
@@ -427,6 +431,6 @@ def own_recognizers() -> list[EntityRecognizer]:
         RegexRecognizer("PotluckSecretRecognizer", SECRET_RULES),
         RegexRecognizer("PotluckIdentifierRecognizer", OTHER_RULES),
         RegexRecognizer("PotluckNumberShapeRecognizer", SHAPE_RULES, _has_digit, needs_digit=True),
-        PhoneRecognizer(),
+        PotluckPhoneRecognizer(),
         OfflineEmailRecognizer(),
     ]

@@ -133,3 +133,14 @@ def test_needs_digit_marks_only_digit_patterns(sanitizer):
 def test_ssn_gate_on_boundaries(text):
     found = [r for r in UsSsnRecognizer().analyze(text, ["US_SSN"]) if r.score > 0]
     assert not found or analyzer._SSN_HINT.search(text), text
+
+
+def test_no_recognizer_class_shadows_a_presidio_one(sanitizer):
+    """presidio loads its predefined recognizers by class name among all subclasses in the process
+    (in set order): a second class of the same name breaks a stock engine built alongside ours."""
+    from collections import Counter
+
+    from presidio_analyzer.recognizer_registry.recognizers_loader_utils import RecognizerListLoader
+
+    names = Counter(r.__name__ for r in RecognizerListLoader.get_all_existing_recognizers())
+    assert [n for n, k in names.items() if k > 1] == []
