@@ -276,7 +276,9 @@ class SwarmGroup:
                 self.ctx.loop.call_soon_threadsafe(self.ctx.overlay.record_failure, failed.peer_id)
                 survivors = [w for w in workers if w.peer_id != failed.peer_id]
                 time.sleep(min(1.0, 0.2 * (attempt + 1)))
-                workers = self._choose(survivors, wait=False)
+                # Forming: wait for a replacement (an explicit --tensor-parallel N means N ranks).
+                # Recovering mid-request: go on with whoever is there now.
+                workers = self._choose(survivors, wait=initial)
         raise GenerationError(f"no tensor-parallel group formed after {MAX_FORM_ATTEMPTS} attempts")
 
     def _form(self, workers: list[Candidate]) -> TPMaster:

@@ -90,14 +90,21 @@ def peer_ids(node: NodeProcess) -> set[str]:
         return set()
 
 
+def served_models(node: NodeProcess) -> list[list[str]]:
+    """The models each peer in ``node``'s view advertises, sorted."""
+    view = get_json(node.url + "/api/cluster")
+    return sorted([m["id"] for m in p["models"]] for p in view["peers"])
+
+
 def test_three_nodes_see_each_other(swarm):
     ids = {get_json(n.url + "/api/node")["peer_id"] for n in swarm}
     assert len(ids) == 3
     for n in swarm:
         until(lambda n=n: peer_ids(n) == ids, what=f"{n.url} to see all three peers")
+    # A peer's first record can predate its model load; the next heartbeat carries the model.
+    expected = sorted([[OTHER], [SERVED], [SERVED]])
+    until(lambda: served_models(swarm[0]) == expected, what="every peer's models in the cluster view")
     view = get_json(swarm[0].url + "/api/cluster")
-    served = {p["peer_id"]: [m["id"] for m in p["models"]] for p in view["peers"]}
-    assert sorted(served.values()) == sorted([[OTHER], [SERVED], [SERVED]])
     assert all(p["admitted"] or p["self"] for p in view["peers"])
 
     out = subprocess.run(
@@ -116,7 +123,11 @@ def test_three_nodes_see_each_other(swarm):
 def test_models_lists_the_swarm_and_a_peer_serves_the_request(swarm):
     boot = swarm[0]
     until(lambda: peer_ids(boot) and len(peer_ids(boot)) == 3, what="the swarm")
-    models = {m["id"]: m["owned_by"] for m in get_json(boot.url + "/v1/models")["data"]}
+
+    def listed() -> dict[str, str]:
+        return {m["id"]: m["owned_by"] for m in get_json(boot.url + "/v1/models")["data"]}
+
+    models = until(lambda: SERVED in listed() and listed(), what=f"{SERVED} in /v1/models")
     assert models[OTHER] == "local" and models[SERVED] != "local"
     body = json.dumps(
         {"model": SERVED, "messages": [{"role": "user", "content": "ROMEO:"}], "max_tokens": 12, "temperature": 0}
@@ -134,6 +145,8 @@ def test_models_lists_the_swarm_and_a_peer_serves_the_request(swarm):
 def test_killing_the_serving_peer_mid_stream_still_completes(swarm):
     boot, peers = swarm[0], swarm[1:]
     until(lambda: len(peer_ids(boot)) == 3, what="the swarm")
+    expected = sorted([[OTHER], [SERVED], [SERVED]])
+    until(lambda: served_models(boot) == expected, what="both peers advertising the model")
     served_before = [n.output().count("serving tinyshakespeare-q8_0 for a peer") for n in peers]
     body = json.dumps(
         {
