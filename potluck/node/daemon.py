@@ -139,6 +139,8 @@ class Node:
         await asyncio.to_thread(backend.load)
         self.router.add_local(LocalRoute(runner))
         log.info("serving model %s (loaded in %.1f s)", backend.info.model_id, time.perf_counter() - t0)
+        if self.overlay is not None and self.overlay.started:
+            await self.overlay.publish_own_record()  # announce the model now, not at the next heartbeat
 
     async def _unload_all(self) -> None:
         while self._runners:
