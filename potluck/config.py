@@ -153,7 +153,8 @@ class Settings(BaseSettings):
         "community peers and the cloud; off. Per request: X-Potluck-Privacy header.",
     )
     cloud_url: str | None = Field(
-        None, description="OpenAI-compatible upstream base URL (e.g. https://host/v1); its models appear as cloud/<name>."
+        None,
+        description="OpenAI-compatible upstream base URL (e.g. https://host/v1); its models appear as cloud/<name>.",
     )
     cloud_model: list[str] = Field(
         default_factory=list, description="Upstream model names to offer (default: ask the upstream's /models)."

@@ -8,10 +8,15 @@ the tensor-parallel ONNX Runtime engine in :mod:`potluck.sharding`.
 
 from __future__ import annotations
 
+import codecs
+import os
 import threading
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
-from typing import Literal, Protocol, runtime_checkable
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from potluck.inference.gguf_file import GGUFSummary
 
 Role = Literal["system", "user", "assistant", "tool"]
 FinishReason = Literal["stop", "length", "cancelled"]
@@ -92,6 +97,42 @@ class ModelInfo:
     path: str
     size_bytes: int
     extra: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_gguf(cls, summary: GGUFSummary, model_id: str, n_ctx: int, path: str, **extra: str) -> ModelInfo:
+        """The info of a GGUF served with context ``n_ctx`` (tokens)."""
+        return cls(
+            model_id=model_id,
+            architecture=summary.architecture,
+            n_layers=summary.n_layers,
+            n_params=summary.n_params,
+            quantization=summary.quantization,
+            context_length=summary.context_length,
+            n_ctx=n_ctx,
+            path=path,
+            size_bytes=summary.size_bytes,
+            extra=dict(extra),
+        )
+
+
+def seeded(params: SamplingParams, max_tokens: int) -> SamplingParams:
+    """``params`` with ``max_tokens`` and a concrete seed (a random one when it had none)."""
+    seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(4), "little")
+    return replace(params, max_tokens=max_tokens, seed=seed)
+
+
+def text_tokens(token_ids: Iterable[int], token_bytes: Callable[[int], bytes]) -> Iterator[GeneratedToken]:
+    """Pair each token id with the text it completes, decoding UTF-8 incrementally.
+
+    A character split across tokens comes out whole with the token that completes it; bytes left
+    over at the end are flushed as a final ``GeneratedToken(-1, text)`` (not a model token).
+    """
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    for token in token_ids:
+        yield GeneratedToken(token, decoder.decode(token_bytes(token)))
+    tail = decoder.decode(b"", final=True)
+    if tail:
+        yield GeneratedToken(-1, tail)
 
 
 @runtime_checkable

@@ -2,13 +2,11 @@
 
 Generation uses ``Llama.generate`` (which reuses the KV cache for a shared prompt prefix) and
 decodes token bytes incrementally, so multi-byte UTF-8 characters split across tokens come out
-whole. Chat prompts come from the GGUF's ``tokenizer.chat_template`` (rendered with
-llama-cpp-python's Jinja2 formatter) or, for models without one, a plain ``Role: text`` template.
+whole. Chat prompts come from :mod:`potluck.inference.chat`.
 """
 
 from __future__ import annotations
 
-import codecs
 import logging
 import os
 import threading
@@ -17,20 +15,19 @@ from pathlib import Path
 from typing import Any
 
 from potluck.errors import GenerationError, ModelError, ModelFileError, RequestError
-from potluck.inference.backend import ChatMessage, ChatPrompt, GeneratedToken, ModelInfo, SamplingParams
+from potluck.inference.backend import (
+    ChatMessage,
+    ChatPrompt,
+    GeneratedToken,
+    ModelInfo,
+    SamplingParams,
+    seeded,
+    text_tokens,
+)
+from potluck.inference.chat import ChatTemplate
 from potluck.inference.gguf_file import inspect_gguf
 
 log = logging.getLogger(__name__)
-
-PLAIN_ROLES = {"system": "System", "user": "User", "assistant": "Assistant", "tool": "Tool"}
-
-
-def render_plain_chat(messages: Sequence[ChatMessage]) -> ChatPrompt:
-    """The fallback template: ``Role: content`` lines, ending with ``Assistant:``."""
-    lines = [f"{PLAIN_ROLES[m.role]}: {m.content}" for m in messages]
-    prompt = "\n".join([*lines, "Assistant:"])
-    return ChatPrompt(prompt=prompt, stop=("\nUser:", "\nSystem:"))
-
 
 def build_has_amx() -> bool:
     """True when the loaded llama.cpp build was compiled with its AMX kernels.
@@ -65,18 +62,8 @@ class LlamaCppBackend:
         self._n_threads = n_threads or os.cpu_count() or 1
         self._n_batch = n_batch
         self._llm: Any = None  # llama_cpp.Llama once loaded
-        self._info = ModelInfo(
-            model_id=model_id,
-            architecture=self._summary.architecture,
-            n_layers=self._summary.n_layers,
-            n_params=self._summary.n_params,
-            quantization=self._summary.quantization,
-            context_length=self._summary.context_length,
-            n_ctx=self._n_ctx,
-            path=str(path),
-            size_bytes=self._summary.size_bytes,
-        )
-        self._formatter: Any = None  # Jinja2ChatFormatter when the GGUF has a template
+        self._info = ModelInfo.from_gguf(self._summary, model_id, self._n_ctx, str(path))
+        self._chat = ChatTemplate(None)
 
     @property
     def info(self) -> ModelInfo:
@@ -91,7 +78,6 @@ class LlamaCppBackend:
         """
         try:
             from llama_cpp import Llama
-            from llama_cpp.llama_chat_format import Jinja2ChatFormatter
         except ImportError as exc:
             raise ModelError("llama-cpp-python is not installed: run scripts/install.sh") from exc
         n_batch = self._n_batch
@@ -114,12 +100,10 @@ class LlamaCppBackend:
             )
         except (ValueError, RuntimeError, OSError) as exc:
             raise ModelFileError(f"llama.cpp could not load {self._path}: {exc}") from exc
-        template = self._summary.chat_template
-        if template:
-            llm = self._llm
-            eos = llm.detokenize([llm.token_eos()], special=True).decode(errors="replace")
-            bos = llm.detokenize([llm.token_bos()], special=True).decode(errors="replace")
-            self._formatter = Jinja2ChatFormatter(template=template, eos_token=eos, bos_token=bos)
+        llm = self._llm
+        eos = llm.detokenize([llm.token_eos()], special=True).decode(errors="replace")
+        bos = llm.detokenize([llm.token_bos()], special=True).decode(errors="replace")
+        self._chat = ChatTemplate(self._summary.chat_template, bos_token=bos, eos_token=eos)
         log.info(
             "loaded %s (%s, %s, %d layers, %.1f M params, ctx %d)",
             self._info.model_id,
@@ -143,50 +127,37 @@ class LlamaCppBackend:
         return list(llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True))
 
     def render_chat(self, messages: Sequence[ChatMessage]) -> ChatPrompt:
-        if self._formatter is None:
-            return render_plain_chat(messages)
-        result = self._formatter(messages=[{"role": m.role, "content": m.content} for m in messages])
-        stop = result.stop if isinstance(result.stop, list) else [result.stop] if result.stop else []
-        return ChatPrompt(prompt=result.prompt, stop=tuple(s for s in stop if s))
+        return self._chat.render(messages)
 
     def generate(
         self, prompt: str, params: SamplingParams, cancel: threading.Event
     ) -> Iterator[GeneratedToken]:
-        import llama_cpp
-
         llm = self._require()
         tokens = self.tokenize(prompt)
         if len(tokens) >= self._n_ctx:
             raise RequestError(f"prompt is {len(tokens)} tokens; the context holds {self._n_ctx}")
-        budget = min(params.max_tokens, self._n_ctx - len(tokens))
-        if params.seed is not None:
-            llm.set_seed(params.seed & 0xFFFFFFFF)
-        else:
-            llm.set_seed(int.from_bytes(os.urandom(4), "little"))
-        vocab = llm._model.vocab
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        n = 0
+        params = seeded(params, min(params.max_tokens, self._n_ctx - len(tokens)))
+        llm.set_seed(params.seed & 0xFFFFFFFF)  # type: ignore[operator]
         try:
-            stream = llm.generate(
-                tokens,
-                temp=params.temperature,
-                top_p=params.top_p,
-                top_k=params.top_k,
-                min_p=0.0,
-                repeat_penalty=1.0,
-            )
-            for token in stream:
-                if cancel.is_set() or llama_cpp.llama_vocab_is_eog(vocab, token):
-                    break
-                n += 1
-                yield GeneratedToken(token, decoder.decode(llm.detokenize([token])))
-                if n >= budget:
-                    break
+            yield from text_tokens(self._sample(llm, tokens, params, cancel), lambda t: llm.detokenize([t]))
         except (RuntimeError, ValueError) as exc:
             raise GenerationError(f"llama.cpp failed while generating: {exc}") from exc
-        tail = decoder.decode(b"", final=True)
-        if tail:
-            yield GeneratedToken(-1, tail)
+
+    @staticmethod
+    def _sample(llm: Any, tokens: list[int], params: SamplingParams, cancel: threading.Event) -> Iterator[int]:
+        """Token ids from ``Llama.generate`` until end-of-generation, ``cancel`` or the budget."""
+        import llama_cpp
+
+        vocab = llm._model.vocab
+        stream = llm.generate(
+            tokens, temp=params.temperature, top_p=params.top_p, top_k=params.top_k, min_p=0.0, repeat_penalty=1.0
+        )
+        for n, token in enumerate(stream, start=1):
+            if cancel.is_set() or llama_cpp.llama_vocab_is_eog(vocab, token):
+                return
+            yield token
+            if n >= params.max_tokens:
+                return
 
     def close(self) -> None:
         if self._llm is not None:

@@ -10,9 +10,12 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 POTLUCK = [sys.executable, "-m", "potluck.cli"]
+T = TypeVar("T")
 
 
 def free_port() -> int:
@@ -40,6 +43,37 @@ def offline_env(home: Path, **extra: str) -> dict[str, str]:
     )
     env.update(extra)
     return env
+
+
+def get_json(url: str, timeout: float = 10.0) -> Any:
+    """GET ``url`` and decode its JSON body."""
+    with urllib.request.urlopen(url, timeout=timeout) as resp:
+        return json.loads(resp.read())
+
+
+def until(cond: Callable[[], T], timeout: float = 120.0, what: str = "condition", interval: float = 0.2) -> T:
+    """Poll ``cond`` until it returns something truthy (returned); AssertionError past ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = cond()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def swarm_env(home: Path, swarm: str, secret: str, rate_tps: str, **extra: str) -> dict[str, str]:
+    """A node in a private loopback swarm with fast state rounds and a capped serving rate."""
+    return offline_env(
+        home,
+        POTLUCK_SWARM=swarm,
+        POTLUCK_SWARM_SECRET=secret,
+        POTLUCK_STATE_INTERVAL_S="1",
+        POTLUCK_STATE_TTL_S="8",
+        POTLUCK_SERVE_RATE_LIMIT_TPS=rate_tps,
+        POTLUCK_N_THREADS="1",
+        **extra,
+    )
 
 
 class NodeProcess:

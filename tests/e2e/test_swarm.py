@@ -8,13 +8,12 @@ import json
 import os
 import signal
 import subprocess
-import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 
-from tests.e2e.procs import POTLUCK, NodeProcess, free_port, offline_env
+from tests.e2e.procs import POTLUCK, NodeProcess, free_port, get_json, swarm_env, until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
@@ -23,32 +22,8 @@ OTHER = "tinyshakespeare-q4_0"  # the bootstrap node's own model
 RATE_TPS = "20"  # the peers stream at most 20 tokens/s to the swarm, so a kill lands mid-stream
 
 
-def get_json(url: str) -> dict:
-    with urllib.request.urlopen(url, timeout=10) as resp:
-        return json.loads(resp.read())
-
-
-def until(cond, timeout: float = 120.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-
-
 def node_env(home: Path, swarm: str) -> dict[str, str]:
-    return offline_env(
-        home,
-        POTLUCK_SWARM=swarm,
-        POTLUCK_SWARM_SECRET="potluck-e2e-secret",
-        POTLUCK_STATE_INTERVAL_S="1",
-        POTLUCK_STATE_TTL_S="8",
-        POTLUCK_ANTI_ENTROPY_INTERVAL_S="3",
-        POTLUCK_SERVE_RATE_LIMIT_TPS=RATE_TPS,
-        POTLUCK_N_THREADS="1",
-    )
+    return swarm_env(home, swarm, "potluck-e2e-secret", RATE_TPS, POTLUCK_ANTI_ENTROPY_INTERVAL_S="3")
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.procs import NodeProcess, free_port, offline_env
+from tests.e2e.procs import NodeProcess, free_port, get_json, swarm_env
 from tests.sharding.llama_ref import STEADY_PROMPT, greedy_tokens
 
 pytest.importorskip("llama_cpp")
@@ -29,21 +29,13 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 RATE_TPS = "25"
 
 
-def get_json(url: str) -> dict:
-    with urllib.request.urlopen(url, timeout=10) as resp:
-        return json.loads(resp.read())
-
-
 def node_env(home: Path, swarm: str) -> dict[str, str]:
-    return offline_env(
+    return swarm_env(
         home,
-        POTLUCK_SWARM=swarm,
-        POTLUCK_SWARM_SECRET="potluck-tp-e2e-secret",
-        POTLUCK_STATE_INTERVAL_S="1",
-        POTLUCK_STATE_TTL_S="8",
+        swarm,
+        "potluck-tp-e2e-secret",
+        RATE_TPS,
         POTLUCK_ANTI_ENTROPY_INTERVAL_S="2",
-        POTLUCK_SERVE_RATE_LIMIT_TPS=RATE_TPS,
-        POTLUCK_N_THREADS="1",
         POTLUCK_DHT_ENABLED="false",
     )
 
