@@ -19,7 +19,6 @@ from potluck.sharding.launch import ProcessGroup
 from potluck.sharding.plan import NodeCapability
 from tests.sharding.llama_ref import STEADY_PROMPT, greedy_tokens
 
-pytest.importorskip("llama_cpp")
 pytestmark = pytest.mark.e2e
 
 

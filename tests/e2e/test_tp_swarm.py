@@ -23,7 +23,6 @@ import pytest
 from tests.e2e.procs import NodeProcess, free_port, get_json, swarm_env
 from tests.sharding.llama_ref import STEADY_PROMPT, greedy_tokens
 
-pytest.importorskip("llama_cpp")
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
 RATE_TPS = "25"

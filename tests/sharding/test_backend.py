@@ -13,8 +13,6 @@ from potluck.inference.factory import create_backend
 from potluck.sharding.backend import OnnxRuntimeBackend
 from tests.sharding.llama_ref import STEADY_PROMPT, greedy_tokens
 
-pytest.importorskip("llama_cpp")
-
 
 @pytest.fixture
 def backend(model_path):

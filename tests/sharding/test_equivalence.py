@@ -14,8 +14,6 @@ from potluck.sharding.group import ThreadGroup, generate_ids
 from potluck.sharding.plan import NodeCapability
 from tests.sharding.llama_ref import greedy_tokens, teacher_forced_logits
 
-pytest.importorskip("llama_cpp")
-
 
 def group(path, n: int, hetero: bool = True, **kw) -> ThreadGroup:  # type: ignore[no-untyped-def]
     nodes = [NodeCapability(f"n{i}", 1 << 30, 1.0 + 0.5 * i * hetero) for i in range(n)]

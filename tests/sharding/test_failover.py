@@ -13,8 +13,6 @@ from potluck.sharding.local import LocalStar
 from potluck.sharding.plan import NodeCapability
 from tests.sharding.llama_ref import greedy_tokens
 
-pytest.importorskip("llama_cpp")
-
 
 def nodes(n: int) -> list[NodeCapability]:
     return [NodeCapability(f"n{i}", 1 << 30, 1.0) for i in range(n)]
