@@ -10,7 +10,6 @@ from __future__ import annotations
 import http.client
 import json
 import os
-import signal
 import socket
 import subprocess
 import time
@@ -20,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from tests.e2e.procs import POTLUCK, offline_env
+from tests.e2e.procs import POTLUCK, LoggedProcess, offline_env
 from tests.netem import Internet, Namespace, NatType
 
 T = TypeVar("T")
@@ -39,7 +38,7 @@ class _NsHTTPConnection(http.client.HTTPConnection):
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-class NatNode:
+class NatNode(LoggedProcess):
     """A node process in namespace ``ns`` (public host or home LAN host)."""
 
     def __init__(self, ns: Namespace, home: Path, swarm: str, *args: str, env: dict[str, str] | None = None) -> None:
@@ -136,21 +135,6 @@ class NatNode:
     def addr(self) -> str:
         """Our public multiaddr (only meaningful for a node on the public segment)."""
         return f"/ip4/{self.ns.ip}/tcp/{P2P_PORT}/p2p/{self.peer_id}"
-
-    def output(self) -> str:
-        if not self._fh.closed:
-            self._fh.flush()
-        return self.log.read_text(errors="replace")
-
-    def stop(self, sig: int = signal.SIGINT, timeout: float = 30.0) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._fh.close()
 
     def peer(self, peer_id: str) -> dict[str, Any] | None:
         """This node's view of ``peer_id`` (its ``/api/cluster`` entry) or ``None``."""

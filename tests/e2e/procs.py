@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -62,6 +62,18 @@ def until(cond: Callable[[], T], timeout: float = 120.0, what: str = "condition"
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
+def sse_events(url: str, body: dict[str, Any], timeout: float = 180.0) -> Iterator[dict[str, Any]]:
+    """POST ``body`` to ``url`` and yield each server-sent event's JSON (``[DONE]`` ends it)."""
+    req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as resp:
+        for raw in resp:
+            line = raw.decode().strip()
+            if line == "data: [DONE]":
+                return
+            if line.startswith("data: "):
+                yield json.loads(line[6:])
+
+
 def swarm_env(home: Path, swarm: str, secret: str, rate_tps: str, **extra: str) -> dict[str, str]:
     """A node in a private loopback swarm with fast state rounds and a capped serving rate."""
     return offline_env(
@@ -76,7 +88,32 @@ def swarm_env(home: Path, swarm: str, secret: str, rate_tps: str, **extra: str) 
     )
 
 
-class NodeProcess:
+class LoggedProcess:
+    """A child process whose stdout+stderr go to ``self.log``; subclasses set ``proc``, ``log``, ``_fh``."""
+
+    proc: subprocess.Popen[bytes]
+    log: Path
+    _fh: Any
+
+    def output(self) -> str:
+        if not self._fh.closed:
+            self._fh.flush()
+        return self.log.read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGINT, timeout: float = 30.0) -> int:
+        """Signal the process, kill it past ``timeout`` s; returns its exit code."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._fh.close()
+        return self.proc.returncode
+
+
+class NodeProcess(LoggedProcess):
     """A ``potluck node start`` subprocess; stdout+stderr go to ``log``."""
 
     def __init__(self, home: Path, *args: str, port: int | None = None, env: dict[str, str] | None = None):
@@ -106,22 +143,6 @@ class NodeProcess:
                 pass
             time.sleep(0.2)
         raise AssertionError(f"node not ready after {timeout} s:\n{self.output()}")
-
-    def output(self) -> str:
-        if not self._fh.closed:
-            self._fh.flush()
-        return self.log.read_text(errors="replace")
-
-    def stop(self, sig: int = signal.SIGINT, timeout: float = 30.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._fh.close()
-        return self.proc.returncode
 
     def __enter__(self) -> NodeProcess:
         return self

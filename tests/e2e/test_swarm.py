@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.procs import POTLUCK, NodeProcess, free_port, get_json, swarm_env, until
+from tests.e2e.procs import POTLUCK, NodeProcess, free_port, get_json, sse_events, swarm_env, until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
@@ -123,45 +123,37 @@ def test_killing_the_serving_peer_mid_stream_still_completes(swarm):
     expected = sorted([[OTHER], [SERVED], [SERVED]])
     until(lambda: served_models(boot) == expected, what="both peers advertising the model")
     served_before = [n.output().count("serving tinyshakespeare-q8_0 for a peer") for n in peers]
-    body = json.dumps(
-        {
-            "model": SERVED,
-            "messages": [{"role": "user", "content": "ROMEO:\nBut soft, what light"}],
-            "max_tokens": 80,
-            "temperature": 0,
-            "stream": True,
-            "stream_options": {"include_usage": True},
-        }
-    ).encode()
-    req = urllib.request.Request(boot.url + "/v1/chat/completions", body, {"Content-Type": "application/json"})
+    body = {
+        "model": SERVED,
+        "messages": [{"role": "user", "content": "ROMEO:\nBut soft, what light"}],
+        "max_tokens": 80,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     text, finish, usage, errors, killed = [], None, None, [], None
-    with urllib.request.urlopen(req, timeout=180) as resp:
-        for raw in resp:
-            line = raw.decode().strip()
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if "error" in chunk:
-                errors.append(chunk)
-                continue
-            for choice in chunk.get("choices", []):
-                piece = choice.get("delta", {}).get("content")
-                if piece:
-                    text.append(piece)
-                finish = choice.get("finish_reason") or finish
-            usage = chunk.get("usage") or usage
-            if killed is None and text:
-                # The first tokens are here: find the peer that serves this stream and kill it.
-                def serving():
-                    for n, before in zip(peers, served_before, strict=True):
-                        if n.output().count("serving tinyshakespeare-q8_0 for a peer") > before:
-                            return n
-                    return None
+    for chunk in sse_events(boot.url + "/v1/chat/completions", body, timeout=180):
+        if "error" in chunk:
+            errors.append(chunk)
+            continue
+        for choice in chunk.get("choices", []):
+            piece = choice.get("delta", {}).get("content")
+            if piece:
+                text.append(piece)
+            finish = choice.get("finish_reason") or finish
+        usage = chunk.get("usage") or usage
+        if killed is None and text:
+            # The first tokens are here: find the peer that serves this stream and kill it.
+            def serving():
+                for n, before in zip(peers, served_before, strict=True):
+                    if n.output().count("serving tinyshakespeare-q8_0 for a peer") > before:
+                        return n
+                return None
 
-                killed = until(serving, timeout=30, what="the serving peer's log line")
-                killed.proc.send_signal(signal.SIGKILL)
-                killed.proc.wait(30)
-                partial = "".join(text)
+            killed = until(serving, timeout=30, what="the serving peer's log line")
+            killed.proc.send_signal(signal.SIGKILL)
+            killed.proc.wait(30)
+            partial = "".join(text)
     assert errors == []
     assert killed is not None, "the stream ended before it could be interrupted"
     survivor = next(n for n in peers if n is not killed)

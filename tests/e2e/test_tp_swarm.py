@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.procs import NodeProcess, free_port, get_json, swarm_env
+from tests.e2e.procs import NodeProcess, free_port, get_json, sse_events, swarm_env
 from tests.sharding.llama_ref import STEADY_PROMPT, greedy_tokens
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
@@ -152,32 +152,24 @@ def test_killing_a_worker_mid_generation_still_completes(swarm, model_path):
     n = 120
     master = start_master(swarm, "m-kill", path, "--tensor-parallel", "3")
     victim = swarm["workers"][1]
-    body = json.dumps(
-        {"model": "tinyshakespeare-f32", "prompt": STEADY_PROMPT, "max_tokens": n, "temperature": 0, "stream": True}
-    ).encode()
-    req = urllib.request.Request(master.url + "/v1/completions", body, {"Content-Type": "application/json"})
+    body = {"model": "tinyshakespeare-f32", "prompt": STEADY_PROMPT, "max_tokens": n, "temperature": 0, "stream": True}
     text: list[str] = []
     errors: list[dict] = []
     finish = None
     killed_after = None
     try:
-        with urllib.request.urlopen(req, timeout=300) as resp:
-            for raw in resp:
-                line = raw.decode().strip()
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                chunk = json.loads(line[6:])
-                if "error" in chunk:
-                    errors.append(chunk)
-                    continue
-                for choice in chunk.get("choices", []):
-                    text.append(choice.get("text") or "")
-                    finish = choice.get("finish_reason") or finish
-                if killed_after is None and "".join(text):
-                    victim.proc.send_signal(signal.SIGKILL)
-                    victim.proc.wait(30)
-                    killed_after = time.monotonic()
-                    partial = "".join(text)
+        for chunk in sse_events(master.url + "/v1/completions", body, timeout=300):
+            if "error" in chunk:
+                errors.append(chunk)
+                continue
+            for choice in chunk.get("choices", []):
+                text.append(choice.get("text") or "")
+                finish = choice.get("finish_reason") or finish
+            if killed_after is None and "".join(text):
+                victim.proc.send_signal(signal.SIGKILL)
+                victim.proc.wait(30)
+                killed_after = time.monotonic()
+                partial = "".join(text)
         log = master.output()
     finally:
         master.stop()

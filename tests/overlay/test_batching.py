@@ -20,6 +20,7 @@ from potluck.overlay.bridge import TrioThread
 from potluck.overlay.local import LocalServing
 from potluck.overlay.wire import FinishFrame, GenerateRequest, TokenFrame, WireSampling, encode
 from tests.conftest import MODELS
+from tests.overlay.memory import MemoryStream
 
 PEER = PeerId("12D3KooWQYhTNQdmr3ArTeUHRYzFg94BKyTkoWBDWez9kSCVe2Xo")
 MODEL = "ts-q8"
@@ -82,24 +83,6 @@ async def test_route_errors_still_reach_the_peer(runner: ModelRunner) -> None:
 
 
 # -- the receiving side -------------------------------------------------------------------------
-
-
-class MemoryStream:
-    """The peer's side of an RPC stream: fixed bytes to read (``chunk`` at most per read)."""
-
-    def __init__(self, data: bytes, chunk: int) -> None:
-        self._in, self._chunk = bytearray(data), chunk
-
-    async def read(self, n: int | None = None) -> bytes:
-        piece = bytes(self._in[: min(self._chunk, n or len(self._in))])
-        del self._in[: len(piece)]
-        return piece
-
-    async def write(self, data: bytes) -> None:
-        pass
-
-    async def close(self) -> None:
-        pass
 
 
 class MemoryHost:

@@ -30,30 +30,10 @@ from potluck.overlay.wire import (
     decode_payload,
     encode,
 )
+from tests.overlay.memory import MemoryStream
 
 PEER = PeerId("12D3KooWQYhTNQdmr3ArTeUHRYzFg94BKyTkoWBDWez9kSCVe2Xo")
 STRANGER = PeerId("12D3KooWJHB18N5EvfzWzUXnuASHcyVeRf3UTSvcPbG2TyJJgkgZ")
-
-
-class MemoryStream:
-    """A byte stream over fixed input; collects what the server writes."""
-
-    def __init__(self, data: bytes, chunk: int = 7) -> None:
-        self._in = bytearray(data)
-        self._chunk = chunk
-        self.out = bytearray()
-
-    async def read(self, n: int | None = None) -> bytes:
-        take = min(self._chunk, len(self._in), n or len(self._in))
-        piece = bytes(self._in[:take])
-        del self._in[:take]
-        return piece
-
-    async def write(self, data: bytes) -> None:
-        self.out += data
-
-    async def close(self) -> None:
-        pass
 
 
 def replies(data: bytes) -> list:
