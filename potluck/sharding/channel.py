@@ -175,14 +175,7 @@ class SocketStream:
         """The slow path of :meth:`send`: finish after a partial (or early timed-out) ``sendmsg``."""
         views = [_bytes_of(b) for b in buffers]
         while True:
-            while sent:
-                n = views[0].nbytes
-                if sent >= n:
-                    sent -= n
-                    views.pop(0)
-                else:
-                    views[0] = views[0][sent:]
-                    sent = 0
+            _consume(views, sent)
             if not views:
                 return
             self._arm(socket.SO_SNDTIMEO, self._snd_armed, deadline)
@@ -219,6 +212,18 @@ class SocketStream:
         except OSError:
             pass  # already disconnected: nothing left to shut down
         self._sock.close()
+
+
+def _consume(views: list[memoryview], n: int) -> None:
+    """Drop the first ``n`` bytes from the scatter/gather list ``views`` (in place)."""
+    while n:
+        first = views[0].nbytes
+        if n >= first:
+            n -= first
+            views.pop(0)
+        else:
+            views[0] = views[0][n:]
+            n = 0
 
 
 def _bytes_of(buf: Buffer) -> memoryview:
@@ -294,15 +299,7 @@ class FrameChannel:
 
     def _fill(self, views: list[memoryview], deadline: float) -> None:
         while views:
-            got = self.stream.recv_into(views, deadline)
-            while got:
-                n = views[0].nbytes
-                if got >= n:
-                    got -= n
-                    views.pop(0)
-                else:
-                    views[0] = views[0][got:]
-                    got = 0
+            _consume(views, self.stream.recv_into(views, deadline))
 
     def _prefix_ok(
         self, max_frame_bytes: int | None, raw: bytes | bytearray | memoryview | None = None
@@ -443,17 +440,9 @@ class ArrayLane:
         need = frames.PREFIX.size
         checked = False
         while True:
-            seen = got
-            while got:
-                n = views[0].nbytes
-                if got >= n:
-                    got -= n
-                    views.pop(0)
-                else:
-                    views[0] = views[0][got:]
-                    got = 0
+            _consume(views, got)
             if not checked:
-                need -= seen
+                need -= got
                 if need <= 0:
                     self._check_prefix()
                     checked = True
