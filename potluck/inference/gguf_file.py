@@ -12,6 +12,7 @@ import struct
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from gguf import GGMLQuantizationType, GGUFReader
@@ -48,10 +49,11 @@ class GGUFSummary:
     size_bytes: int
 
 
-def _field_value(reader: GGUFReader, key: str) -> object | None:
+def field_value(reader: GGUFReader, key: str, default: Any = None) -> Any:
+    """Scalar or string value of a GGUF metadata key, or ``default`` when it is absent."""
     field = reader.fields.get(key)
     if field is None or not field.data:
-        return None
+        return default
     value = field.parts[field.data[0]]
     if field.types and field.types[0].name == "STRING":
         return bytes(value).decode("utf-8", errors="replace")
@@ -108,15 +110,15 @@ def inspect_gguf(path: Path) -> GGUFSummary:
         n_params += int(tensor.n_elements)
         if len(tensor.shape) >= 2:
             by_type[GGMLQuantizationType(tensor.tensor_type).name] += int(tensor.n_bytes)
-    arch = str(_field_value(reader, "general.architecture") or "unknown")
-    name = str(_field_value(reader, "general.name") or path.stem)
+    arch = str(field_value(reader, "general.architecture") or "unknown")
+    name = str(field_value(reader, "general.name") or path.stem)
     return GGUFSummary(
         architecture=arch,
         name=name,
-        n_layers=int(_field_value(reader, f"{arch}.block_count") or 0),  # type: ignore[call-overload]
-        context_length=int(_field_value(reader, f"{arch}.context_length") or 0),  # type: ignore[call-overload]
+        n_layers=int(field_value(reader, f"{arch}.block_count") or 0),
+        context_length=int(field_value(reader, f"{arch}.context_length") or 0),
         n_params=n_params,
         quantization=by_type.most_common(1)[0][0] if by_type else "unknown",
-        chat_template=_field_value(reader, "tokenizer.chat_template"),  # type: ignore[arg-type]
+        chat_template=field_value(reader, "tokenizer.chat_template"),
         size_bytes=size,
     )

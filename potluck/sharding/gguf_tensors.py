@@ -20,6 +20,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader
 from gguf.gguf_reader import ReaderTensor
 
 from potluck.errors import ModelFileError
+from potluck.inference.gguf_file import field_value
 
 log = logging.getLogger(__name__)
 
@@ -77,17 +78,6 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
         return cls(**data)
-
-
-def field_value(reader: GGUFReader, key: str, default: Any = None) -> Any:
-    """Scalar or string value of a GGUF metadata key, or ``default``."""
-    field = reader.fields.get(key)
-    if field is None or not field.data:
-        return default
-    value = field.parts[field.data[0]]
-    if field.types and field.types[0].name == "STRING":
-        return bytes(value).decode("utf-8", errors="replace")
-    return value.tolist()[0] if isinstance(value, np.ndarray) else value
 
 
 def open_gguf(path: str | Path) -> GGUFReader:
