@@ -156,9 +156,10 @@ class Backend(Protocol):
         """The prompt for a chat history, from the model's chat template (or a plain fallback)."""
 
     def generate(
-        self, prompt: str, params: SamplingParams, cancel: threading.Event
+        self, prompt: str | Sequence[int], params: SamplingParams, cancel: threading.Event
     ) -> Iterator[GeneratedToken]:
-        """Sample up to ``params.max_tokens`` tokens after ``prompt``.
+        """Sample up to ``params.max_tokens`` tokens after ``prompt`` (text, or its token ids from
+        :meth:`tokenize` when the caller already has them).
 
         Stops early at end-of-sequence or when ``cancel`` is set. Stop strings are handled by the
         caller (:class:`potluck.inference.stops.StopMatcher`).

@@ -64,6 +64,7 @@ class LlamaCppBackend:
         self._llm: Any = None  # llama_cpp.Llama once loaded
         self._info = ModelInfo.from_gguf(self._summary, model_id, self._n_ctx, str(path))
         self._chat = ChatTemplate(None)
+        self._bos_text = ""
 
     @property
     def info(self) -> ModelInfo:
@@ -103,6 +104,7 @@ class LlamaCppBackend:
         llm = self._llm
         eos = llm.detokenize([llm.token_eos()], special=True).decode(errors="replace")
         bos = llm.detokenize([llm.token_bos()], special=True).decode(errors="replace")
+        self._bos_text = bos
         self._chat = ChatTemplate(self._summary.chat_template, bos_token=bos, eos_token=eos)
         log.info(
             "loaded %s (%s, %s, %d layers, %.1f M params, ctx %d)",
@@ -121,7 +123,7 @@ class LlamaCppBackend:
 
     def tokenize(self, text: str, add_bos: bool = True) -> list[int]:
         llm = self._require()
-        bos = llm.detokenize([llm.token_bos()], special=True).decode(errors="replace")
+        bos = self._bos_text
         if add_bos and bos and text.startswith(bos):
             add_bos = False  # the chat template already wrote it
         return list(llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True))
@@ -130,10 +132,10 @@ class LlamaCppBackend:
         return self._chat.render(messages)
 
     def generate(
-        self, prompt: str, params: SamplingParams, cancel: threading.Event
+        self, prompt: str | Sequence[int], params: SamplingParams, cancel: threading.Event
     ) -> Iterator[GeneratedToken]:
         llm = self._require()
-        tokens = self.tokenize(prompt)
+        tokens = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
         if len(tokens) >= self._n_ctx:
             raise RequestError(f"prompt is {len(tokens)} tokens; the context holds {self._n_ctx}")
         params = seeded(params, min(params.max_tokens, self._n_ctx - len(tokens)))

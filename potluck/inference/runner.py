@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
 from typing import Any, TypeVar
@@ -60,7 +60,9 @@ class ModelRunner:
         """Run a blocking backend call (tokenize, render) on the worker thread."""
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
-    async def stream(self, prompt: str, params: SamplingParams) -> AsyncGenerator[list[GeneratedToken], None]:
+    async def stream(
+        self, prompt: str | Sequence[int], params: SamplingParams
+    ) -> AsyncGenerator[list[GeneratedToken], None]:
         """Generate after ``prompt``; yield batches of tokens as they arrive.
 
         Raises:
@@ -83,7 +85,7 @@ class ModelRunner:
             self._lock.release()
 
     async def _stream_locked(
-        self, prompt: str, params: SamplingParams
+        self, prompt: str | Sequence[int], params: SamplingParams
     ) -> AsyncGenerator[list[GeneratedToken], None]:
         loop = asyncio.get_running_loop()
         # Bounded by construction: the worker puts at most max_tokens + 1 items.

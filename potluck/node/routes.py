@@ -99,7 +99,8 @@ class LocalRoute:
             prompt, stops = chat.prompt, tuple(dict.fromkeys(params.stop + chat.stop))
         else:
             prompt, stops = request.prompt or "", params.stop
-        n_prompt = len(await self.runner.run_blocking(backend.tokenize, prompt))
+        prompt_ids = await self.runner.run_blocking(backend.tokenize, prompt)
+        n_prompt = len(prompt_ids)
         room = self.info.n_ctx - n_prompt
         if room <= 0:
             raise RequestError(
@@ -108,7 +109,7 @@ class LocalRoute:
         params = replace(params, max_tokens=min(params.max_tokens, room), stop=stops)
         matcher = StopMatcher(stops)
         n_done = 0
-        async for batch in self.runner.stream(prompt, params):
+        async for batch in self.runner.stream(prompt_ids, params):  # tokenized once, above
             n_done += sum(1 for t in batch if t.token_id >= 0)
             text = matcher.feed("".join(t.text for t in batch))
             if text:

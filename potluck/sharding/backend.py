@@ -71,9 +71,11 @@ class TPBackendBase:
     def render_chat(self, messages: Sequence[ChatMessage]) -> ChatPrompt:
         return self._chat.render(messages)
 
-    def generate(self, prompt: str, params: SamplingParams, cancel: threading.Event) -> Iterator[GeneratedToken]:
+    def generate(
+        self, prompt: str | Sequence[int], params: SamplingParams, cancel: threading.Event
+    ) -> Iterator[GeneratedToken]:
         group, tok = self._require()
-        ids = tok.tokenize(prompt)
+        ids = tok.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
         if len(ids) >= self._n_ctx:
             raise RequestError(f"prompt is {len(ids)} tokens; the context holds {self._n_ctx}")
         params = seeded(params, min(params.max_tokens, self._n_ctx - len(ids)))
