@@ -51,6 +51,8 @@ RESERVE_ROUND_S = 2.0
 FIRST_CHECK_S = 2.0
 DIRECT_DIAL_S = 5.0
 RELAY_DIAL_S = 15.0
+PUNCH_RETRY_S = 5.0  # between our own DCUtR retries toward a peer still only reachable through a relay
+PUNCH_TRIES = 3  # DCUtR spec: up to 3 attempts (libp2p/specs relay/DCUtR.md, "retry")
 
 
 class NatTraversal:
@@ -78,6 +80,7 @@ class NatTraversal:
         self.on_addrs_changed: Callable[[], Awaitable[None]] | None = None
         self._relayed_seen: set[PeerId] = set()
         self._punched: set[PeerId] = set()
+        self._punch_tries: dict[PeerId, int] = {}
         p2p.dial_hook = self.ensure_connected
 
     # ------------------------------------------------------------------ lifecycle
@@ -90,6 +93,8 @@ class NatTraversal:
                 await stack.enter_async_context(background_trio_service(self.dcutr))
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._observe)
+                if self.dcutr is not None:
+                    tg.start_soon(self._punch_retry_loop, self.dcutr)
                 tg.start_soon(self._reserve_loop)
                 tg.start_soon(self._reachability_loop)
                 log.info("NAT traversal up (relay %s, hole punching %s)", self.settings.relay, self.dcutr is not None)
@@ -154,6 +159,30 @@ class NatTraversal:
                 self._punched.discard(gone)
             self.snapshot = snapshot
             await anyio.sleep(OBSERVE_S)
+
+    async def _punch_retry_loop(self, dcutr: DCUtRProtocol) -> None:
+        """Retry DCUtR toward peers still reached only through a relay.
+
+        py-libp2p 0.8.1 drives one attempt per relayed connection on its own, but after a failed
+        first attempt (seen here: the DCUtR stream negotiation over the circuit failing) it may not
+        try again; the spec allows up to three attempts, so we make the remaining ones.
+        """
+        while True:
+            await anyio.sleep(PUNCH_RETRY_S)
+            for peer, paths in list(self.snapshot.items()):
+                if not paths or any(p.kind != "relayed" for p in paths):
+                    self._punch_tries.pop(peer, None)
+                    continue
+                tries = self._punch_tries.get(peer, 0)
+                if tries >= PUNCH_TRIES:
+                    continue
+                self._punch_tries[peer] = tries + 1
+                try:
+                    ok = await dcutr.initiate_hole_punch(ID.from_base58(peer))
+                except (BaseLibp2pError, OSError, TimeoutError) as exc:
+                    ok = False
+                    log.info("hole punch to %s failed: %s", peer, exc)
+                log.info("hole punch retry %d to %s: %s", tries + 1, peer, "direct" if ok else "still relayed")
 
     async def _reserve_loop(self) -> None:
         while True:
