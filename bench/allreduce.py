@@ -6,7 +6,7 @@ of 16 KiB and 64 KiB, both implementations run in the same processes, interleave
 - **floor**: raw blocking TCP sockets with TCP_NODELAY, ``sendall`` of the array bytes and
   ``recv_into`` a preallocated buffer, the master sums in rank order and sends the sum back. No
   framing, no sequence numbers, no authentication: what a star all-reduce cannot go below in Python.
-- **potluck**: :class:`~potluck.sharding.star.StarMaster` / ``StarWorker`` (framed, sequenced,
+- **potluck**: :class:`~potluck.sharding.collective.star.StarMaster` / ``StarWorker`` (framed, sequenced,
   HMAC-authenticated connections, deadlines on every call).
 
 Like with like: the same processes, sockets set up the same way before timing, the same warm-up, and
@@ -38,8 +38,8 @@ from typing import Any
 
 import numpy as np
 
-from potluck.sharding.auth import new_session_key
-from potluck.sharding.star import StarMaster, StarWorker
+from potluck.sharding.collective.auth import new_session_key
+from potluck.sharding.collective.star import StarMaster, StarWorker
 
 SIZES = (16 * 1024, 64 * 1024)  # payload bytes (float32)
 WARMUP = 30

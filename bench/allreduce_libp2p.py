@@ -32,9 +32,9 @@ import numpy as np
 
 from potluck.overlay.endpoint import StandaloneHost
 from potluck.overlay.tp_stream import Libp2pByteStream
-from potluck.sharding.auth import new_session_key
-from potluck.sharding.channel import FrameChannel
-from potluck.sharding.star import StarMaster, StarWorker
+from potluck.sharding.collective.auth import new_session_key
+from potluck.sharding.collective.channel import FrameChannel
+from potluck.sharding.collective.star import StarMaster, StarWorker
 
 PROTOCOL = "/potluck/bench-star/1"
 NAMES = ("floor", "tcp", "libp2p")

@@ -34,10 +34,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from potluck.config import Settings  # noqa: E402
-from potluck.node.identity import load_or_create_identity  # noqa: E402
-from potluck.node.router import Router  # noqa: E402
-from potluck.overlay.local import LocalServing  # noqa: E402
+from potluck.identity import load_or_create_identity  # noqa: E402
 from potluck.overlay.service import OverlayService  # noqa: E402
+from potluck.overlay.serving import LocalServing  # noqa: E402
+from potluck.routing.router import Router  # noqa: E402
 from tests.e2e.procs import NodeProcess, free_port, offline_env  # noqa: E402
 
 MODEL = REPO.parent / "shared" / "models" / "tinyshakespeare-q8_0.gguf"

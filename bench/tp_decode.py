@@ -109,9 +109,9 @@ def bench_llama_cpp(path: Path, n_tokens: int) -> float:
 
 def bench_potluck(path: Path, n: int, n_tokens: int, shard_dir: Path) -> tuple[float, list]:  # type: ignore[type-arg]
     """Greedy decode tokens/s of the TP engine with ``n`` ranks, and per-rank stats."""
-    from potluck.sharding.engine import EngineOptions
-    from potluck.sharding.launch import ProcessGroup
-    from potluck.sharding.plan import NodeCapability
+    from potluck.sharding.compute.engine import EngineOptions
+    from potluck.sharding.format.plan import NodeCapability
+    from potluck.sharding.orchestration.launch import ProcessGroup
 
     nodes = [NodeCapability(f"local-{r}", 8 << 30, 1.0) for r in range(n)]
     with ProcessGroup(path, nodes, EngineOptions(n_ctx=256), shard_dir, timeout_s=60.0) as group:

@@ -12,43 +12,15 @@ import codecs
 import os
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+from potluck.routing.request import ChatMessage, SamplingParams
+from potluck.routing.route import ModelInfo
 
 if TYPE_CHECKING:
     from potluck.inference.gguf_file import GGUFSummary
 
-Role = Literal["system", "user", "assistant", "tool"]
-FinishReason = Literal["stop", "length", "cancelled"]
-
-
-@dataclass(frozen=True)
-class ChatMessage:
-    """One message of a chat history."""
-
-    role: Role
-    content: str
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """Decoding parameters.
-
-    Attributes:
-        max_tokens: upper bound on generated tokens.
-        temperature: softmax temperature; 0 means greedy (argmax).
-        top_p: nucleus-sampling mass in (0, 1].
-        top_k: keep the k most likely tokens; 0 disables.
-        seed: RNG seed; ``None`` draws one.
-        stop: strings that end generation; they are not included in the output.
-    """
-
-    max_tokens: int = 256
-    temperature: float = 0.8
-    top_p: float = 0.95
-    top_k: int = 40
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -71,48 +43,20 @@ class ChatPrompt:
     stop: tuple[str, ...] = ()
 
 
-@dataclass(frozen=True)
-class ModelInfo:
-    """What a loaded model is.
-
-    Attributes:
-        model_id: the name the API serves it under.
-        architecture: GGUF ``general.architecture`` (``llama``, ``qwen2``...).
-        n_layers: transformer blocks.
-        n_params: parameter count.
-        quantization: dominant tensor type (``Q4_0``, ``F16``...).
-        context_length: tokens the model was trained for.
-        n_ctx: context length this backend instance allows.
-        path: file the weights came from.
-        size_bytes: file size.
-    """
-
-    model_id: str
-    architecture: str
-    n_layers: int
-    n_params: int
-    quantization: str
-    context_length: int
-    n_ctx: int
-    path: str
-    size_bytes: int
-    extra: dict[str, str] = field(default_factory=dict)
-
-    @classmethod
-    def from_gguf(cls, summary: GGUFSummary, model_id: str, n_ctx: int, path: str, **extra: str) -> ModelInfo:
-        """The info of a GGUF served with context ``n_ctx`` (tokens)."""
-        return cls(
-            model_id=model_id,
-            architecture=summary.architecture,
-            n_layers=summary.n_layers,
-            n_params=summary.n_params,
-            quantization=summary.quantization,
-            context_length=summary.context_length,
-            n_ctx=n_ctx,
-            path=path,
-            size_bytes=summary.size_bytes,
-            extra=dict(extra),
-        )
+def model_info(summary: GGUFSummary, model_id: str, n_ctx: int, path: str, **extra: str) -> ModelInfo:
+    """The :class:`ModelInfo` of a GGUF served with context ``n_ctx`` (tokens)."""
+    return ModelInfo(
+        model_id=model_id,
+        architecture=summary.architecture,
+        n_layers=summary.n_layers,
+        n_params=summary.n_params,
+        quantization=summary.quantization,
+        context_length=summary.context_length,
+        n_ctx=n_ctx,
+        path=path,
+        size_bytes=summary.size_bytes,
+        extra=dict(extra),
+    )
 
 
 def seeded(params: SamplingParams, max_tokens: int) -> SamplingParams:

@@ -11,7 +11,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from potluck.inference.backend import ChatMessage, ChatPrompt
+from potluck.inference.backend import ChatPrompt
+from potluck.routing.request import ChatMessage
 
 PLAIN_ROLES = {"system": "System", "user": "User", "assistant": "Assistant", "tool": "Tool"}
 

@@ -15,17 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from potluck.errors import GenerationError, ModelError, ModelFileError, RequestError
-from potluck.inference.backend import (
-    ChatMessage,
-    ChatPrompt,
-    GeneratedToken,
-    ModelInfo,
-    SamplingParams,
-    seeded,
-    text_tokens,
-)
+from potluck.inference.backend import ChatPrompt, GeneratedToken, model_info, seeded, text_tokens
 from potluck.inference.chat import ChatTemplate
 from potluck.inference.gguf_file import inspect_gguf
+from potluck.routing.request import ChatMessage, SamplingParams
+from potluck.routing.route import ModelInfo
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +56,7 @@ class LlamaCppBackend:
         self._n_threads = n_threads or os.cpu_count() or 1
         self._n_batch = n_batch
         self._llm: Any = None  # llama_cpp.Llama once loaded
-        self._info = ModelInfo.from_gguf(self._summary, model_id, self._n_ctx, str(path))
+        self._info = model_info(self._summary, model_id, self._n_ctx, str(path))
         self._chat = ChatTemplate(None)
         self._bos_text = ""
 

@@ -19,7 +19,8 @@ from contextlib import suppress
 from typing import Any, TypeVar
 
 from potluck.errors import GenerationError, Overloaded, PotluckError
-from potluck.inference.backend import Backend, GeneratedToken, SamplingParams
+from potluck.inference.backend import Backend, GeneratedToken
+from potluck.routing.request import SamplingParams
 
 _DONE = object()
 T = TypeVar("T")

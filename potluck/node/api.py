@@ -44,9 +44,10 @@ from potluck.errors import (
     RequestError,
 )
 from potluck.node.metrics import NodeMetrics
-from potluck.node.router import Router
-from potluck.node.routes import Finished, GenerationRequest, LocalRoute, TextDelta
 from potluck.node.schemas import ChatCompletionRequest, CompletionRequest
+from potluck.routing.request import GenerationRequest
+from potluck.routing.route import Finished, TextDelta
+from potluck.routing.router import Router
 
 log = logging.getLogger(__name__)
 
@@ -310,7 +311,7 @@ async def list_models(request: web.Request) -> web.Response:
 
 
 def _local_models(router: Router) -> list[dict[str, Any]]:
-    return [asdict(r.info) for r in router.local_routes if isinstance(r, LocalRoute)]
+    return [asdict(r.info) for r in router.local_routes]
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -326,15 +327,15 @@ async def metrics(request: web.Request) -> web.Response:
 
 async def node_info(request: web.Request) -> web.Response:
     state = request.app[API_STATE]
-    routes = [r for r in state.router.local_routes if isinstance(r, LocalRoute)]
+    routes = state.router.local_routes
     return web.json_response(
         {
             "peer_id": state.peer_id,
             "version": __version__,
             "uptime_s": time.monotonic() - state.started_at,
             "models": _local_models(state.router),
-            "queue_depth": sum(r.runner.queue_depth for r in routes),
-            "active_requests": sum(r.runner.active for r in routes),
+            "queue_depth": sum(r.queue_depth for r in routes),
+            "active_requests": sum(r.active for r in routes),
         }
     )
 

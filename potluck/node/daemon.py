@@ -21,16 +21,16 @@ from rich.console import Console
 
 from potluck.config import Settings
 from potluck.errors import PotluckError
+from potluck.identity import NodeIdentity, load_or_create_identity
 from potluck.inference.backend import Backend
-from potluck.inference.factory import create_backend
 from potluck.inference.resolve import ResolvedModel, resolve_model
+from potluck.inference.route import LoadedModelRoute
 from potluck.inference.runner import ModelRunner
 from potluck.node.api import ApiState, build_app
-from potluck.node.identity import NodeIdentity, load_or_create_identity
+from potluck.node.backends import create_backend
 from potluck.node.metrics import NodeMetrics
-from potluck.node.router import Router
-from potluck.node.routes import LocalRoute
-from potluck.node.tasks import TaskOwner
+from potluck.routing.router import Router
+from potluck.tasks import TaskOwner
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ class Node:
         self.overlay = _make_overlay(settings, self.identity, self.router, self.metrics)
 
     def _queue_depth(self) -> float:
-        return float(sum(r.runner.queue_depth for r in self.router.local_routes if isinstance(r, LocalRoute)))
+        return float(sum(r.queue_depth for r in self.router.local_routes))
 
     async def __aenter__(self) -> Node:
         try:
@@ -89,10 +89,10 @@ class Node:
 
         guard = PrivacyGuard(AuditLog.in_data_dir(s.data_dir), s.privacy)
         if self.overlay is not None:
-            from potluck.overlay.routes import PeerRouteProvider
+            from potluck.overlay.peer_routes import PeerRouteProvider
 
             await self._stack.enter_async_context(self.overlay)
-            from potluck.sharding.remote import TensorParallelService
+            from potluck.sharding.orchestration.remote import TensorParallelService
 
             await self._stack.enter_async_context(TensorParallelService(s, self.overlay))
             self.router.add_provider(guard.wrap_provider(PeerRouteProvider(self.overlay)))
@@ -137,7 +137,7 @@ class Node:
         runner = ModelRunner(backend, self.settings.max_queue)
         self._runners.append(runner)
         await asyncio.to_thread(backend.load)
-        self.router.add_local(LocalRoute(runner))
+        self.router.add_local(LoadedModelRoute(runner))
         log.info("serving model %s (loaded in %.1f s)", backend.info.model_id, time.perf_counter() - t0)
         if self.overlay is not None and self.overlay.started:
             await self.overlay.publish_own_record()  # announce the model now, not at the next heartbeat
@@ -164,8 +164,8 @@ def _make_overlay(settings: Settings, identity: NodeIdentity, router: Router, me
     if not settings.p2p_enabled:
         return None
     from potluck import __version__
-    from potluck.overlay.local import LocalServing
     from potluck.overlay.service import OverlayService
+    from potluck.overlay.serving import LocalServing
 
     local = LocalServing(router, settings.serve_rate_limit_tps, settings.serve_flush_interval_s)
     return OverlayService(settings, identity, local, metrics.registry, __version__)

@@ -11,7 +11,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from potluck.inference.backend import ChatMessage, SamplingParams
+from potluck.routing.request import ChatMessage, SamplingParams
 
 MAX_STOP = 4
 

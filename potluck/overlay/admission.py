@@ -30,8 +30,8 @@ from typing import TypeVar
 import anyio
 
 from potluck.errors import PeerRefused, ProtocolViolation
-from potluck.node.identity import PeerId
-from potluck.overlay.metrics import OverlayMetrics
+from potluck.identity import PeerId
+from potluck.overlay.swarm_metrics import OverlayMetrics
 from potluck.overlay.wire import AdmitChallenge, AdmitProof, AdmitResult, FrameStream, WireModel
 
 log = logging.getLogger(__name__)

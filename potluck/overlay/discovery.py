@@ -21,7 +21,7 @@ from zeroconf import IPVersion, ServiceStateChange, Zeroconf
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
 from potluck.errors import ConfigError, NetworkError
-from potluck.node.identity import PeerId
+from potluck.identity import PeerId
 from potluck.overlay.dht import model_key, peer_key
 from potluck.overlay.host import parse_peer_multiaddr
 

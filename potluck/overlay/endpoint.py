@@ -18,7 +18,7 @@ from typing import Any
 import anyio
 
 from potluck.errors import ConnectError
-from potluck.node.identity import PeerId, load_or_create_identity
+from potluck.identity import PeerId, load_or_create_identity
 from potluck.overlay.bridge import TrioThread
 from potluck.overlay.host import Libp2pHost, listen_multiaddr
 

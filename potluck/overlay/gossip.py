@@ -29,7 +29,7 @@ from libp2p.pubsub.pb import rpc_pb2
 from libp2p.pubsub.pubsub import Pubsub
 from libp2p.tools.anyio_service import background_trio_service
 
-from potluck.node.identity import PeerId
+from potluck.identity import PeerId
 from potluck.overlay.admission import Admission
 from potluck.overlay.host import Libp2pHost
 from potluck.overlay.state import MAX_RECORD_BYTES

@@ -35,7 +35,7 @@ from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
 from libp2p.stream_muxer.yamux.yamux import Yamux
 
 from potluck.errors import ConfigError, ConnectError, PotluckError
-from potluck.node.identity import NodeIdentity, PeerId
+from potluck.identity import NodeIdentity, PeerId
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
 Methods: ``ping`` (one ``Pong`` back; the caller measures the round trip), ``state_sync``
 (anti-entropy: digest + records in, newer records out) and ``generate`` (a stream of
 ``TokenFrame`` ending with one ``FinishFrame``, or an ``ErrorFrame`` at any point) and
-``tp_join`` (be a worker of a tensor-parallel group; see :mod:`potluck.sharding.remote`).
+``tp_join`` (be a worker of a tensor-parallel group; see :mod:`potluck.sharding.orchestration.remote`).
 
 The server runs in the overlay's trio thread and hands the work to the node's asyncio loop
 through the bridge (:class:`RpcApp`). Every request is refused unless the remote peer passed
@@ -32,11 +32,11 @@ from potluck.errors import (
     RequestError,
     TransferError,
 )
-from potluck.node.identity import PeerId
+from potluck.identity import PeerId
 from potluck.overlay.admission import Admission
 from potluck.overlay.bridge import TrioThread
 from potluck.overlay.host import Libp2pHost
-from potluck.overlay.metrics import OverlayMetrics
+from potluck.overlay.swarm_metrics import OverlayMetrics
 from potluck.overlay.wire import (
     ErrorFrame,
     FinishFrame,

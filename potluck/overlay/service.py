@@ -22,8 +22,7 @@ from prometheus_client import CollectorRegistry
 
 from potluck.config import Settings
 from potluck.errors import ClosedError, NetworkError, PeerRefused
-from potluck.node.identity import NodeIdentity, PeerId
-from potluck.node.tasks import TaskOwner
+from potluck.identity import NodeIdentity, PeerId
 from potluck.overlay import rpc
 from potluck.overlay.admission import PROTOCOL as ADMIT_PROTOCOL
 from potluck.overlay.admission import Admission, admit_frames
@@ -32,10 +31,10 @@ from potluck.overlay.dht import make_dht
 from potluck.overlay.discovery import Discovery
 from potluck.overlay.gossip import Sealer, StateGossip
 from potluck.overlay.host import Libp2pHost, listen_multiaddr
-from potluck.overlay.local import LocalServing
-from potluck.overlay.metrics import OverlayMetrics
 from potluck.overlay.nat.traversal import NatTraversal
+from potluck.overlay.serving import LocalServing
 from potluck.overlay.state import ClusterState, PeerRecord, SignedRecord, sign_record
+from potluck.overlay.swarm_metrics import OverlayMetrics
 from potluck.overlay.tp_stream import Libp2pByteStream, StarStreamServer
 from potluck.overlay.wire import (
     FinishFrame,
@@ -47,6 +46,7 @@ from potluck.overlay.wire import (
     TpJoinRequest,
     TpStreamHello,
 )
+from potluck.tasks import TaskOwner
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +117,7 @@ class OverlayService:
         self._admitting: dict[PeerId, anyio.Event] = {}
         self.dht: Any = None
         self.nat: NatTraversal | None = None  # NAT traversal (issue 4), created in the trio thread
-        # Tensor parallelism (potluck.sharding.remote.TensorParallelService): set by the node;
+        # Tensor parallelism (potluck.sharding.orchestration.remote.TensorParallelService): set by the node;
         # ``None`` refuses tp_join and tp-star streams.
         self.tp: Any = None
 

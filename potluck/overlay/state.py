@@ -25,8 +25,8 @@ from typing import Annotated, Any, Literal
 import msgpack
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from potluck.node.identity import NodeIdentity, PeerId, verify
-from potluck.overlay.metrics import OverlayMetrics
+from potluck.identity import NodeIdentity, PeerId, verify
+from potluck.overlay.swarm_metrics import OverlayMetrics
 
 log = logging.getLogger(__name__)
 

@@ -4,11 +4,11 @@ When a worker has no direct TCP path to the master's star (or the node is told t
 it opens a ``/potluck/tp-star/1`` stream to the master over the existing Noise + Yamux connection
 (relayed or hole-punched as the overlay arranged), sends :class:`TpStreamHello` (session, rank),
 waits for :class:`TpStreamAck`, and from then on the stream carries the star's binary frames
-(:mod:`potluck.sharding.frames`): the master admits it with ``StarMaster.admit`` and the worker
+(:mod:`potluck.sharding.collective.frames`): the master admits it with ``StarMaster.admit`` and the worker
 authenticates with ``StarWorker.over``, exactly as over TCP (same HMAC handshake with the session
 key that came inside the ``tp_join`` RPC).
 
-:class:`Libp2pByteStream` is the blocking :class:`potluck.sharding.channel.ByteStream` the star
+:class:`Libp2pByteStream` is the blocking :class:`potluck.sharding.collective.channel.ByteStream` the star
 needs: every ``send``/``recv_into`` crosses into the overlay's trio thread through
 :meth:`TrioThread.run_blocking` with the call's deadline. It is used from the engine's compute
 thread, never from the asyncio loop or the trio thread.
@@ -26,7 +26,7 @@ import anyio
 from libp2p.exceptions import BaseLibp2pError
 
 from potluck.errors import ClosedError, PeerRefused, PotluckError, ProtocolViolation, TransferError
-from potluck.node.identity import PeerId
+from potluck.identity import PeerId
 from potluck.overlay.admission import Admission
 from potluck.overlay.bridge import TrioThread
 from potluck.overlay.host import Libp2pHost
@@ -41,7 +41,7 @@ _MAX_HELLO_FRAME = 1024
 
 
 class Libp2pByteStream:
-    """A blocking :class:`~potluck.sharding.channel.ByteStream` over a libp2p stream.
+    """A blocking :class:`~potluck.sharding.collective.channel.ByteStream` over a libp2p stream.
 
     Args:
         bridge: the overlay's trio thread (the stream lives there).

@@ -25,8 +25,8 @@ from typing import Any
 import aiohttp
 
 from potluck.errors import ClosedError, ConnectError, PeerRefused, ProtocolViolation, RequestError, TransferError
-from potluck.inference.backend import FinishReason
-from potluck.node.routes import Finished, GenerationRequest, RouteEvent, TextDelta
+from potluck.routing.request import FinishReason, GenerationRequest
+from potluck.routing.route import Finished, RouteEvent, TextDelta
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """The privacy guard: every route to tier >= 2 goes through it.
 
-:class:`PrivacyGuard` wraps a :class:`~potluck.node.routes.Route` (or a whole
-:class:`~potluck.node.router.RouteProvider`) whose ``tier`` attribute is 2 (community peers) or 3
+:class:`PrivacyGuard` wraps a :class:`~potluck.routing.route.Route` (or a whole
+:class:`~potluck.routing.router.RouteProvider`) whose ``tier`` attribute is 2 (community peers) or 3
 (cloud). Per request it
 
 1. reads the privacy level (``X-Potluck-Privacy`` header, else the node's ``privacy`` setting);
@@ -31,11 +31,12 @@ from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from potluck.errors import PolicyRefused, PrivacyError
-from potluck.inference.backend import ChatMessage
-from potluck.node.router import ModelListing, RouteProvider
-from potluck.node.routes import Finished, GenerationRequest, Route, RouteEvent, TextDelta
+from potluck.identity import Tier
 from potluck.privacy.audit import AuditLog, AuditRecord
-from potluck.privacy.policy import PRIVACY_HEADER, Action, PrivacyLevel, Tier, decide, enforce_strict, parse_level
+from potluck.privacy.policy import PRIVACY_HEADER, Action, PrivacyLevel, decide, enforce_strict, parse_level
+from potluck.routing.request import ChatMessage, GenerationRequest
+from potluck.routing.route import Finished, Route, RouteEvent, TextDelta
+from potluck.routing.router import ModelListing, RouteProvider
 
 if TYPE_CHECKING:
     from potluck.privacy.sanitizer import Sanitized, Sanitizer

@@ -23,19 +23,11 @@ import enum
 from typing import Literal
 
 from potluck.errors import PolicyRefused, RequestError
+from potluck.identity import Tier
 
 PRIVACY_HEADER = "x-potluck-privacy"
 PrivacyLevel = Literal["strict", "standard", "off"]
 LEVELS: tuple[PrivacyLevel, ...] = ("strict", "standard", "off")
-
-
-class Tier(enum.IntEnum):
-    """Trust tier of a destination (lower is more trusted)."""
-
-    LOCAL = 0
-    OWN = 1
-    COMMUNITY = 2
-    CLOUD = 3
 
 
 class Action(enum.Enum):

@@ -1,6 +1,6 @@
 """Cloud models as router routes: ``cloud/<name>`` in ``/v1/models``, always behind the privacy guard.
 
-:class:`CloudProvider` is a :class:`~potluck.node.router.RouteProvider` and an async context
+:class:`CloudProvider` is a :class:`~potluck.routing.router.RouteProvider` and an async context
 manager (it owns the :class:`~potluck.privacy.cloud.CloudClient` session). On entry it learns the
 model names: the configured ``cloud_model``, or else the upstream's ``GET /models`` (bounded by
 the client's deadlines; an unreachable upstream is logged and lists nothing).
@@ -14,11 +14,12 @@ from types import TracebackType
 
 from potluck.config import Settings
 from potluck.errors import NetworkError, ProtocolViolation, RequestError
-from potluck.node.router import ModelListing
-from potluck.node.routes import GenerationRequest, Route, RouteEvent
+from potluck.identity import Tier
 from potluck.privacy.cloud import CloudClient, CloudConfig
 from potluck.privacy.guard import PrivacyGuard
-from potluck.privacy.policy import Tier
+from potluck.routing.request import GenerationRequest
+from potluck.routing.route import Route, RouteEvent
+from potluck.routing.router import ModelListing
 
 log = logging.getLogger(__name__)
 

@@ -19,11 +19,10 @@ import openai
 import pytest
 
 from potluck.errors import PrivacyError
-from potluck.inference.backend import ChatMessage, SamplingParams
-from potluck.node.routes import GenerationRequest
 from potluck.privacy.cloud import CloudClient, CloudConfig
 from potluck.privacy.guard import PrivacyGuard
 from potluck.privacy.provider import CloudRoute
+from potluck.routing.request import ChatMessage, GenerationRequest, SamplingParams
 from tests.e2e.procs import POTLUCK, NodeProcess, free_port, offline_env
 
 pytestmark = pytest.mark.e2e

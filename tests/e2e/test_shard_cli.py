@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from potluck.inference.backend import SamplingParams
-from potluck.sharding.engine import EngineOptions
-from potluck.sharding.group import generate_ids
-from potluck.sharding.launch import ProcessGroup
-from potluck.sharding.plan import NodeCapability
+from potluck.routing.request import SamplingParams
+from potluck.sharding.compute.engine import EngineOptions
+from potluck.sharding.format.plan import NodeCapability
+from potluck.sharding.orchestration.group import generate_ids
+from potluck.sharding.orchestration.launch import ProcessGroup
 from tests.sharding.llama_ref import STEADY_PROMPT, greedy_tokens
 
 pytestmark = pytest.mark.e2e

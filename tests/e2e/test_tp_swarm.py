@@ -40,7 +40,7 @@ def node_env(home: Path, swarm: str) -> dict[str, str]:
 
 
 def reference_text(path: Path, n: int) -> str:
-    from potluck.sharding.tokenizer import GGUFTokenizer
+    from potluck.sharding.format.tokenizer import GGUFTokenizer
 
     _, want = greedy_tokens(path, STEADY_PROMPT, n)
     tok = GGUFTokenizer(path)

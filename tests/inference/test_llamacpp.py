@@ -7,10 +7,11 @@ import threading
 import pytest
 
 from potluck.errors import RequestError
-from potluck.inference.backend import Backend, ChatMessage, SamplingParams
+from potluck.inference.backend import Backend
 from potluck.inference.chat import render_plain_chat
 from potluck.inference.demo_model import demo_model_path
 from potluck.inference.llamacpp import LlamaCppBackend
+from potluck.routing.request import ChatMessage, SamplingParams
 
 GREEDY = SamplingParams(max_tokens=24, temperature=0.0)
 

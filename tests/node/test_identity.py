@@ -3,7 +3,7 @@ import stat
 import pytest
 
 from potluck.errors import ConfigError
-from potluck.node.identity import (
+from potluck.identity import (
     KEY_FILE,
     load_or_create_identity,
     peer_id_from_public_key,

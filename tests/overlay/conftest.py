@@ -8,7 +8,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from potluck.config import Settings
-from potluck.node.identity import NodeIdentity, peer_id_from_public_key
+from potluck.identity import NodeIdentity, peer_id_from_public_key
 
 
 def make_identity() -> NodeIdentity:

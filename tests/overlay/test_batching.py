@@ -10,15 +10,15 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 
 from potluck.errors import ProtocolViolation, RequestError
+from potluck.identity import PeerId
 from potluck.inference.llamacpp import LlamaCppBackend
+from potluck.inference.route import LoadedModelRoute
 from potluck.inference.runner import ModelRunner
-from potluck.node.identity import PeerId
-from potluck.node.router import Router
-from potluck.node.routes import LocalRoute
 from potluck.overlay import rpc
 from potluck.overlay.bridge import TrioThread
-from potluck.overlay.local import LocalServing
+from potluck.overlay.serving import LocalServing
 from potluck.overlay.wire import FinishFrame, GenerateRequest, TokenFrame, WireSampling, encode
+from potluck.routing.router import Router
 from tests.conftest import MODELS
 from tests.overlay.memory import MemoryStream
 
@@ -37,7 +37,7 @@ def runner() -> Iterator[ModelRunner]:
 
 def serving(runner: ModelRunner, flush_interval_s: float) -> LocalServing:
     router = Router()
-    router.add_local(LocalRoute(runner))
+    router.add_local(LoadedModelRoute(runner))
     return LocalServing(router, flush_interval_s=flush_interval_s)
 
 

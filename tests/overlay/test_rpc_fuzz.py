@@ -10,11 +10,11 @@ import msgpack
 import pytest
 
 from potluck.errors import ProtocolViolation, TransferError
-from potluck.node.identity import PeerId
+from potluck.identity import PeerId
 from potluck.overlay.admission import Admission
 from potluck.overlay.bridge import TrioThread
-from potluck.overlay.metrics import OverlayMetrics
 from potluck.overlay.rpc import RpcServer
+from potluck.overlay.swarm_metrics import OverlayMetrics
 from potluck.overlay.wire import (
     MAX_FRAME,
     ErrorFrame,

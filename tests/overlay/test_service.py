@@ -10,12 +10,12 @@ import time
 import pytest
 
 from potluck.errors import PeerRefused
-from potluck.node.identity import load_or_create_identity
-from potluck.node.router import Router
+from potluck.identity import load_or_create_identity
 from potluck.overlay import rpc
-from potluck.overlay.local import LocalServing
 from potluck.overlay.service import OverlayService
+from potluck.overlay.serving import LocalServing
 from potluck.overlay.wire import StateSyncRequest
+from potluck.routing.router import Router
 
 pytestmark = pytest.mark.timeout(120)
 

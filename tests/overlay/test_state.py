@@ -9,7 +9,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from potluck.overlay.metrics import OverlayMetrics
 from potluck.overlay.state import (
     MAX_RECORD_BYTES,
     ClusterState,
@@ -20,6 +19,7 @@ from potluck.overlay.state import (
     SignedRecord,
     sign_record,
 )
+from potluck.overlay.swarm_metrics import OverlayMetrics
 from tests.overlay.conftest import make_identity
 
 NOW = 1_000_000.0

@@ -17,10 +17,10 @@ from potluck.errors import PeerRefused, ProtocolViolation, TransferError
 from potluck.overlay.endpoint import StandaloneHost
 from potluck.overlay.tp_stream import Libp2pByteStream
 from potluck.overlay.wire import TpJoinRequest, TpStreamHello, decode_payload, encode
-from potluck.sharding import transfer
-from potluck.sharding.auth import new_session_key
-from potluck.sharding.channel import FrameChannel
-from potluck.sharding.star import StarMaster, StarWorker
+from potluck.sharding.collective import transfer
+from potluck.sharding.collective.auth import new_session_key
+from potluck.sharding.collective.channel import FrameChannel
+from potluck.sharding.collective.star import StarMaster, StarWorker
 
 pytestmark = pytest.mark.timeout(120)
 PROTOCOL = "/potluck/test-star/1"

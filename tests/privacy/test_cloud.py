@@ -10,9 +10,9 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from potluck.errors import ConnectError, PeerRefused, ProtocolViolation, RequestError, TransferError
-from potluck.inference.backend import ChatMessage, SamplingParams
-from potluck.node.routes import Finished, GenerationRequest, TextDelta
 from potluck.privacy.cloud import CloudClient, CloudConfig
+from potluck.routing.request import ChatMessage, GenerationRequest, SamplingParams
+from potluck.routing.route import Finished, TextDelta
 from tests.e2e.procs import free_port
 
 KEY = "sk-test-should-never-be-logged-0123456789"

@@ -7,11 +7,11 @@ from collections.abc import AsyncIterator
 import pytest
 
 from potluck.errors import PolicyRefused, PrivacyError, RequestError
-from potluck.inference.backend import ChatMessage, SamplingParams
-from potluck.node.router import ModelListing
-from potluck.node.routes import Finished, GenerationRequest, RouteEvent, TextDelta
 from potluck.privacy.audit import AuditLog
 from potluck.privacy.guard import GuardedRoute, PrivacyGuard
+from potluck.routing.request import ChatMessage, GenerationRequest, SamplingParams
+from potluck.routing.route import Finished, RouteEvent, TextDelta
+from potluck.routing.router import ModelListing
 
 PROMPT = "I am Henrike Vollmar, mail henrike.vollmar@example.com, card 5500 0000 0000 0004."
 

@@ -3,7 +3,8 @@ from __future__ import annotations
 import pytest
 
 from potluck.errors import PolicyRefused, RequestError
-from potluck.privacy.policy import Action, Tier, decide, enforce_strict, parse_level
+from potluck.identity import Tier
+from potluck.privacy.policy import Action, decide, enforce_strict, parse_level
 
 
 def test_parse_level():

@@ -21,7 +21,7 @@ import time
 import numpy as np
 
 from potluck.errors import TransferError
-from potluck.sharding.star import StarWorker
+from potluck.sharding.collective.star import StarWorker
 
 
 def partial(seed: int, rank: int, n: int) -> np.ndarray:

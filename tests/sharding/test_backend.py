@@ -8,9 +8,10 @@ import pytest
 
 from potluck.config import Settings
 from potluck.errors import ModelFileError, RequestError
-from potluck.inference.backend import Backend, ChatMessage, SamplingParams
-from potluck.inference.factory import create_backend
-from potluck.sharding.backend import OnnxRuntimeBackend
+from potluck.inference.backend import Backend
+from potluck.node.backends import create_backend
+from potluck.routing.request import ChatMessage, SamplingParams
+from potluck.sharding.orchestration.ort_backend import OnnxRuntimeBackend
 from tests.sharding.llama_ref import STEADY_PROMPT, greedy_tokens
 
 

@@ -8,10 +8,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from potluck.inference.backend import SamplingParams
-from potluck.sharding.engine import EngineOptions
-from potluck.sharding.group import ThreadGroup, generate_ids
-from potluck.sharding.plan import NodeCapability
+from potluck.routing.request import SamplingParams
+from potluck.sharding.compute.engine import EngineOptions
+from potluck.sharding.format.plan import NodeCapability
+from potluck.sharding.orchestration.group import ThreadGroup, generate_ids
 from tests.sharding.llama_ref import greedy_tokens, teacher_forced_logits
 
 

@@ -10,8 +10,9 @@ from gguf import GGML_QUANT_SIZES, GGUFReader, GGUFWriter, quants
 from gguf import GGMLQuantizationType as QT
 
 from potluck.errors import ModelFileError
-from potluck.sharding.engine import EngineOptions, RankCompute, TPMaster
-from potluck.sharding.extract import (
+from potluck.sharding.compute.engine import EngineOptions, RankCompute, TPMaster
+from potluck.sharding.compute.onnx_ops import GraphBuilder, session_options
+from potluck.sharding.format.extract import (
     extract_shard,
     fuse_linears,
     nbits_dequantize,
@@ -19,11 +20,10 @@ from potluck.sharding.extract import (
     q8_0_to_nbits,
     slice_linear,
 )
-from potluck.sharding.gguf_tensors import open_gguf, tensor_map
-from potluck.sharding.group import plan_for
-from potluck.sharding.onnx_ops import GraphBuilder, session_options
-from potluck.sharding.plan import NodeCapability
-from potluck.sharding.shard_file import read_shard, write_shard
+from potluck.sharding.format.gguf_tensors import open_gguf, tensor_map
+from potluck.sharding.format.plan import NodeCapability
+from potluck.sharding.format.shard_file import read_shard, write_shard
+from potluck.sharding.orchestration.group import plan_for
 
 RNG = np.random.default_rng(7)
 

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 
 from potluck.errors import GenerationError, PeerFailed, TransferError
-from potluck.inference.backend import SamplingParams
-from potluck.sharding.engine import EngineOptions
-from potluck.sharding.group import ThreadGroup, generate_ids
-from potluck.sharding.local import LocalStar
-from potluck.sharding.plan import NodeCapability
+from potluck.routing.request import SamplingParams
+from potluck.sharding.collective.in_process import LocalStar
+from potluck.sharding.compute.engine import EngineOptions
+from potluck.sharding.format.plan import NodeCapability
+from potluck.sharding.orchestration.group import ThreadGroup, generate_ids
 from tests.sharding.llama_ref import greedy_tokens
 
 

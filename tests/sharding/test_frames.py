@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from potluck.errors import ProtocolViolation
-from potluck.sharding import frames
-from potluck.sharding.frames import DType, Kind
+from potluck.sharding.collective import frames
+from potluck.sharding.collective.frames import DType, Kind
 
 plain_values = st.recursive(
     st.none()

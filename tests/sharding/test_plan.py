@@ -7,9 +7,9 @@ import json
 import pytest
 
 from potluck.errors import ShardPlanError
-from potluck.sharding.extract import plan_geometry
-from potluck.sharding.gguf_tensors import open_gguf, read_config
-from potluck.sharding.plan import FFN_BLOCK, MEMORY_HEADROOM, NodeCapability, PlanGeometry, ShardPlan, make_plan
+from potluck.sharding.format.extract import plan_geometry
+from potluck.sharding.format.gguf_tensors import open_gguf, read_config
+from potluck.sharding.format.plan import FFN_BLOCK, MEMORY_HEADROOM, NodeCapability, PlanGeometry, ShardPlan, make_plan
 
 GB = 1 << 30
 

@@ -25,11 +25,11 @@ from potluck.errors import (
     ProtocolViolation,
     TransferError,
 )
-from potluck.sharding import auth, frames
-from potluck.sharding.channel import FrameChannel, SocketStream
-from potluck.sharding.collective import Collective
-from potluck.sharding.frames import Kind
-from potluck.sharding.star import StarMaster, StarWorker
+from potluck.sharding.collective import auth, frames
+from potluck.sharding.collective.base import Collective
+from potluck.sharding.collective.channel import FrameChannel, SocketStream
+from potluck.sharding.collective.frames import Kind
+from potluck.sharding.collective.star import StarMaster, StarWorker
 from tests.sharding.star_proc import expected_sum, partial
 
 REPO = Path(__file__).resolve().parents[2]

@@ -11,13 +11,13 @@ import pytest
 from potluck.config import Settings
 from potluck.errors import ConfigError, PeerRefused
 from potluck.overlay.wire import TpJoinRequest
-from potluck.sharding.channel import FrameChannel
-from potluck.sharding.gguf_tensors import open_gguf
-from potluck.sharding.group import plan_for
-from potluck.sharding.placement import fits_locally, wants_tensor_parallel
-from potluck.sharding.plan import NodeCapability
-from potluck.sharding.remote import PendingJoin, TensorParallelService
-from potluck.sharding.swarm import Candidate, capabilities, rank_candidates
+from potluck.sharding.collective.channel import FrameChannel
+from potluck.sharding.format.gguf_tensors import open_gguf
+from potluck.sharding.format.plan import NodeCapability
+from potluck.sharding.orchestration.group import plan_for
+from potluck.sharding.orchestration.placement import fits_locally, wants_tensor_parallel
+from potluck.sharding.orchestration.remote import PendingJoin, TensorParallelService
+from potluck.sharding.orchestration.swarm import Candidate, capabilities, rank_candidates
 
 
 def cand(peer: str, rtt: float | None, tps: float = 0.0, ram: int = 1 << 30, cores: int = 2) -> Candidate:

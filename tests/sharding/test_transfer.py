@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 
 from potluck.errors import PeerRefused, ProtocolViolation
-from potluck.sharding import auth
-from potluck.sharding.channel import FrameChannel, SocketStream, configure_socket
-from potluck.sharding.star import StarMaster, StarWorker
-from potluck.sharding.transfer import Manifest, build_manifest, cache_dir, fetch_shard, serve_shards
+from potluck.sharding.collective import auth
+from potluck.sharding.collective.channel import FrameChannel, SocketStream, configure_socket
+from potluck.sharding.collective.star import StarMaster, StarWorker
+from potluck.sharding.collective.transfer import Manifest, build_manifest, cache_dir, fetch_shard, serve_shards
 
 KEY = bytes(range(32))
 CHUNK = 64 * 1024

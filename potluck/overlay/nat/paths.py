@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from potluck.node.identity import PeerId
+from potluck.identity import PeerId
 
 PathKind = Literal["direct", "hole-punched", "relayed"]
 _RANK: dict[str, int] = {"direct": 0, "hole-punched": 0, "relayed": 1}

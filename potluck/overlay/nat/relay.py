@@ -30,7 +30,7 @@ from libp2p.relay.circuit_v2.resources import RelayLimits
 from libp2p.relay.circuit_v2.transport import CircuitV2Transport
 
 from potluck.config import Settings
-from potluck.node.identity import PeerId
+from potluck.identity import PeerId
 
 log = logging.getLogger(__name__)
 

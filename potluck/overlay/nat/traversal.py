@@ -38,7 +38,7 @@ from multiaddr import Multiaddr
 
 from potluck.config import Settings
 from potluck.errors import ConnectError
-from potluck.node.identity import PeerId
+from potluck.identity import PeerId
 from potluck.overlay.host import Libp2pHost
 from potluck.overlay.nat.autonat import DialBackAutoNAT
 from potluck.overlay.nat.paths import Path, best, classify

@@ -1,0 +1,5 @@
+"""``python -m potluck.cli``: the same as the ``potluck`` console script."""
+
+from potluck.cli.app import main
+
+main()

@@ -1,0 +1,47 @@
+"""Pick and construct the inference backend named by ``settings.backend``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from potluck.config import Settings
+from potluck.inference.backend import Backend
+from potluck.inference.llamacpp import LlamaCppBackend
+
+
+def model_id_for(settings: Settings, path: Path) -> str:
+    """The id the API serves a model under: ``--model-name`` or the file stem."""
+    return settings.model_name or path.stem
+
+
+def create_backend(settings: Settings, path: Path, overlay: Any = None) -> Backend:
+    """An unloaded backend for the GGUF at ``path``.
+
+    With ``--tensor-parallel N`` (N >= 2), or when the model does not fit this node's free RAM and
+    the node is in a swarm (``overlay``), the model is served tensor-parallel across swarm peers
+    (:mod:`potluck.sharding.orchestration.swarm_backend`; build it on the node's event loop).
+
+    Raises:
+        ModelFileError: the file is not a usable GGUF.
+        ConfigError: tensor parallelism asked for without the overlay.
+    """
+    from potluck.sharding.orchestration.placement import wants_tensor_parallel
+
+    if wants_tensor_parallel(settings, path, overlay):
+        from potluck.sharding.orchestration.swarm_backend import SwarmTPBackend
+
+        return SwarmTPBackend(settings, path, model_id_for(settings, path), overlay)
+    if settings.backend == "onnxruntime":
+        from potluck.sharding.orchestration.ort_backend import OnnxRuntimeBackend
+
+        return OnnxRuntimeBackend(
+            path, model_id_for(settings, path), n_ctx=settings.n_ctx, n_threads=settings.n_threads
+        )
+    return LlamaCppBackend(
+        path,
+        model_id_for(settings, path),
+        n_ctx=settings.n_ctx,
+        n_threads=settings.n_threads,
+        n_batch=settings.n_batch,
+    )

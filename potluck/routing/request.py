@@ -1,0 +1,65 @@
+"""What a completion request is, independent of where it runs: messages, sampling, the request.
+
+These are the contract types every route, backend and wire format converts to and from
+(OpenAI's chat/completions fields, https://platform.openai.com/docs/api-reference/chat).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+Role = Literal["system", "user", "assistant", "tool"]
+FinishReason = Literal["stop", "length", "cancelled"]
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    """One message of a chat history."""
+
+    role: Role
+    content: str
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Decoding parameters.
+
+    Attributes:
+        max_tokens: upper bound on generated tokens.
+        temperature: softmax temperature; 0 means greedy (argmax).
+        top_p: nucleus-sampling mass in (0, 1].
+        top_k: keep the k most likely tokens; 0 disables.
+        seed: RNG seed; ``None`` draws one.
+        stop: strings that end generation; they are not included in the output.
+    """
+
+    max_tokens: int = 256
+    temperature: float = 0.8
+    top_p: float = 0.95
+    top_k: int = 40
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """A completion request, independent of where it runs.
+
+    Exactly one of ``prompt`` (text completion) and ``messages`` (chat) is set.
+    ``headers`` carries per-request options such as ``X-Potluck-Privacy`` (lower-cased keys).
+    ``continuation`` is answer text another route already produced: a resumed request continues
+    after it (appended to the rendered prompt; ARCHITECTURE.md, "Routing a request").
+    """
+
+    model: str
+    params: SamplingParams
+    prompt: str | None = None
+    messages: tuple[ChatMessage, ...] | None = None
+    headers: tuple[tuple[str, str], ...] = ()
+    continuation: str = ""
+
+    def header(self, name: str) -> str | None:
+        """Value of a request header (case-insensitive), or ``None``."""
+        name = name.lower()
+        return next((v for k, v in self.headers if k == name), None)

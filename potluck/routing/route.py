@@ -1,0 +1,102 @@
+"""Routes: the places a completion can run, behind one small interface.
+
+A :class:`Route` turns a :class:`GenerationRequest` into a stream of :class:`TextDelta` events
+that always ends with exactly one :class:`Finished`. The HTTP API only talks to routes; the
+router (:mod:`potluck.routing.router`) picks one per request. Implementations live in the subsystems:
+:class:`~potluck.inference.route.LoadedModelRoute` (a model loaded on this node), peer routes
+(:mod:`potluck.overlay.peer_routes`), the cloud (:mod:`potluck.privacy.provider`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from potluck.routing.request import FinishReason, GenerationRequest
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a loaded model is.
+
+    Attributes:
+        model_id: the name the API serves it under.
+        architecture: GGUF ``general.architecture`` (``llama``, ``qwen2``...).
+        n_layers: transformer blocks.
+        n_params: parameter count.
+        quantization: dominant tensor type (``Q4_0``, ``F16``...).
+        context_length: tokens the model was trained for.
+        n_ctx: context length this backend instance allows.
+        path: file the weights came from.
+        size_bytes: file size.
+    """
+
+    model_id: str
+    architecture: str
+    n_layers: int
+    n_params: int
+    quantization: str
+    context_length: int
+    n_ctx: int
+    path: str
+    size_bytes: int
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    """New completion text and the number of tokens it came from."""
+
+    text: str
+    n_tokens: int
+
+
+@dataclass(frozen=True)
+class Finished:
+    """End of a completion, with OpenAI ``usage`` counts (tokens)."""
+
+    finish_reason: FinishReason
+    prompt_tokens: int
+    completion_tokens: int
+
+
+RouteEvent = TextDelta | Finished
+
+
+class Route(Protocol):
+    """Somewhere a completion can run."""
+
+    @property
+    def model_id(self) -> str:
+        """The model this route serves."""
+        ...
+
+    def stream(self, request: GenerationRequest) -> AsyncGenerator[RouteEvent, None]:
+        """Yield text deltas, then one ``Finished``.
+
+        Raises:
+            RequestError: bad parameters for this model (e.g. prompt longer than the context).
+            Overloaded: the destination's queue is full.
+            GenerationError / NetworkError: the destination failed.
+        """
+        ...
+
+
+class ServedModelRoute(Route, Protocol):
+    """A route to a model this node runs itself (tier 0): what it is and how busy it is."""
+
+    @property
+    def info(self) -> ModelInfo:
+        """The loaded model."""
+        ...
+
+    @property
+    def queue_depth(self) -> int:
+        """Requests waiting for the model."""
+        ...
+
+    @property
+    def active(self) -> int:
+        """Generations running now (0 or 1)."""
+        ...

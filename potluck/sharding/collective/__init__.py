@@ -1,0 +1,1 @@
+"""Collective and transport: the star all-reduce, the frame channel, session auth, shard transfer."""

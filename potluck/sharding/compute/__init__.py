@@ -1,0 +1,1 @@
+"""Compute: the tensor-parallel transformer on ONNX Runtime (graphs, blocks, sampling)."""

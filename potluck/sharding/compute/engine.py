@@ -1,0 +1,412 @@
+"""The tensor-parallel transformer: one rank's layer slices, the master's head, the worker loop.
+
+Per layer (Megatron-LM, Shoeybi et al. 2019, §3; TPI-LLM, Li et al. 2024, §3.1), on every rank::
+
+    a = RMSNorm(h) ; q, k, v = a @ Wq_r.T, a @ Wk_r.T, a @ Wv_r.T      column-parallel, this rank's heads
+    q, k = RoPE(q, k) ; KV cache append ; o_r = attention(q, K, V)      this rank's KV groups only
+    h = h + all_reduce(o_r @ Wo_r.T)                                     row-parallel partial sums
+    b = RMSNorm(h) ; h = h + all_reduce((silu(b @ Wg_r.T) * (b @ Wu_r.T)) @ Wd_r.T)
+
+The all-reduce returns the same bytes on every rank, so every rank keeps an identical residual
+stream ``h``; only the master (rank 0) embeds tokens (it broadcasts the embeddings) and applies the
+final norm and the head. Numerics follow llama.cpp's CPU path where it matters for token equality:
+RMSNorm is ORT's fused SimplifiedLayerNormalization (llama.cpp sums squares in float64; see
+:func:`potluck.sharding.compute.blocks.rms_norm` for why that costs no fidelity), RoPE "normal" rotates pairs
+(2i, 2i+1) and "neox" pairs (i, i + d/2) (``ggml_rope``), and the KV cache is float16 with Q and the
+softmax probabilities rounded to float16 before they meet it (llama.cpp's default F16 cache).
+
+Execution: the blocks are ONNX subgraphs (:mod:`potluck.sharding.compute.blocks`) run by ONNX Runtime through
+IO binding, the KV cache rows written in place. With N = 1 the whole model and the head are one
+graph, one ``run`` per forward pass (on the 1.1B bench model this took decode from 45 to 35 ms/token
+against 66 stage sessions plus numpy norms/RoPE/attention). With N > 1 each layer is two graphs cut
+at the all-reduce points.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnxruntime as ort
+from gguf import GGMLQuantizationType, quants
+
+from potluck.errors import ProtocolViolation, RequestError, ShardPlanError
+from potluck.sharding.collective.base import Collective
+from potluck.sharding.compute import blocks
+from potluck.sharding.compute.onnx_ops import DEFAULT_ACCURACY_LEVEL, GraphBuilder, Program, session_options
+from potluck.sharding.format.gguf_tensors import ModelConfig
+from potluck.sharding.format.plan import ShardPlan
+from potluck.sharding.format.shard_file import ShardData
+
+log = logging.getLogger(__name__)
+
+Reduce = Callable[[np.ndarray], np.ndarray]
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """Runtime knobs of one rank.
+
+    Attributes:
+        n_ctx: KV-cache length in tokens.
+        threads: ONNX Runtime intra-op threads.
+        spinning: let ORT pool threads spin between calls. Off by default: with N > 1 every
+            segment is its own session with its own pool, and 44-66 spinning pools starve the
+            running one (measured on the 1.1B bench model with 66 stages: 5000 ms/token spinning
+            vs 50 off). With N = 1 there is one session, so spinning is harmless.
+        accuracy_level: ``MatMulNBits`` accuracy level (4: int8 activations, like llama.cpp).
+    """
+
+    n_ctx: int = 256
+    threads: int = 2
+    spinning: bool = False
+    accuracy_level: int = DEFAULT_ACCURACY_LEVEL
+
+
+@dataclass
+class RankStats:
+    """Seconds spent by one rank: matmuls/attention vs waiting in all-reduce."""
+
+    compute_s: float = 0.0
+    comm_s: float = 0.0
+    steps: int = 0
+
+
+def rope_tables(config: ModelConfig, n_ctx: int) -> tuple[np.ndarray, np.ndarray]:
+    """cos/sin float32 ``(n_ctx, head_dim/2)``: theta_i = p * freq_scale * base^(-2i/d) (Su et al. 2021)."""
+    half = config.head_dim // 2
+    theta_scale = np.float32(config.rope_theta) ** np.float32(-2.0 / config.head_dim)
+    inv = theta_scale.astype(np.float64) ** np.arange(half)
+    theta = np.arange(n_ctx, dtype=np.float64)[:, None] * config.rope_freq_scale * inv[None, :]
+    return np.cos(theta).astype(np.float32), np.sin(theta).astype(np.float32)
+
+
+def causal_mask(pos: int, n: int) -> np.ndarray:
+    """Additive mask float32 ``(n, pos + n)``: 0 where new token ``t`` may attend, ``-inf`` after it."""
+    mask = np.zeros((n, pos + n), np.float32)
+    if n > 1:
+        mask[np.arange(pos + n)[None, :] > (pos + np.arange(n))[:, None]] = -np.inf
+    return mask
+
+
+@dataclass
+class _Layer:
+    attn: Program | None  # N > 1: RMSNorm .. o_proj partial sum; None without KV heads or for N = 1
+    ffn: Program | None  # N > 1: RMSNorm .. down partial sum; None without FFN columns or for N = 1
+    k_cache: np.ndarray  # (n_ctx, kv_local, hd) float16
+    v_cache: np.ndarray
+
+
+@dataclass
+class RankCompute:
+    """One rank's slices of every layer, its KV cache, and the layer loop.
+
+    With one rank (N = 1) the whole model, head included, is one ONNX graph (:attr:`stack`) run once
+    per forward pass. With N > 1 each layer is two graphs cut at the all-reduce points (attention
+    up to the o_proj partial sum, FFN up to the down-proj partial sum); the residual adds are numpy.
+    Build with :meth:`from_shard`.
+    """
+
+    config: ModelConfig
+    plan: ShardPlan
+    rank: int
+    options: EngineOptions
+    layers: list[_Layer]
+    stack: Program | None = None
+    stack_logits: str = ""
+    stats: RankStats = field(default_factory=RankStats)
+
+    @classmethod
+    def from_shard(cls, shard: ShardData, options: EngineOptions) -> RankCompute:
+        """Compile the ORT programs of a shard (its arrays are used in place, no copy).
+
+        Raises:
+            ShardPlanError: the shard's metadata is inconsistent.
+        """
+        meta = shard.meta
+        try:
+            config = ModelConfig.from_dict(meta["config"])
+            plan = ShardPlan.from_dict(meta["plan"])
+            rank = int(meta["rank"])
+            share = plan.shares[rank]
+            linears = meta["linears"]
+        except (KeyError, TypeError, IndexError) as exc:
+            raise ShardPlanError(f"shard metadata is incomplete: {exc}") from exc
+        t = shard.tensors
+        hd, kv = config.head_dim, share.kv_count
+        cos, sin = rope_tables(config, options.n_ctx)
+        layers = [
+            _Layer(
+                None, None, np.zeros((options.n_ctx, kv, hd), np.float16), np.zeros((options.n_ctx, kv, hd), np.float16)
+            )
+            for _ in range(config.n_layers)
+        ]
+        if plan.world_size == 1:
+            if "output" not in linears:
+                raise ShardPlanError("a single-rank shard must hold the head")
+            gb = _builder(options)
+            blocks.declare_inputs(gb, config)
+            rope = (gb.constant("rope.cos", cos), gb.constant("rope.sin", sin))
+            h = "x"
+            for i in range(config.n_layers):
+                h = gb.node("Add", [h, blocks.attention(gb, i, h, config, kv, linears, t, rope)], f"l{i}.h_attn")
+                h = gb.node("Add", [h, blocks.ffn(gb, i, h, config, linears, t)], f"l{i}.h_ffn")
+            gb.add_input("rows", np.int64, ["R"])
+            logits = blocks.head(gb, h, "rows", config, linears, t)
+            stack = gb.program([(logits, np.float32), *_cache_outputs(config.n_layers)], _options(options))
+            return cls(config, plan, rank, options, layers, stack, logits)
+        for i, layer in enumerate(layers):
+            if kv:
+                gb = _builder(options)
+                blocks.declare_inputs(gb, config)
+                rope = (gb.constant("rope.cos", cos), gb.constant("rope.sin", sin))
+                part = gb.node("Identity", [blocks.attention(gb, i, "x", config, kv, linears, t, rope)], "partial")
+                layer.attn = gb.program([(part, np.float32), *_cache_outputs(1, first=i)], _options(options))
+            if share.ffn_count:
+                gb = _builder(options)
+                blocks.declare_inputs(gb, config, attention=False)
+                part = gb.node("Identity", [blocks.ffn(gb, i, "x", config, linears, t)], "partial")
+                layer.ffn = gb.program([(part, np.float32)], _options(options))
+        return cls(config, plan, rank, options, layers)
+
+    def _check(self, n: int, pos: int) -> None:
+        if pos < 0 or pos + n > self.options.n_ctx:
+            raise RequestError(f"positions {pos}..{pos + n} exceed the context of {self.options.n_ctx} tokens")
+
+    def _cache_io(self, i: int, pos: int, n: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """Layer ``i``'s cache bindings: inputs rows ``[0, pos)``, outputs rows ``[pos, pos + n)`` (in place)."""
+        layer = self.layers[i]
+        past = {f"{i}.past_k": layer.k_cache[:pos], f"{i}.past_v": layer.v_cache[:pos]}
+        new = {f"{i}.new_k": layer.k_cache[pos : pos + n], f"{i}.new_v": layer.v_cache[pos : pos + n]}
+        return past, new
+
+    def forward_logits(self, x: np.ndarray, pos: int, rows: np.ndarray) -> np.ndarray:
+        """N = 1: the whole model on ``x`` float32 ``(T, hidden)`` at positions ``pos..pos+T-1``.
+
+        Args:
+            x: token embeddings.
+            pos: position of ``x[0]``; the KV cache beyond ``pos`` is overwritten.
+            rows: int64 ``(R,)`` rows of ``x`` whose logits are wanted.
+
+        Returns:
+            float32 ``(R, vocab)`` logits.
+
+        Raises:
+            RequestError: ``pos + T`` exceeds the KV cache.
+        """
+        if self.stack is None:
+            raise ShardPlanError("forward_logits needs a single-rank shard")
+        n = x.shape[0]
+        self._check(n, pos)
+        t0 = time.perf_counter()
+        inputs = {
+            "x": np.ascontiguousarray(x, dtype=np.float32),
+            "pos_ids": np.arange(pos, pos + n, dtype=np.int64)[None],
+            "mask": causal_mask(pos, n),
+            "rows": np.ascontiguousarray(rows, dtype=np.int64),
+        }
+        logits = np.empty((len(rows), self.config.vocab), np.float32)
+        outputs = {self.stack_logits: logits}
+        for i in range(self.config.n_layers):
+            past, new = self._cache_io(i, pos, n)
+            inputs.update(past)
+            outputs.update(new)
+        self.stack.run(inputs, outputs)
+        self.stats.compute_s += time.perf_counter() - t0
+        self.stats.steps += 1
+        return logits
+
+    def forward(self, x: np.ndarray, pos: int, reduce: Reduce | None) -> np.ndarray:
+        """N > 1: run every layer on ``x`` float32 ``(T, hidden)`` at positions ``pos..pos+T-1``.
+
+        Args:
+            x: token embeddings (the residual stream's input).
+            pos: position of ``x[0]``; the KV cache beyond ``pos`` is overwritten.
+            reduce: the all-reduce (``Collective.all_reduce``); ``None`` for a single rank.
+
+        Returns:
+            float32 ``(T, hidden)``: the residual stream after the last layer.
+
+        Raises:
+            RequestError: ``pos + T`` exceeds the KV cache.
+            ShardPlanError: a single-rank shard (use :meth:`forward_logits`).
+            PeerFailed / TransferError: from ``reduce``.
+        """
+        if self.stack is not None:
+            raise ShardPlanError("a single-rank shard runs forward_logits")
+        c = self.config
+        n = x.shape[0]
+        self._check(n, pos)
+        zeros = np.zeros((n, c.hidden), np.float32)
+        h = np.ascontiguousarray(x, dtype=np.float32)
+        attn_in = {"pos_ids": np.arange(pos, pos + n, dtype=np.int64)[None], "mask": causal_mask(pos, n)}
+        clock = time.perf_counter
+        for i, layer in enumerate(self.layers):
+            t0 = clock()
+            part = zeros
+            if layer.attn is not None:
+                part = np.empty((n, c.hidden), np.float32)
+                past, new = self._cache_io(i, pos, n)
+                layer.attn.run({"x": h, **attn_in, **past}, {"partial": part, **new})
+            t1 = clock()
+            h = h + (reduce(part) if reduce else part)
+            t2 = clock()
+            part = zeros
+            if layer.ffn is not None:
+                part = np.empty((n, c.hidden), np.float32)
+                layer.ffn.run({"x": h}, {"partial": part})
+            t3 = clock()
+            h = h + (reduce(part) if reduce else part)
+            t4 = clock()
+            self.stats.compute_s += (t1 - t0) + (t3 - t2)
+            self.stats.comm_s += (t2 - t1) + (t4 - t3)
+        self.stats.steps += 1
+        return h
+
+
+def _cache_outputs(n_layers: int, first: int = 0) -> list[tuple[str, type]]:
+    return [(f"{i}.new_{kv}", np.float16) for i in range(first, first + n_layers) for kv in "kv"]
+
+
+def _builder(options: EngineOptions) -> GraphBuilder:
+    return GraphBuilder(accuracy_level=options.accuracy_level)
+
+
+def _options(options: EngineOptions) -> ort.SessionOptions:
+    return session_options(options.threads, options.spinning)
+
+
+class TPMaster:
+    """Rank 0: embeds tokens, drives the workers, applies the final norm and head.
+
+    Args:
+        compute: rank 0's layer slices.
+        shard: rank 0's shard (needs ``token_embd.raw``, ``output_norm``, ``output.*``).
+        collective: the star group, or ``None`` for a single rank.
+    """
+
+    def __init__(self, compute: RankCompute, shard: ShardData, collective: Collective | None) -> None:
+        if compute.rank != 0:
+            raise ShardPlanError("TPMaster needs rank 0's shard")
+        self.compute = compute
+        self.config = compute.config
+        self.collective = collective
+        self.cached_ids: list[int] = []  # tokens whose K/V the group holds at positions 0..n-1
+        t = shard.tensors
+        emb = shard.meta["embedding"]
+        self._embd = t["token_embd.raw"]
+        self._embd_type = GGMLQuantizationType(int(emb["qtype"]))
+        self._head: Program | None = None
+        self._head_out = ""
+        if compute.stack is None:
+            gb = _builder(compute.options)
+            gb.add_input("x", np.float32, ["T", self.config.hidden])
+            gb.add_input("rows", np.int64, ["R"])
+            self._head_out = blocks.head(gb, "x", "rows", self.config, shard.meta["linears"], t)
+            self._head = gb.program([(self._head_out, np.float32)], _options(compute.options))
+
+    @property
+    def n_ctx(self) -> int:
+        return self.compute.options.n_ctx
+
+    @property
+    def world_size(self) -> int:
+        return self.collective.world_size if self.collective else 1
+
+    def embed(self, ids: list[int]) -> np.ndarray:
+        """Token embeddings float32 ``(T, hidden)``."""
+        rows = self._embd[np.asarray(ids, dtype=np.int64)]
+        if self._embd_type in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
+            return rows.astype(np.float32)
+        return quants.dequantize(rows, self._embd_type).astype(np.float32).reshape(len(ids), self.config.hidden)
+
+    def forward(self, ids: list[int], pos: int, all_logits: bool = False) -> np.ndarray:
+        """Logits float32 ``(T, vocab)`` (``all_logits``) or ``(1, vocab)`` for the last token.
+
+        Raises:
+            RequestError: bad token ids or context overflow.
+            PeerFailed: a worker failed (the caller re-plans).
+        """
+        if not ids:
+            raise RequestError("forward needs at least one token")
+        if min(ids) < 0 or max(ids) >= self.config.vocab:
+            raise RequestError("token id out of range")
+        if pos + len(ids) > self.n_ctx:
+            raise RequestError(f"{pos + len(ids)} tokens exceed the context of {self.n_ctx}")
+        x = self.embed(ids)
+        rows = np.arange(len(ids), dtype=np.int64) if all_logits else np.array([len(ids) - 1], np.int64)
+        if self._head is None:
+            return self.compute.forward_logits(x, pos, rows)
+        if self.collective is not None:
+            self.collective.broadcast({"op": "forward", "pos": pos, "n": len(ids)}, x)
+        reduce = self.collective.all_reduce if self.collective is not None else None
+        h = self.compute.forward(x, pos, reduce)
+        t0 = time.perf_counter()
+        logits = np.empty((len(rows), self.config.vocab), np.float32)
+        self._head.run({"x": h, "rows": rows}, {self._head_out: logits})
+        self.compute.stats.compute_s += time.perf_counter() - t0
+        return logits
+
+    def gather_stats(self) -> list[RankStats]:
+        """Every rank's :class:`RankStats` (one extra all-reduce)."""
+        own = self.compute.stats
+        if self.collective is None:
+            return [own]
+        self.collective.broadcast({"op": "stats"})
+        vec = np.zeros((self.world_size, 3), np.float32)
+        vec[0] = (own.compute_s, own.comm_s, own.steps)
+        total = self.collective.all_reduce(vec)
+        return [RankStats(float(a), float(b), int(c)) for a, b, c in total]
+
+    def reset_stats(self) -> None:
+        if self.collective is not None:
+            self.collective.broadcast({"op": "reset_stats"})
+        self.compute.stats = RankStats()
+
+    def shutdown(self) -> None:
+        """Tell the workers to exit their loop (best effort) and close the collective."""
+        if self.collective is None:
+            return
+        try:
+            self.collective.broadcast({"op": "stop"})
+        finally:
+            self.collective.close()
+
+
+def serve_worker(collective: Collective, compute: RankCompute) -> None:
+    """A worker's loop: run what the master broadcasts until it says ``stop``.
+
+    Raises:
+        ProtocolViolation: an unknown op or a malformed forward (shape, dtype, positions).
+        TransferError / ClosedError: the master went away.
+    """
+    hidden = compute.config.hidden
+    while True:
+        header, array = collective.receive()
+        op = header.get("op")
+        if op == "forward":
+            pos, n = header.get("pos"), header.get("n")
+            if (
+                not isinstance(pos, int)
+                or not isinstance(n, int)
+                or array is None
+                or array.dtype != np.float32
+                or array.shape != (n, hidden)
+            ):
+                raise ProtocolViolation(f"malformed forward header {header!r}")
+            compute.forward(array, pos, collective.all_reduce)
+        elif op == "stats":
+            vec = np.zeros((collective.world_size, 3), np.float32)
+            s = compute.stats
+            vec[collective.rank] = (s.compute_s, s.comm_s, s.steps)
+            collective.all_reduce(vec)
+        elif op == "reset_stats":
+            compute.stats = RankStats()
+        elif op == "stop":
+            log.info("rank %d: master said stop", collective.rank)
+            return
+        else:
+            raise ProtocolViolation(f"unknown op {op!r}")

@@ -1,0 +1,293 @@
+"""Cut one rank's slices out of a GGUF and lay them out for ONNX Runtime.
+
+Linear layers are stored in the layout of ONNX Runtime's ``MatMulNBits`` (com.microsoft contrib op,
+https://github.com/microsoft/onnxruntime/blob/main/docs/ContribOperators.md#com.microsoft.MatMulNBits):
+``B`` uint8 ``(N, K/32, 32*bits/8)``, ``scales`` float32 ``(N * K/32,)``, no zero-point input (the
+default zero point is ``2^(bits-1)``: 8 for 4-bit, 128 for 8-bit), 4-bit elements packed low
+nibble first (element ``2i`` in the low nibble of byte ``i``).
+
+GGUF formats (ggml ``ggml-common.h``):
+
+- Q4_0 block: f16 ``d`` then 16 bytes ``qs``; byte ``j`` holds element ``j`` (low nibble) and
+  element ``j + 16`` (high nibble); value ``d * (q - 8)``. Repacked losslessly: same nibbles,
+  reordered, ``d`` widened to float32.
+- Q8_0 block: f16 ``d`` then 32 int8 ``qs``; value ``d * q``. Repacked losslessly as 8-bit
+  MatMulNBits with ``q + 128``.
+- F32 / F16: kept as is (``W`` of shape ``(N, K)``).
+- Anything else (K-quants Q4_K/Q5_K/Q6_K, Q4_1, Q5_0...): dequantized with ``gguf.quants``, then
+  re-quantized blockwise to Q4_0 (source < 5 bits/weight) or Q8_0 (otherwise). This is lossy: on
+  random valid blocks the relative RMS error added is 0.46 % for Q6_K -> Q8_0 and 5.9 % for
+  Q4_K -> Q4_0 (``tests/sharding/test_extract.py``, printed with ``-s``), so prefer Q4_0/Q8_0 files.
+
+Column-parallel tensors (Q/K/V, gate/up) are sliced by rows, row-parallel ones (o_proj, down) by
+columns on 32-element block boundaries (:mod:`potluck.sharding.format.plan` guarantees alignment).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+from gguf import GGML_QUANT_SIZES, GGUFReader, quants
+from gguf import GGMLQuantizationType as QT
+from gguf.gguf_reader import ReaderTensor
+
+from potluck.errors import ModelFileError, ShardPlanError
+from potluck.sharding.format.gguf_tensors import (
+    ModelConfig,
+    bytes_per_element,
+    raw_rows,
+    read_config,
+    tensor_map,
+)
+from potluck.sharding.format.plan import PlanGeometry, ShardPlan
+from potluck.sharding.format.shard_file import ShardData
+
+log = logging.getLogger(__name__)
+
+SHARD_KIND = "potluck-tp-shard"
+BLOCK = 32
+_Q4_0_BYTES = 18
+_Q8_0_BYTES = 34
+
+
+def q4_0_to_nbits(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Repack GGUF Q4_0 rows into MatMulNBits 4-bit layout (lossless).
+
+    Args:
+        raw: uint8 ``(N, K/32 * 18)``: GGUF Q4_0 rows.
+
+    Returns:
+        ``B`` uint8 ``(N, K/32, 16)`` and ``scales`` float32 ``(N * K/32,)``.
+    """
+    n = raw.shape[0]
+    blocks = np.ascontiguousarray(raw).reshape(n, -1, _Q4_0_BYTES)  # (N, nb, 18)
+    scales = blocks[:, :, :2].copy().view(np.float16).astype(np.float32).reshape(-1)
+    qs = blocks[:, :, 2:]  # (N, nb, 16)
+    q = np.concatenate([qs & 0x0F, qs >> 4], axis=2)  # (N, nb, 32) in element order
+    packed = (q[:, :, 0::2] | (q[:, :, 1::2] << 4)).astype(np.uint8)  # (N, nb, 16)
+    return np.ascontiguousarray(packed), scales
+
+
+def q8_0_to_nbits(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Repack GGUF Q8_0 rows into MatMulNBits 8-bit layout (lossless).
+
+    Args:
+        raw: uint8 ``(N, K/32 * 34)``.
+
+    Returns:
+        ``B`` uint8 ``(N, K/32, 32)`` (``q + 128``) and ``scales`` float32 ``(N * K/32,)``.
+    """
+    n = raw.shape[0]
+    blocks = np.ascontiguousarray(raw).reshape(n, -1, _Q8_0_BYTES)
+    scales = blocks[:, :, :2].copy().view(np.float16).astype(np.float32).reshape(-1)
+    q = (blocks[:, :, 2:].view(np.int8).astype(np.int16) + 128).astype(np.uint8)
+    return np.ascontiguousarray(q), scales
+
+
+def nbits_dequantize(b: np.ndarray, scales: np.ndarray, bits: int) -> np.ndarray:
+    """Reference dequantization of MatMulNBits weights: float32 ``(N, K)`` (for tests and embeddings)."""
+    n, nb, _ = b.shape
+    if bits == 4:
+        q = np.empty((n, nb, BLOCK), np.int16)
+        q[:, :, 0::2] = b & 0x0F
+        q[:, :, 1::2] = b >> 4
+        q -= 8
+    else:
+        q = b.astype(np.int16) - 128
+    return (q * scales.reshape(n, nb, 1)).reshape(n, nb * BLOCK).astype(np.float32)
+
+
+def _requant_target(qtype: QT) -> QT:
+    return QT.Q4_0 if bytes_per_element_of(qtype) * 8 < 5 else QT.Q8_0
+
+
+def bytes_per_element_of(qtype: QT) -> float:
+    """Storage bytes per element of a GGML type."""
+    block, size = GGML_QUANT_SIZES[qtype]
+    return size / block
+
+
+def slice_linear(tensor: ReaderTensor, rows: slice, cols: slice) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Slice ``W[rows, cols]`` (``W`` is ``(out, in)``) of a GGUF weight into engine layout.
+
+    Returns:
+        ``(layout, arrays)``: layout ``{"kind": "q4"|"q8"|"f32"|"f16", "n": rows, "k": cols}`` and
+        arrays ``{"B", "scales"}`` (quantized) or ``{"W"}`` (float).
+
+    Raises:
+        ModelFileError: columns not on block boundaries or an unknown tensor type.
+    """
+    qtype = QT(tensor.tensor_type)
+    rows_raw = raw_rows(tensor)[rows]
+    k_total = int(tensor.shape[0])
+    c0, c1, _ = cols.indices(k_total)
+    if qtype in (QT.F32, QT.F16):
+        w = np.ascontiguousarray(rows_raw[:, c0:c1])
+        return {"kind": "f32" if qtype == QT.F32 else "f16", "n": w.shape[0], "k": w.shape[1]}, {"W": w}
+    if c0 % BLOCK or c1 % BLOCK:
+        raise ModelFileError(f"{tensor.name}: column slice {c0}:{c1} is not on {BLOCK}-element blocks")
+    n = rows_raw.shape[0]
+    if qtype in (QT.Q4_0, QT.Q8_0):
+        bpb = _Q4_0_BYTES if qtype == QT.Q4_0 else _Q8_0_BYTES
+        raw = rows_raw.reshape(n, -1, bpb)[:, c0 // BLOCK : c1 // BLOCK].reshape(n, -1)
+    else:
+        try:
+            dense = quants.dequantize(np.ascontiguousarray(rows_raw), qtype)[:, c0:c1]
+        except NotImplementedError as exc:
+            raise ModelFileError(f"{tensor.name}: tensor type {qtype.name} cannot be dequantized") from exc
+        qtype = _requant_target(QT(tensor.tensor_type))
+        raw = quants.quantize(np.ascontiguousarray(dense, dtype=np.float32), qtype)
+    if qtype == QT.Q4_0:
+        b, s = q4_0_to_nbits(raw)
+        return {"kind": "q4", "n": n, "k": c1 - c0}, {"B": b, "scales": s}
+    b, s = q8_0_to_nbits(raw)
+    return {"kind": "q8", "n": n, "k": c1 - c0}, {"B": b, "scales": s}
+
+
+def fuse_linears(
+    linears: dict[str, dict[str, Any]], tensors: dict[str, np.ndarray], name: str, parts: list[str]
+) -> None:
+    """Stack the output rows of linears ``parts`` (same input) into one linear ``name``, in place.
+
+    One ``MatMulNBits`` over the stacked rows (Q/K/V, gate/up) replaces several: fewer kernel
+    launches, input quantizations and thread-pool rounds per token. The layout gains ``"parts"``
+    (the row counts, for the ``Split`` after it). Linears of different kinds (a K-quant file may
+    requantize ``attn_v`` to 8 bits and ``attn_q`` to 4) are left as they are.
+    """
+    layouts = [linears[p] for p in parts]
+    if len({(lay["kind"], lay["k"]) for lay in layouts}) != 1:
+        return
+    keys = ("B", "scales") if layouts[0]["kind"] in ("q4", "q8") else ("W",)
+    for key in keys:
+        tensors[f"{name}.{key}"] = np.concatenate([tensors.pop(f"{p}.{key}") for p in parts])
+    if any(f"{p}.bias" in tensors for p in parts):
+        tensors[f"{name}.bias"] = np.concatenate(
+            [tensors.pop(f"{p}.bias", np.zeros(lay["n"], np.float32)) for p, lay in zip(parts, layouts, strict=True)]
+        )
+    linears[name] = {
+        "kind": layouts[0]["kind"],
+        "n": sum(int(lay["n"]) for lay in layouts),
+        "k": layouts[0]["k"],
+        "parts": [int(lay["n"]) for lay in layouts],
+    }
+    for p in parts:
+        del linears[p]
+
+
+def plan_geometry(reader: GGUFReader, config: ModelConfig, n_ctx: int) -> PlanGeometry:
+    """Per-unit memory sizes of a GGUF for :func:`potluck.sharding.format.plan.make_plan`."""
+    t = tensor_map(reader)
+    c = config
+    hd, h = c.head_dim, c.hidden
+    kv_group = ffn_block = replicated = 0.0
+    for layer in range(c.n_layers):
+        p = f"blk.{layer}."
+        kv_group += (
+            c.group * hd * h * bytes_per_element(t[p + "attn_q.weight"])
+            + hd * h * bytes_per_element(t[p + "attn_k.weight"])
+            + hd * h * bytes_per_element(t[p + "attn_v.weight"])
+            + h * c.group * hd * bytes_per_element(t[p + "attn_output.weight"])
+        )
+        ffn_block += BLOCK * h * sum(bytes_per_element(t[p + f"ffn_{x}.weight"]) for x in ("gate", "up", "down"))
+        replicated += 2 * h * 4
+    master = sum(int(t[n].n_bytes) for n in ("token_embd.weight", "output.weight", "output_norm.weight") if n in t)
+    return PlanGeometry(
+        n_layers=c.n_layers,
+        n_kv_heads=c.n_kv_heads,
+        group=c.group,
+        head_dim=hd,
+        hidden=h,
+        ffn=c.ffn,
+        kv_group_bytes=int(kv_group / c.n_layers),
+        kv_cache_group_bytes=2 * n_ctx * hd * 2,
+        ffn_block_bytes=int(ffn_block / c.n_layers),
+        replicated_bytes=int(replicated),
+        master_bytes=master,
+    )
+
+
+def extract_shard(reader: GGUFReader, plan: ShardPlan, rank: int) -> ShardData:
+    """Everything rank ``rank`` needs under ``plan``, in engine layout (in memory).
+
+    Tensor names: ``blk.L.{attn_qkv,attn_output,ffn_gate_up,ffn_down}.{B,scales,W,bias}`` (Q/K/V and
+    gate/up stacked by :func:`fuse_linears`; ``attn_q``... separately when their kinds differ),
+    ``blk.L.{attn_norm,ffn_norm}``; rank 0 also ``token_embd.raw`` (GGUF rows, any type),
+    ``output_norm`` and ``output.*``.
+
+    Raises:
+        ModelFileError: a tensor is missing or has an unsupported type.
+        ShardPlanError: the plan does not match the model.
+    """
+    config = read_config(reader)
+    if (plan.n_layers, plan.n_heads, plan.n_kv_heads, plan.ffn) != (
+        config.n_layers,
+        config.n_heads,
+        config.n_kv_heads,
+        config.ffn,
+    ):
+        raise ShardPlanError("shard plan geometry does not match the model")
+    t = tensor_map(reader)
+    share = plan.shares[rank]
+    hd, g = config.head_dim, config.group
+    q_rows = slice(share.kv_start * g * hd, (share.kv_start + share.kv_count) * g * hd)
+    kv_rows = slice(share.kv_start * hd, (share.kv_start + share.kv_count) * hd)
+    f_rows = slice(share.ffn_start, share.ffn_start + share.ffn_count)
+    every = slice(None)
+    tensors: dict[str, np.ndarray] = {}
+    linears: dict[str, dict[str, Any]] = {}
+
+    def need(name: str) -> ReaderTensor:
+        if name not in t:
+            raise ModelFileError(f"GGUF tensor {name} is missing")
+        return t[name]
+
+    def add_linear(name: str, rows: slice, cols: slice) -> None:
+        layout, arrays = slice_linear(need(name + ".weight"), rows, cols)
+        linears[name] = layout
+        for key, arr in arrays.items():
+            tensors[f"{name}.{key}"] = arr
+
+    def add_vector(name: str, src: str, part: slice = every) -> None:
+        tensors[name] = np.ascontiguousarray(np.asarray(need(src).data, dtype=np.float32).reshape(-1)[part])
+
+    for layer in range(config.n_layers):
+        p = f"blk.{layer}."
+        add_vector(p + "attn_norm", p + "attn_norm.weight")
+        add_vector(p + "ffn_norm", p + "ffn_norm.weight")
+        if share.kv_count:
+            add_linear(p + "attn_q", q_rows, every)
+            add_linear(p + "attn_k", kv_rows, every)
+            add_linear(p + "attn_v", kv_rows, every)
+            add_linear(p + "attn_output", every, q_rows)
+            if config.qkv_bias:
+                add_vector(p + "attn_q.bias", p + "attn_q.bias", q_rows)
+                add_vector(p + "attn_k.bias", p + "attn_k.bias", kv_rows)
+                add_vector(p + "attn_v.bias", p + "attn_v.bias", kv_rows)
+            fuse_linears(linears, tensors, p + "attn_qkv", [p + "attn_q", p + "attn_k", p + "attn_v"])
+        if share.ffn_count:
+            add_linear(p + "ffn_gate", f_rows, every)
+            add_linear(p + "ffn_up", f_rows, every)
+            add_linear(p + "ffn_down", every, f_rows)
+            fuse_linears(linears, tensors, p + "ffn_gate_up", [p + "ffn_gate", p + "ffn_up"])
+    embedding: dict[str, Any] | None = None
+    if rank == 0:
+        embd = need("token_embd.weight")
+        tensors["token_embd.raw"] = np.ascontiguousarray(raw_rows(embd))
+        embedding = {"qtype": int(embd.tensor_type), "n": config.vocab, "k": config.hidden}
+        add_vector("output_norm", "output_norm.weight")
+        head = "output" if not config.tied_embeddings else "token_embd"
+        layout, arrays = slice_linear(need(head + ".weight"), every, every)
+        linears["output"] = layout
+        for key, arr in arrays.items():
+            tensors[f"output.{key}"] = arr
+    meta = {
+        "kind": SHARD_KIND,
+        "rank": rank,
+        "plan": plan.to_dict(),
+        "config": config.to_dict(),
+        "linears": linears,
+        "embedding": embedding,
+    }
+    return ShardData(meta=meta, tensors=tensors)

@@ -1,0 +1,1 @@
+"""Orchestration: TP groups (threads, processes, swarm peers), backends, placement, workers."""

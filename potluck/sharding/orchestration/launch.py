@@ -1,0 +1,192 @@
+"""Run a tensor-parallel group as real processes on this machine over the TCP star.
+
+:class:`ProcessGroup` plans the model over ``N`` local "nodes", writes each worker's shard file
+(cached under ``shard_dir`` by model id, plan id and rank), binds a
+:class:`~potluck.sharding.collective.star.StarMaster`, starts ``N - 1`` worker processes
+(``python -m potluck.sharding.orchestration.worker``) with the random session key on their stdin, and admits them.
+On a :class:`PeerFailed` it stops the group, drops the failed node and starts again over the
+survivors (down to the master alone), which is what :func:`potluck.sharding.orchestration.group.generate_ids`
+needs to replay a request.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from potluck.errors import GenerationError, PeerFailed, PotluckError
+from potluck.sharding.collective import auth
+from potluck.sharding.collective.star import StarMaster
+from potluck.sharding.compute.engine import EngineOptions, RankCompute, TPMaster
+from potluck.sharding.format.extract import extract_shard
+from potluck.sharding.format.gguf_tensors import open_gguf
+from potluck.sharding.format.plan import NodeCapability, ShardPlan
+from potluck.sharding.format.shard_file import write_shard
+from potluck.sharding.orchestration.group import plan_for
+
+log = logging.getLogger(__name__)
+
+#: How long worker processes get to load their shard and connect, in seconds.
+STARTUP_TIMEOUT_S = 120.0
+_STOP_GRACE_S = 5.0
+
+
+def shard_path(shard_dir: Path, plan: ShardPlan, rank: int) -> Path:
+    """Cache path of rank ``rank``'s shard under ``plan``."""
+    stem = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in plan.model_id)
+    return shard_dir / f"{stem}-{plan.plan_id}-r{rank}.pshard"
+
+
+def write_worker_shards(reader, plan: ShardPlan, shard_dir: Path) -> list[Path]:
+    """Extract and write ranks 1..N-1's shard files (reusing cached ones); returns their paths."""
+    paths = []
+    for rank in range(1, plan.world_size):
+        path = shard_path(shard_dir, plan, rank)
+        if not path.is_file():
+            shard = extract_shard(reader, plan, rank)
+            write_shard(path, shard.meta, shard.tensors)
+            log.info("wrote %s (%.1f MB)", path, shard.nbytes / 1e6)
+        paths.append(path)
+    return paths
+
+
+class ProcessGroup:
+    """Master in this process, ``len(nodes) - 1`` workers as child processes over TCP.
+
+    Args:
+        model_path: GGUF file (the master holds it; workers get shard files).
+        nodes: capabilities in rank order (first is the master).
+        options: the master's engine options (``n_ctx``, ``accuracy_level``; threads per rank are
+            derived from the cores the co-located ranks share).
+        shard_dir: where worker shard files are written.
+        timeout_s: collective deadline: a dead or stalled worker is noticed within it.
+        cores: CPU cores the ranks share (default: ``os.cpu_count()``).
+    """
+
+    def __init__(
+        self,
+        model_path: Path,
+        nodes: Sequence[NodeCapability],
+        options: EngineOptions,
+        shard_dir: Path,
+        timeout_s: float = 10.0,
+        cores: int | None = None,
+    ) -> None:
+        self.path = Path(model_path)
+        self.reader = open_gguf(self.path)
+        self.options = options
+        self.shard_dir = Path(shard_dir)
+        self.timeout_s = timeout_s
+        self.cores = cores or os.cpu_count() or 1
+        self.nodes = list(nodes)
+        self.procs: dict[int, subprocess.Popen[bytes]] = {}
+        self.star: StarMaster | None = None
+        self._master = self._start()
+
+    @property
+    def master(self) -> TPMaster:
+        return self._master
+
+    def _start(self) -> TPMaster:
+        plan = plan_for(self.reader, self.path, self.nodes, self.options.n_ctx)
+        self.plan = plan
+        n = plan.world_size
+        threads = max(1, self.cores // n)
+        rank_options = EngineOptions(
+            n_ctx=self.options.n_ctx,
+            threads=threads,
+            spinning=n == 1 and self.options.spinning,
+            accuracy_level=self.options.accuracy_level,
+        )
+        paths = write_worker_shards(self.reader, plan, self.shard_dir)
+        if n > 1:
+            key = auth.new_session_key()
+            self.star = StarMaster(n, key, timeout_s=self.timeout_s)
+            host, port = self.star.address
+            for rank, path in enumerate(paths, start=1):
+                cmd = [
+                    sys.executable,
+                    "-m",
+                    "potluck.sharding.orchestration.worker",
+                    "--connect",
+                    f"{host}:{port}",
+                    "--rank",
+                    str(rank),
+                    "--world-size",
+                    str(n),
+                    "--shard",
+                    str(path),
+                    "--threads",
+                    str(threads),
+                    "--accuracy-level",
+                    str(self.options.accuracy_level),
+                    "--timeout",
+                    str(self.timeout_s),
+                ]
+                proc = subprocess.Popen(cmd, stdin=subprocess.PIPE)
+                assert proc.stdin is not None
+                proc.stdin.write(key.hex().encode() + b"\n")
+                proc.stdin.close()
+                self.procs[rank] = proc
+        shard0 = extract_shard(self.reader, plan, 0)
+        master = TPMaster(RankCompute.from_shard(shard0, rank_options), shard0, self.star)
+        if self.star is not None:
+            try:
+                self.star.accept_workers(STARTUP_TIMEOUT_S)
+            except PotluckError as exc:
+                self._stop_all()
+                raise GenerationError(f"workers did not join the group: {exc}") from exc
+        log.info("tensor-parallel group up: %d ranks, plan %s", n, plan.plan_id)
+        return master
+
+    def pid(self, rank: int) -> int:
+        """Process id of worker ``rank`` (tests kill it)."""
+        return self.procs[rank].pid
+
+    def recover(self, failure: PeerFailed) -> TPMaster:
+        """Stop the group, drop the failed node, start over the survivors.
+
+        Raises:
+            GenerationError: the failed rank is not a worker, or the new group fails to start.
+        """
+        if not 0 < failure.rank < len(self.nodes):
+            raise GenerationError(f"cannot recover from a failure of rank {failure.rank}") from failure
+        log.warning("rank %d failed (%s); re-planning over %d nodes", failure.rank, failure, len(self.nodes) - 1)
+        failed = self.procs.get(failure.rank)
+        if failed is not None and failed.poll() is None:
+            failed.kill()  # declared dead: a stalled worker must not come back into the group
+        self._stop_all()
+        del self.nodes[failure.rank]
+        self._master = self._start()
+        return self._master
+
+    def _stop_all(self) -> None:
+        if self.star is not None:
+            self.star.close()
+            self.star = None
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=_STOP_GRACE_S)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self.procs = {}
+
+    def close(self) -> None:
+        """Tell the workers to stop, then reap them (killing any that linger)."""
+        try:
+            self._master.shutdown()
+        except PotluckError as exc:
+            log.debug("shutdown: %s", exc)
+        self.star = None
+        self._stop_all()
+
+    def __enter__(self) -> ProcessGroup:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,335 @@
+"""Tensor-parallel work between swarm peers: the node-side service and the worker's session.
+
+:class:`TensorParallelService` is what the overlay calls for tensor parallelism (``overlay.tp``):
+
+- worker side, RPC ``tp_join`` (:meth:`TensorParallelService.join`): accepted only when
+  ``tp_worker`` is on, a session slot is free and the planned share fits this node's free memory;
+  the reply goes back at once and a :class:`WorkerSession` runs in a thread: it connects to the
+  master's star over direct TCP (the addresses in the request), or over a ``/potluck/tp-star/1``
+  libp2p stream when no TCP path works or the master asks for it, authenticates with the session
+  key that came inside the admitted, Noise-encrypted RPC, fetches its shard over that channel
+  (content-addressed chunks checked against their SHA-256, cached by (model hash, plan hash)),
+  compiles it, joins the ready barrier and serves the master's broadcasts until it says stop or goes;
+- master side: tp-star streams from workers are delivered to the group that waits for them
+  (:meth:`TensorParallelService.accept_stream`, registry :attr:`TensorParallelService.pending`).
+
+A worker that donates compute honours ``serve_rate_limit_tps`` (forward passes per second), the same
+cap that bounds the tokens it streams to peers, so a donor machine stays usable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import queue
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psutil
+
+from potluck.config import Settings
+from potluck.errors import (
+    ClosedError,
+    ConnectError,
+    ModelFileError,
+    PeerRefused,
+    ProtocolViolation,
+    ShardPlanError,
+    TransferError,
+)
+from potluck.identity import PeerId
+from potluck.overlay.tp_stream import Libp2pByteStream, open_star_stream
+from potluck.overlay.wire import TpJoinReply, TpJoinRequest, TpStreamHello
+from potluck.sharding.collective import transfer
+from potluck.sharding.collective.channel import FrameChannel
+from potluck.sharding.collective.star import StarWorker
+from potluck.sharding.format.plan import MEMORY_HEADROOM, ShardPlan
+from potluck.sharding.format.shard_file import read_shard
+from potluck.tasks import TaskOwner
+
+log = logging.getLogger(__name__)
+
+_STOP_GRACE_S = 5.0
+
+
+class PendingJoin:
+    """A group waiting for its workers' data-plane connections (TCP or libp2p streams).
+
+    Channels arrive from the master's TCP acceptor thread and from the overlay's tp-star stream
+    handler; the forming thread admits them one at a time (``StarMaster`` is driven by one thread).
+    """
+
+    def __init__(self, session: str, peers: dict[int, str]) -> None:
+        self.session = session
+        self.peers = peers
+        self.channels: queue.Queue[FrameChannel] = queue.Queue(maxsize=4 * (len(peers) + 1))
+
+    def offer_stream(self, peer: str, rank: int, channel: FrameChannel) -> None:
+        """A libp2p stream from ``peer`` claiming ``rank``.
+
+        Raises:
+            PeerRefused: ``peer`` was not invited as ``rank``, or too many connections are waiting.
+        """
+        if self.peers.get(rank) != peer:
+            raise PeerRefused(f"peer {peer} was not invited as rank {rank} of this group")
+        self.offer(channel)
+
+    def offer(self, channel: FrameChannel) -> None:
+        try:
+            self.channels.put_nowait(channel)
+        except queue.Full as exc:
+            raise PeerRefused("too many connections are waiting to join this group") from exc
+
+    def close_leftovers(self) -> None:
+        while True:
+            try:
+                self.channels.get_nowait().close()
+            except queue.Empty:
+                return
+
+
+def default_threads(n_threads: int | None) -> int:
+    """ONNX Runtime threads of a rank: the setting, or every core."""
+    return n_threads or os.cpu_count() or 1
+
+
+class _Throttled:
+    """A worker's :class:`~potluck.sharding.collective.base.Collective` that serves at most ``rate``
+    forward passes per second (0: no cap)."""
+
+    def __init__(self, inner: StarWorker, rate: float) -> None:
+        self.inner = inner
+        self.rank = inner.rank
+        self.world_size = inner.world_size
+        self._gap = 1.0 / rate if rate > 0 else 0.0
+        self._next = 0.0
+
+    def receive(self) -> tuple[dict[str, Any], np.ndarray | None]:
+        header, array = self.inner.receive()
+        if self._gap and header.get("op") == "forward":
+            now = time.monotonic()
+            if now < self._next:
+                time.sleep(self._next - now)
+            self._next = max(now, self._next) + self._gap
+        return header, array
+
+    def broadcast(self, header: dict[str, Any], array: np.ndarray | None = None) -> None:
+        raise TypeError("broadcast() is for the master")
+
+    def all_reduce(self, array: np.ndarray) -> np.ndarray:
+        return self.inner.all_reduce(array)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+class WorkerSession:
+    """One rank of a master's group, run in a thread (:meth:`run`).
+
+    Args:
+        request: the master's ``tp_join`` (session key inside).
+        plan: the parsed plan of the request.
+        master: the master's peer ID (Noise-authenticated on the RPC stream).
+        settings: this node's settings (threads, cache, rate cap, join deadline).
+        overlay: this node's ``OverlayService`` (bridge and host, for the libp2p fallback).
+    """
+
+    def __init__(
+        self, request: TpJoinRequest, plan: ShardPlan, master: PeerId, settings: Settings, overlay: Any
+    ) -> None:
+        self.request = request
+        self.plan = plan
+        self.master = master
+        self.settings = settings
+        self.overlay = overlay
+        self.transport = ""
+        self.collective: StarWorker | None = None
+        self._aborted = threading.Event()
+        self._lock = threading.Lock()
+
+    @property
+    def name(self) -> str:
+        return f"rank {self.request.rank}/{self.request.world_size} of {self.master[-8:]}:{self.request.session[:8]}"
+
+    def run(self) -> None:
+        """Connect, fetch the shard, load, serve. Logs and returns on every expected failure."""
+        try:
+            worker = self._connect()
+        except (ConnectError, PeerRefused, ProtocolViolation, TransferError, ClosedError) as exc:
+            log.warning("tensor-parallel %s: cannot reach the master's star: %s", self.name, exc)
+            return
+        with self._lock:
+            self.collective = worker
+        if self._aborted.is_set():
+            worker.close()
+            return
+        log.info("tensor-parallel %s: joined the star over %s", self.name, self.transport)
+        try:
+            compute = self._load(worker)
+            ready = np.zeros(self.request.world_size, np.float32)
+            ready[self.request.rank] = 1.0
+            worker.timeout_s = self.settings.tp_join_timeout_s  # the master waits for the slowest rank
+            worker.all_reduce(ready)
+            worker.timeout_s = self.request.timeout_s
+            from potluck.sharding.compute.engine import serve_worker
+
+            serve_worker(_Throttled(worker, self.settings.serve_rate_limit_tps), compute)
+            log.info("tensor-parallel %s: the master said stop", self.name)
+        except (TransferError, ClosedError) as exc:
+            log.info("tensor-parallel %s ended: %s", self.name, exc)
+        except (ProtocolViolation, PeerRefused, ShardPlanError, ModelFileError, OSError) as exc:
+            log.warning("tensor-parallel %s failed: %s", self.name, exc)
+        finally:
+            worker.close()
+
+    def _connect(self) -> StarWorker:
+        r = self.request
+        errors: list[str] = []
+        if r.transport in ("auto", "tcp"):
+            for host, port in r.star_addrs:
+                try:
+                    worker = StarWorker.connect((host, port), r.rank, r.world_size, r.key, timeout_s=r.timeout_s)
+                except ConnectError as exc:
+                    errors.append(str(exc))
+                    continue
+                self.transport = "tcp"
+                return worker
+        if r.transport in ("auto", "libp2p"):
+            bridge = self.overlay.bridge
+            stream = bridge.run_blocking(open_star_stream, self.overlay.p2p, self.master, r.session, r.rank)
+            channel = FrameChannel(Libp2pByteStream(bridge, stream, self.master))
+            worker = StarWorker.over(channel, r.rank, r.world_size, r.key, timeout_s=r.timeout_s)
+            self.transport = "libp2p"
+            return worker
+        raise ConnectError(f"no direct TCP path to the master ({'; '.join(errors) or 'no addresses'})")
+
+    def _load(self, worker: StarWorker) -> Any:
+        from potluck.sharding.compute.engine import EngineOptions, RankCompute
+
+        r = self.request
+        cache_root = Path(self.settings.cache_dir) / "tp-cache"
+        had = (transfer.cache_dir(cache_root, r.model_hash, r.plan_hash) / "shard.bin").is_file()
+        path = transfer.fetch_shard(
+            worker.channel,
+            r.model_hash,
+            r.plan_hash,
+            cache_root,
+            expect_sha256=r.shard_sha256,
+            timeout_s=max(30.0, r.timeout_s),
+        )
+        log.info(
+            "tensor-parallel %s: shard %s/%s (%.1f MB) %s",
+            self.name,
+            r.model_hash[:12],
+            r.plan_hash,
+            path.stat().st_size / 1e6,
+            "found in the cache" if had else "received from the master",
+        )
+        shard = read_shard(path)
+        if int(shard.meta.get("rank", -1)) != r.rank or shard.meta.get("plan") != self.plan.to_dict():
+            raise ShardPlanError(f"the shard is not rank {r.rank} of plan {self.plan.plan_id}")
+        options = EngineOptions(
+            n_ctx=self.plan.n_ctx, threads=default_threads(self.settings.n_threads), accuracy_level=r.accuracy_level
+        )
+        return RankCompute.from_shard(shard, options)
+
+    def abort(self) -> None:
+        """Stop the session from another thread (node shutdown): its blocked calls raise."""
+        self._aborted.set()
+        with self._lock:
+            collective = self.collective
+        if collective is not None:
+            collective.close()
+
+
+class TensorParallelService:
+    """``overlay.tp``: tensor-parallel joins (worker side) and tp-star streams (master side).
+
+    Args:
+        settings: the node's settings.
+        overlay: the running ``OverlayService``.
+
+    Use as ``async with``: registers itself on the overlay; on exit unregisters, stops every
+    worker session and waits for their threads.
+    """
+
+    def __init__(self, settings: Settings, overlay: Any) -> None:
+        self.settings = settings
+        self.overlay = overlay
+        self.pending: dict[str, PendingJoin] = {}
+        self.sessions: dict[str, WorkerSession] = {}
+        self._tasks = TaskOwner("tensor-parallel")
+        self._running: list[asyncio.Task[None]] = []
+
+    async def __aenter__(self) -> TensorParallelService:
+        await self._tasks.__aenter__()
+        self.overlay.tp = self
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.overlay.tp = None
+        for session in list(self.sessions.values()):
+            session.abort()
+        live = [t for t in self._running if not t.done()]
+        if live:
+            await asyncio.wait(live, timeout=_STOP_GRACE_S)
+        await self._tasks.__aexit__(None, None, None)
+
+    # ------------------------------------------------------------------ worker side
+    async def join(self, peer: PeerId, request: TpJoinRequest) -> TpJoinReply:
+        """RPC ``tp_join`` from ``peer`` (admitted): accept the work or refuse it.
+
+        Raises:
+            PeerRefused: ``tp_worker`` is off, no session slot is free, the plan is malformed or
+                not meant for us, or the share does not fit our free memory.
+        """
+        s = self.settings
+        if not s.tp_worker:
+            raise PeerRefused("this node does not take tensor-parallel work (tp_worker is off)")
+        if len(self.sessions) >= s.tp_max_sessions:
+            raise PeerRefused(f"this node already serves {len(self.sessions)} tensor-parallel sessions")
+        if request.session in self.sessions:
+            raise PeerRefused("this session is already joined")
+        try:
+            plan = ShardPlan.from_msgpack(request.plan)
+        except ShardPlanError as exc:
+            raise PeerRefused(f"unusable plan: {exc}") from exc
+        if plan.world_size != request.world_size or request.rank >= plan.world_size:
+            raise PeerRefused("the plan does not match the requested rank and world size")
+        share = plan.shares[request.rank]
+        if share.node_id != self.overlay.peer_id:
+            raise PeerRefused(f"rank {request.rank} of this plan belongs to {share.node_id}, not to this node")
+        free = int(psutil.virtual_memory().available)
+        if share.est_bytes > free * MEMORY_HEADROOM:
+            raise PeerRefused(f"the share needs {share.est_bytes / 1e6:.0f} MB; {free / 1e6:.0f} MB are free")
+        if not request.star_addrs and request.transport == "tcp":
+            raise PeerRefused("no star address to connect to")
+        session = WorkerSession(request, plan, peer, s, self.overlay)
+        self.sessions[request.session] = session
+        task = self._tasks.start(self._run(session), f"tp-worker-{request.session[:8]}")
+        self._running.append(task)
+        log.info("tensor-parallel: joining %s (%.1f MB share)", session.name, share.est_bytes / 1e6)
+        return TpJoinReply(session=request.session, free_ram=free)
+
+    async def _run(self, session: WorkerSession) -> None:
+        try:
+            await asyncio.to_thread(session.run)
+        finally:
+            self.sessions.pop(session.request.session, None)
+            self._running = [t for t in self._running if not t.done()]
+
+    # ------------------------------------------------------------------ master side
+    async def accept_stream(self, peer: PeerId, hello: TpStreamHello, stream: Libp2pByteStream) -> None:
+        """Deliver a worker's tp-star stream to the group forming under ``hello.session``.
+
+        Raises:
+            PeerRefused: no such group is forming, or ``peer`` was not invited as that rank.
+        """
+        pending = self.pending.get(hello.session)
+        if pending is None:
+            raise PeerRefused("no tensor-parallel group is forming under this session")
+        pending.offer_stream(peer, hello.rank, FrameChannel(stream))
