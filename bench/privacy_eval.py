@@ -46,8 +46,16 @@ from potluck.privacy.entities import Span, resolve_overlaps  # noqa: E402
 from potluck.privacy.sanitizer import Sanitizer  # noqa: E402
 
 GOALS = {  # leak-rate goals from the issue
-    "EMAIL_ADDRESS": 0.0, "PHONE_NUMBER": 0.0, "CREDIT_CARD": 0.0, "IBAN_CODE": 0.0, "US_SSN": 0.0,
-    "IP_ADDRESS": 0.0, "SECRET": 0.0, "PERSON": 0.05, "STREET_ADDRESS": 0.05, "ORGANIZATION": 0.05,
+    "EMAIL_ADDRESS": 0.0,
+    "PHONE_NUMBER": 0.0,
+    "CREDIT_CARD": 0.0,
+    "IBAN_CODE": 0.0,
+    "US_SSN": 0.0,
+    "IP_ADDRESS": 0.0,
+    "SECRET": 0.0,
+    "PERSON": 0.05,
+    "STREET_ADDRESS": 0.05,
+    "ORGANIZATION": 0.05,
 }
 
 
@@ -131,8 +139,27 @@ def evaluate(sanitizer: Sanitizer, rows: list[dict], show_leaks: int = 0, repeat
 
 # --- generalisation data ------------------------------------------------------------------------------
 
-LOCALES = ("en_US", "en_GB", "de_DE", "fr_FR", "fi_FI", "hu_HU", "pl_PL", "sv_SE", "da_DK", "it_IT", "es_ES", "pt_BR",
-           "cs_CZ", "nl_NL", "no_NO", "de_CH", "en_AU", "en_CA", "pt_PT")
+LOCALES = (
+    "en_US",
+    "en_GB",
+    "de_DE",
+    "fr_FR",
+    "fi_FI",
+    "hu_HU",
+    "pl_PL",
+    "sv_SE",
+    "da_DK",
+    "it_IT",
+    "es_ES",
+    "pt_BR",
+    "cs_CZ",
+    "nl_NL",
+    "no_NO",
+    "de_CH",
+    "en_AU",
+    "en_CA",
+    "pt_PT",
+)
 
 OWN_TEMPLATES = r"""Hey, it's {FIRST}. Can you call me back at {PHONE}?
 Please ship the order to {ADDRESS}
@@ -186,17 +213,27 @@ def _faker_values(seed: int):  # -> Callable[[str], tuple[str, str] | None]
         k = kind.rstrip("0123456789")
         table = {
             "PERSON": ("PERSON", lambda: f.name() if rnd.random() < 0.7 else rnd.choice([f.first_name, f.last_name])()),
-            "FIRST": ("PERSON", f.first_name), "LAST": ("PERSON", f.last_name),
+            "FIRST": ("PERSON", f.first_name),
+            "LAST": ("PERSON", f.last_name),
             "STREET_ADDRESS": ("STREET_ADDRESS", lambda: f.address() if rnd.random() < 0.5 else f.street_address()),
-            "ADDRESS": ("STREET_ADDRESS", f.address), "STREET": ("STREET_ADDRESS", f.street_address),
-            "ORGANIZATION": ("ORGANIZATION", f.company), "ORG": ("ORGANIZATION", f.company),
-            "PHONE_NUMBER": ("PHONE_NUMBER", f.phone_number), "PHONE": ("PHONE_NUMBER", f.phone_number),
-            "EMAIL_ADDRESS": ("EMAIL_ADDRESS", f.email), "EMAIL": ("EMAIL_ADDRESS", f.email),
-            "CREDIT_CARD": ("CREDIT_CARD", f.credit_card_number), "CARD": ("CREDIT_CARD", f.credit_card_number),
-            "IBAN_CODE": ("IBAN_CODE", f.iban), "IBAN": ("IBAN_CODE", f.iban),
-            "US_SSN": ("US_SSN", fakers["en_US"].ssn), "SSN": ("US_SSN", fakers["en_US"].ssn),
-            "IP_ADDRESS": ("IP_ADDRESS", f.ipv4), "IP": ("IP_ADDRESS", f.ipv4),
-            "CITY": ("GPE", f.city), "COUNTRY": ("GPE", f.country),
+            "ADDRESS": ("STREET_ADDRESS", f.address),
+            "STREET": ("STREET_ADDRESS", f.street_address),
+            "ORGANIZATION": ("ORGANIZATION", f.company),
+            "ORG": ("ORGANIZATION", f.company),
+            "PHONE_NUMBER": ("PHONE_NUMBER", f.phone_number),
+            "PHONE": ("PHONE_NUMBER", f.phone_number),
+            "EMAIL_ADDRESS": ("EMAIL_ADDRESS", f.email),
+            "EMAIL": ("EMAIL_ADDRESS", f.email),
+            "CREDIT_CARD": ("CREDIT_CARD", f.credit_card_number),
+            "CARD": ("CREDIT_CARD", f.credit_card_number),
+            "IBAN_CODE": ("IBAN_CODE", f.iban),
+            "IBAN": ("IBAN_CODE", f.iban),
+            "US_SSN": ("US_SSN", fakers["en_US"].ssn),
+            "SSN": ("US_SSN", fakers["en_US"].ssn),
+            "IP_ADDRESS": ("IP_ADDRESS", f.ipv4),
+            "IP": ("IP_ADDRESS", f.ipv4),
+            "CITY": ("GPE", f.city),
+            "COUNTRY": ("GPE", f.country),
         }
         if k not in table:
             return None
@@ -268,14 +305,18 @@ def holdout_report(rows: list[dict], fraction: float, seed: int, show_leaks: int
     rest, held = split_templates(rows, fraction, seed)
     sanitizer = Sanitizer()
     a, b = evaluate(sanitizer, rest, 0, 0), evaluate(sanitizer, held, show_leaks, 0)
-    print(f"templates: {len(rows)} texts; held out {fraction:.0%} of templates (seed {seed}): "
-          f"{len(held)} texts vs {len(rest)}")
+    print(
+        f"templates: {len(rows)} texts; held out {fraction:.0%} of templates (seed {seed}): "
+        f"{len(held)} texts vs {len(rest)}"
+    )
     print(f"{'entity type':16s} {'n rest':>6s} {'leak':>7s} {'n held':>6s} {'leak':>7s} {'goal':>6s}")
     for etype in sorted(set(a["totals"]) | set(b["totals"]), key=lambda t: -(a["totals"].get(t, 0))):
         goal = GOALS.get(etype)
-        print(f"{etype:16s} {a['totals'].get(etype, 0):6d} {a['leak'].get(etype, 0.0):7.1%} "
-              f"{b['totals'].get(etype, 0):6d} {b['leak'].get(etype, 0.0):7.1%} "
-              + (f"{goal:6.0%}" if goal is not None else "     -"))
+        print(
+            f"{etype:16s} {a['totals'].get(etype, 0):6d} {a['leak'].get(etype, 0.0):7.1%} "
+            f"{b['totals'].get(etype, 0):6d} {b['leak'].get(etype, 0.0):7.1%} "
+            + (f"{goal:6.0%}" if goal is not None else "     -")
+        )
     for key, label in (("over_redaction", "over-redaction"), ("round_trip", "exact round trip")):
         print(f"{label:18s} {a[key]:7.2%}   held out {b[key]:7.2%}")
     for etype, examples in b["examples"].items():
@@ -290,13 +331,28 @@ def main() -> int:
     ap.add_argument("--no-anchor", action="store_true", help="skip the stock-presidio anchor run")
     ap.add_argument("--show-leaks", type=int, default=0, help="print up to N leaked values per type")
     ap.add_argument("--repeats", type=int, default=3, help="timing passes (best is reported)")
-    ap.add_argument("--holdout", type=float, default=0.0, metavar="FRACTION",
-                    help="also report leak rates on this fraction of templates (by template_id) against the rest")
+    ap.add_argument(
+        "--holdout",
+        type=float,
+        default=0.0,
+        metavar="FRACTION",
+        help="also report leak rates on this fraction of templates (by template_id) against the rest",
+    )
     ap.add_argument("--seed", type=int, default=0, help="seed of --holdout and --own-templates")
-    ap.add_argument("--resample", type=int, default=None, metavar="SEED",
-                    help="replace every labelled value with a fresh Faker value of its type (seeded)")
-    ap.add_argument("--own-templates", type=int, default=0, metavar="N",
-                    help="evaluate N texts from templates written for this check instead of --data")
+    ap.add_argument(
+        "--resample",
+        type=int,
+        default=None,
+        metavar="SEED",
+        help="replace every labelled value with a fresh Faker value of its type (seeded)",
+    )
+    ap.add_argument(
+        "--own-templates",
+        type=int,
+        default=0,
+        metavar="N",
+        help="evaluate N texts from templates written for this check instead of --data",
+    )
     args = ap.parse_args()
     logging.basicConfig(level=logging.ERROR)
     if args.own_templates:
@@ -317,7 +373,8 @@ def main() -> int:
     for etype in sorted(ours["totals"], key=lambda t: -ours["totals"][t]):
         goal = GOALS.get(etype)
         line = f"{etype:16s} {ours['totals'][etype]:5d} {ours['leak'][etype]:7.1%} " + (
-            f"{goal:6.0%}" if goal is not None else "     -")
+            f"{goal:6.0%}" if goal is not None else "     -"
+        )
         if anchor is not None:
             line += f" {anchor['leak'][etype]:7.1%}"
         if goal is not None:

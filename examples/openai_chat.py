@@ -1,7 +1,7 @@
 """Chat with a running potluck node through the official openai client.
 
-    potluck node start --model PATH.gguf &
-    python examples/openai_chat.py "Who are you?"
+potluck node start --model PATH.gguf &
+python examples/openai_chat.py "Who are you?"
 """
 
 import sys

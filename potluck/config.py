@@ -56,9 +56,7 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(
         1 << 20, ge=1024, le=64 << 20, description="Largest accepted HTTP request body, in bytes."
     )
-    max_queue: int = Field(
-        16, ge=0, le=4096, description="Requests allowed to wait for the model before HTTP 429."
-    )
+    max_queue: int = Field(16, ge=0, le=4096, description="Requests allowed to wait for the model before HTTP 429.")
     default_max_tokens: int = Field(256, ge=1, le=1 << 20, description="max_tokens when a request omits it.")
 
     # --- inference ------------------------------------------------------------------------
@@ -83,9 +81,7 @@ class Settings(BaseSettings):
     swarm_secret: str | None = Field(
         None, min_length=8, max_length=256, description="Shared secret of a private swarm (HMAC admission)."
     )
-    allowlist: list[str] = Field(
-        default_factory=list, description="Peer IDs of your own devices (trust tier 1)."
-    )
+    allowlist: list[str] = Field(default_factory=list, description="Peer IDs of your own devices (trust tier 1).")
     allowlist_only: bool = Field(False, description="Admit only peers on the allowlist.")
     lan_discovery: bool = Field(True, description="Find swarm peers on the LAN with zeroconf (mDNS).")
     dht_enabled: bool = Field(True, description="Kademlia DHT with provider records for served models.")

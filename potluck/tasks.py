@@ -34,7 +34,10 @@ class TaskOwner:
         return task
 
     async def start_ready(
-        self, fn: Callable[[asyncio.Future[None]], Awaitable[Any]], name: str, timeout: float | None = None
+        self,
+        fn: Callable[[asyncio.Future[None]], Awaitable[Any]],
+        name: str,
+        timeout: float | None = None,  # noqa: ASYNC109 (bounds only the wait for readiness)
     ) -> asyncio.Task[Any]:
         """Start ``fn(ready)`` and wait until it calls ``ready.set_result(None)`` (trio's
         ``task_status.started()``).

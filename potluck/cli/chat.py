@@ -22,9 +22,7 @@ def chat(
     from potluck.cli.client import ClientError, stream_chat
 
     settings = settings_or_exit(config)
-    messages = ([{"role": "system", "content": system}] if system else []) + [
-        {"role": "user", "content": prompt}
-    ]
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
     try:
         for piece in stream_chat(api_url(settings, url), messages, model, max_tokens, temperature):
             out.print(piece, end="", markup=False, highlight=False, soft_wrap=True)

@@ -15,7 +15,6 @@ from potluck.errors import PotluckError
 node_app = typer.Typer(help="Run a potluck node.", no_args_is_help=True)
 
 
-
 @node_app.command("start")
 def node_start(
     model: Annotated[

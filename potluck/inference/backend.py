@@ -22,7 +22,6 @@ if TYPE_CHECKING:
     from potluck.inference.gguf_file import GGUFSummary
 
 
-
 @dataclass(frozen=True)
 class GeneratedToken:
     """One sampled token and the text it completes.

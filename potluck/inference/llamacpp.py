@@ -23,6 +23,7 @@ from potluck.routing.route import ModelInfo
 
 log = logging.getLogger(__name__)
 
+
 def build_has_amx() -> bool:
     """True when the loaded llama.cpp build was compiled with its AMX kernels.
 

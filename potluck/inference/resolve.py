@@ -85,9 +85,7 @@ def download(spec: str, cache_dir: Path) -> Path:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", TqdmExperimentalWarning)  # tqdm's rich bar is "experimental"
             path = Path(
-                hf_hub_download(
-                    hub.repo_id, hub.filename, cache_dir=_hub_cache(cache_dir), tqdm_class=tqdm_rich
-                )
+                hf_hub_download(hub.repo_id, hub.filename, cache_dir=_hub_cache(cache_dir), tqdm_class=tqdm_rich)
             )
     except LocalEntryNotFoundError as exc:
         raise DownloadError(

@@ -47,9 +47,7 @@ class LoadedModelRoute:
         n_prompt = len(prompt_ids)
         room = self.info.n_ctx - n_prompt
         if room <= 0:
-            raise RequestError(
-                f"prompt is {n_prompt} tokens but the context holds {self.info.n_ctx}; shorten it"
-            )
+            raise RequestError(f"prompt is {n_prompt} tokens but the context holds {self.info.n_ctx}; shorten it")
         params = replace(params, max_tokens=min(params.max_tokens, room), stop=stops)
         matcher = StopMatcher(stops)
         n_done = 0

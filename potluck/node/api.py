@@ -304,9 +304,7 @@ async def _observed(
 
 async def list_models(request: web.Request) -> web.Response:
     state = request.app[API_STATE]
-    data = [
-        {"id": m.id, "object": "model", "created": 0, "owned_by": m.owned_by} for m in state.router.listings()
-    ]
+    data = [{"id": m.id, "object": "model", "created": 0, "owned_by": m.owned_by} for m in state.router.listings()]
     return web.json_response({"object": "list", "data": data})
 
 

@@ -35,8 +35,10 @@ from potluck.privacy.lexicon import STREET_PREFIXES, STREET_WORDS, Lexicon
 _NUM = r"\d{1,6}[A-Za-z]?(?:[/-]\d{1,4}[A-Za-z]?)?"
 _WORD = r"[^\W\d_][\w'’.-]*"
 # unit designators (Faker's secondary-address formats: en_US/GB/AU, es, it)
-_UNIT = (r"(?:Apt\.?|Apartment|Suite|Ste\.?|Unit|Flat|Fl\.?|Floor|Room|Rm\.?|Bldg\.?|Building|Studio|Apto\.?|"
-         r"Apartamento|Appartamento|Dpto\.?|Depto\.?|Dto\.?|Piso|Puerta|Oficina|#)\s?\d{1,5}[A-Za-z]?\b")
+_UNIT = (
+    r"(?:Apt\.?|Apartment|Suite|Ste\.?|Unit|Flat|Fl\.?|Floor|Room|Rm\.?|Bldg\.?|Building|Studio|Apto\.?|"
+    r"Apartamento|Appartamento|Dpto\.?|Depto\.?|Dto\.?|Piso|Puerta|Oficina|#)\s?\d{1,5}[A-Za-z]?\b"
+)
 _UNIT_RE = re.compile(rf"(?i)\b{_UNIT}")
 _PO_BOX = re.compile(r"(?i)\bP\.?\s?O\.?\s?Box\s+\d{1,7}\b")
 _ADDRESS_CUE = re.compile(
@@ -45,8 +47,20 @@ _ADDRESS_CUE = re.compile(
     r"(?P<addr>[^\n.;!?]{3,80}?)(?=[ \t]*(?:\n|[.;!?](?:\s|$)|$))"
 )
 _DIGIT = re.compile(r"\d")
-_CUE_NEEDLES = ("live", "living", "resid", "locat", "situat", "moved", "address", "ship", "deliver", "send", "mail",
-                "it's in")
+_CUE_NEEDLES = (
+    "live",
+    "living",
+    "resid",
+    "locat",
+    "situat",
+    "moved",
+    "address",
+    "ship",
+    "deliver",
+    "send",
+    "mail",
+    "it's in",
+)
 # last line of an address block: "Estonia 62488", "New Zealand 34694", "AB 1234 CD" (postcode after a place)
 _POSTCODE_LINE = re.compile(
     r"(?m)^[ \t>?*-]*(?:[^\W\d_][\w'’.-]*[ \t]+){0,3}?[^\W\d_][\w'’.-]*,?[ \t]+(?P<zip>\d{3,6}(?:[ -]\d{2,4})?)[ \t]*$"
@@ -90,10 +104,13 @@ def _with_dots(words: frozenset[str]) -> frozenset[str]:
     return words | {w + "." for w in words}
 
 
-_UNIT_WORDS = _with_dots(frozenset(
-    "apt apartment suite ste unit flat fl floor room rm bldg building studio apto apartamento appartamento dpto depto "
-    "dto piso puerta oficina".split()
-))
+_UNIT_WORDS = _with_dots(
+    frozenset(
+        "apt apartment suite ste unit flat fl floor room rm bldg building studio apto apartamento appartamento "
+        "dpto depto "
+        "dto piso puerta oficina".split()
+    )
+)
 _MILITARY_WORDS = _with_dots(frozenset(("psc", "cmr", "unit", "apo", "fpo", "dpo")))
 
 
@@ -111,8 +128,9 @@ class AddressRecognizer(EntityRecognizer):
         # ("10 transaction of", "in its mission"). Function words ("of") never count.
         weak = {w for w in words - STREET_WORDS if w in lexicon.common_words or lexicon.zipf_of(w) >= 4.5}
         words = frozenset(w for w in words if lexicon.zipf_of(w) < 6.0 or w in STREET_WORDS)
-        suffixes = _alternation([w.title() for w in words] + [w.upper() for w in words]
-                                + [w for w in words if w not in weak])
+        suffixes = _alternation(
+            [w.title() for w in words] + [w.upper() for w in words] + [w for w in words if w not in weak]
+        )
         prefixes = _alternation([w.title() for w in STREET_PREFIXES] + list(STREET_PREFIXES))
         endings = _alternation(list(lexicon.street_endings))
         self._endings = tuple(e.lower() for e in lexicon.street_endings)
@@ -134,9 +152,7 @@ class AddressRecognizer(EntityRecognizer):
             rf"(?P<name>[^\W\d_]{{2,}}(?:[ -][^\W\d_]{{2,}}){{0,2}})[ \t]+{_NUM}\b{unit}"
         )
         # gates: the first letter run of every designator, as the lower-cased word set of a text holds it
-        self._street_heads = frozenset(
-            h for w in words - weak for form in (w, w.upper().lower()) for h in _heads(form)
-        )
+        self._street_heads = frozenset(h for w in words - weak for form in (w, w.upper().lower()) for h in _heads(form))
         self._weak_heads = frozenset(h for w in words & weak for h in _heads(w))  # must appear capitalised
         self._prefix_heads = frozenset(h for w in STREET_PREFIXES for h in _heads(w))
         super().__init__(supported_entities=[E.STREET_ADDRESS], name="PotluckAddresses")
@@ -155,9 +171,13 @@ class AddressRecognizer(EntityRecognizer):
             m = _BLOCK_LINE.match(text, nl + 1)
             line = m.group(0) if m else ""
             at_eol = m is not None and (m.end() == len(text) or text[m.end()] == "\n")
-            if (not at_eol or not line.strip() or len(line.split()) > 6
-                    or not any(c.isdigit() or c.isupper() for c in line)
-                    or re.search(r"[a-z]{2,}\s+[a-z]{2,}\s+[a-z]{2,}", line)):  # prose, not an address line
+            if (
+                not at_eol
+                or not line.strip()
+                or len(line.split()) > 6
+                or not any(c.isdigit() or c.isupper() for c in line)
+                or re.search(r"[a-z]{2,}\s+[a-z]{2,}\s+[a-z]{2,}", line)
+            ):  # prose, not an address line
                 break
             end = nl + 1 + len(line.rstrip())
         return end
@@ -252,8 +272,11 @@ class AddressRecognizer(EntityRecognizer):
                 lower_text and self.lex.zipf_of(w1) < 4.0 and self.lex.zipf_of(w2) < 4.0
             ):
                 out.append(RecognizerResult(E.STREET_ADDRESS, m.start(), m.end(), 0.4))
-        for regex, hit in ((_UNIT_RE, not _UNIT_WORDS.isdisjoint(words) or "#" in text),
-                           (_PO_BOX, "box" in lower), (_MILITARY, not _MILITARY_WORDS.isdisjoint(words))):
+        for regex, hit in (
+            (_UNIT_RE, not _UNIT_WORDS.isdisjoint(words) or "#" in text),
+            (_PO_BOX, "box" in lower),
+            (_MILITARY, not _MILITARY_WORDS.isdisjoint(words)),
+        ):
             if hit:
                 out.extend(RecognizerResult(E.STREET_ADDRESS, m.start(), m.end(), 0.6) for m in regex.finditer(text))
         return out

@@ -72,9 +72,7 @@ _MAC_HINT = re.compile(  # MacAddressRecognizer: "aa:bb:" / "aa-bb-" / "aabb.ccd
 
 
 def _card_hint(text: str) -> bool:
-    return _CARD_HINT.search(text) is not None or (
-        not text.isascii() and _CARD_HINT_UNICODE.search(text) is not None
-    )
+    return _CARD_HINT.search(text) is not None or (not text.isascii() and _CARD_HINT_UNICODE.search(text) is not None)
 
 
 def _ip_hint(text: str) -> bool:
@@ -92,8 +90,12 @@ class NoContextEnhancer(ContextAwareEnhancer):
     recognizers' own patterns instead. Returns the results unchanged."""
 
     def __init__(self) -> None:
-        super().__init__(context_similarity_factor=0.0, min_score_with_context_similarity=0.0,
-                         context_prefix_count=0, context_suffix_count=0)
+        super().__init__(
+            context_similarity_factor=0.0,
+            min_score_with_context_similarity=0.0,
+            context_prefix_count=0,
+            context_suffix_count=0,
+        )
 
     def enhance_using_context(
         self,
@@ -180,11 +182,29 @@ class FastAnalyzerEngine(AnalyzerEngine):
         regex_flags: int | None = re.DOTALL | re.MULTILINE | re.IGNORECASE,
         nlp_artifacts: NlpArtifacts | None = None,
     ) -> list[RecognizerResult]:
-        if (entities or ad_hoc_recognizers or allow_list or context or return_decision_process
-                or nlp_artifacts is None or language != "en"):
+        if (
+            entities
+            or ad_hoc_recognizers
+            or allow_list
+            or context
+            or return_decision_process
+            or nlp_artifacts is None
+            or language != "en"
+        ):
             return super().analyze(
-                text, language, entities, correlation_id, score_threshold, return_decision_process,
-                ad_hoc_recognizers, context, allow_list, allow_list_match, regex_flags, nlp_artifacts)
+                text,
+                language,
+                entities,
+                correlation_id,
+                score_threshold,
+                return_decision_process,
+                ad_hoc_recognizers,
+                context,
+                allow_list,
+                allow_list_match,
+                regex_flags,
+                nlp_artifacts,
+            )
         recognizers, all_entities, digit_free = self._recognizers_and_entities()
         if _DIGIT.search(text) is None:
             recognizers = digit_free
@@ -223,8 +243,13 @@ def build_engine(lexicon: Lexicon | None = None) -> AnalyzerEngine:
             registry.add_recognizer(rec)
         registry.add_recognizer(ProperNounRecognizer(lex))
         registry.add_recognizer(AddressRecognizer(lex))
-        return FastAnalyzerEngine(registry=registry, nlp_engine=nlp, supported_languages=["en"],
-                              default_score_threshold=0.0, context_aware_enhancer=NoContextEnhancer())
+        return FastAnalyzerEngine(
+            registry=registry,
+            nlp_engine=nlp,
+            supported_languages=["en"],
+            default_score_threshold=0.0,
+            context_aware_enhancer=NoContextEnhancer(),
+        )
     except (ValueError, TypeError, ImportError, OSError) as exc:
         raise PrivacyError(f"cannot set up the presidio analyzer: {exc}") from exc
 
@@ -252,10 +277,10 @@ class Detector:
         if not text:
             return []
         try:
-            results = self.engine.analyze(text=text, language="en", score_threshold=self.min_score,
-                                          nlp_artifacts=self._artifacts)
+            results = self.engine.analyze(
+                text=text, language="en", score_threshold=self.min_score, nlp_artifacts=self._artifacts
+            )
         except Exception as exc:  # any failure inside presidio or a recognizer: fail closed
             log.error("sensitive-data detection failed: %s", type(exc).__name__)
-            raise PrivacyError(f"sensitive-data detection failed ({type(exc).__name__}); nothing was sent") \
-                from exc
+            raise PrivacyError(f"sensitive-data detection failed ({type(exc).__name__}); nothing was sent") from exc
         return [Span(r.start, r.end, r.entity_type, r.score) for r in resolve_overlaps(results)]

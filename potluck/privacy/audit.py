@@ -20,7 +20,7 @@ import os
 import threading
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +40,7 @@ class AuditRecord:
     entities: dict[str, int]
     sanitized_sha256: str
     chars: int
-    time: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat())
+    time: str = field(default_factory=lambda: datetime.now(UTC).isoformat())
 
     @classmethod
     def from_json(cls, obj: dict[str, Any]) -> AuditRecord:

@@ -90,14 +90,16 @@ class CloudClient:
 
     async def __aenter__(self) -> CloudClient:
         c = self.config
-        timeout = aiohttp.ClientTimeout(total=c.total_timeout_s, connect=c.connect_timeout_s,
-                                        sock_read=c.read_timeout_s)
+        timeout = aiohttp.ClientTimeout(
+            total=c.total_timeout_s, connect=c.connect_timeout_s, sock_read=c.read_timeout_s
+        )
         headers = {"Authorization": f"Bearer {c.api_key}"} if c.api_key else {}
         self._session = aiohttp.ClientSession(timeout=timeout, headers=headers, read_bufsize=MAX_LINE_BYTES)
         return self
 
-    async def __aexit__(self, et: type[BaseException] | None, exc: BaseException | None,
-                        tb: TracebackType | None) -> None:
+    async def __aexit__(
+        self, et: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -122,12 +124,10 @@ class CloudClient:
             last = attempt == c.max_retries
             try:
                 resp = await self._session.request(method, self._url(path), json=body)
-            except (aiohttp.ClientConnectionError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, aiohttp.ClientConnectionError) as exc:
                 if last:
-                    raise ConnectError(f"cannot reach the cloud upstream {c.base_url}: {type(exc).__name__}") \
-                        from exc
-                log.info("cloud upstream unreachable (%s); retry %d in %.1f s", type(exc).__name__, attempt + 1,
-                         delay)
+                    raise ConnectError(f"cannot reach the cloud upstream {c.base_url}: {type(exc).__name__}") from exc
+                log.info("cloud upstream unreachable (%s); retry %d in %.1f s", type(exc).__name__, attempt + 1, delay)
             else:
                 if resp.status == 200:
                     return resp
@@ -187,7 +187,7 @@ class CloudClient:
                             yield TextDelta(str(text), 1)
                 except (ValueError, KeyError, TypeError, AttributeError) as exc:
                     raise ProtocolViolation(f"malformed event from the cloud upstream: {exc}") from exc
-        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
             raise TransferError(f"the cloud stream broke: {type(exc).__name__}") from exc
         except ValueError as exc:  # aiohttp: line longer than the read buffer
             raise ProtocolViolation(f"oversized line from the cloud upstream: {exc}") from exc

@@ -90,8 +90,7 @@ class PrivacyGuard:
                 except PrivacyError:
                     raise
                 except Exception as exc:
-                    raise PrivacyError(f"cannot set up the sanitizer ({type(exc).__name__}); nothing was sent") \
-                        from exc
+                    raise PrivacyError(f"cannot set up the sanitizer ({type(exc).__name__}); nothing was sent") from exc
             return self._sanitizer
 
     def wrap(self, route: Route) -> Route:
@@ -102,8 +101,9 @@ class PrivacyGuard:
         """A provider whose routes of tier >= 2 are guarded."""
         return GuardedProvider(provider, self)
 
-    async def prepare(self, request: GenerationRequest, level: PrivacyLevel, tier: int, destination: str) \
-            -> tuple[GenerationRequest, Sanitized]:
+    async def prepare(
+        self, request: GenerationRequest, level: PrivacyLevel, tier: int, destination: str
+    ) -> tuple[GenerationRequest, Sanitized]:
         """Sanitize ``request`` for ``destination`` and write its audit record.
 
         Raises:
@@ -132,20 +132,21 @@ class PrivacyGuard:
             prompt=out[n] if request.prompt is not None else None,
             params=replace(request.params, stop=tuple(out[n + 1 :])),
         )
-        self._audit(destination, tier, level, Action.SANITIZE, result.entity_counts(), result.digest(),
-                    sum(len(t) for t in out))
+        self._audit(
+            destination, tier, level, Action.SANITIZE, result.entity_counts(), result.digest(), sum(len(t) for t in out)
+        )
         return outbound, result
 
-    def _audit(self, destination: str, tier: int, level: str, action: Action, counts: dict[str, int],
-               digest: str, chars: int) -> None:
+    def _audit(
+        self, destination: str, tier: int, level: str, action: Action, counts: dict[str, int], digest: str, chars: int
+    ) -> None:
         if self.audit is None:
             return
         record = AuditRecord(destination, tier, level, action.value, counts, digest, chars)
         try:
             self.audit.append(record)
         except OSError as exc:
-            raise PrivacyError(f"cannot write the privacy audit record ({exc.strerror}); nothing was sent") \
-                from exc
+            raise PrivacyError(f"cannot write the privacy audit record ({exc.strerror}); nothing was sent") from exc
 
     def audit_raw(self, request: GenerationRequest, destination: str, tier: int, level: str) -> None:
         """Audit a request sent unsanitized (level ``off``) to tier >= 2."""

@@ -47,10 +47,48 @@ STREET_PREFIXES = frozenset(
 
 # Street designators fused to the end of the street name (Nordic, Germanic, Baltic, Dutch).
 STREET_ENDINGS = (
-    "katu", "tie", "kuja", "polku", "raitti", "väylä", "vej", "vænget", "gade", "stræde", "allé",
-    "straße", "strasse", "str.", "weg", "gasse", "platz", "allee", "ring", "damm", "ufer", "laan",
-    "straat", "plein", "gracht", "kade", "singel", "gatan", "vägen", "gränd", "stigen", "veien",
-    "vegen", "gata", "tee", "puiestee", "iela", "gatvė", "utca", "ulica", "street", "road",
+    "katu",
+    "tie",
+    "kuja",
+    "polku",
+    "raitti",
+    "väylä",
+    "vej",
+    "vænget",
+    "gade",
+    "stræde",
+    "allé",
+    "straße",
+    "strasse",
+    "str.",
+    "weg",
+    "gasse",
+    "platz",
+    "allee",
+    "ring",
+    "damm",
+    "ufer",
+    "laan",
+    "straat",
+    "plein",
+    "gracht",
+    "kade",
+    "singel",
+    "gatan",
+    "vägen",
+    "gränd",
+    "stigen",
+    "veien",
+    "vegen",
+    "gata",
+    "tee",
+    "puiestee",
+    "iela",
+    "gatvė",
+    "utca",
+    "ulica",
+    "street",
+    "road",
 )
 
 
@@ -118,8 +156,9 @@ class Lexicon:
 
         given = _provider_attr(person, ("first_names", "first_names_male", "first_names_female"))
         family = _provider_attr(person, ("last_names", "last_names_male", "last_names_female"))
-        places = _provider_attr(address, ("cities", "city_names", "countries", "states", "provinces",
-                                          "regions", "city_suffixes"))
+        places = _provider_attr(
+            address, ("cities", "city_names", "countries", "states", "provinces", "regions", "city_suffixes")
+        )
         streets = _provider_attr(address, ("street_suffixes", "street_suffixes_long", "street_suffixes_short"))
         suffixes = _provider_attr(company, ("company_suffixes",))
         from faker.providers.lorem.en_US import Provider as Lorem
@@ -136,7 +175,7 @@ class Lexicon:
             common_words=frozenset(Lorem.word_list) | frozenset(STOP_WORDS),
             zipf=zipf,
             # Faker's lower-case suffixes are the fused ones ("Holm" + "vej", "Stor" + "gatan", "Solli" + "plassen")
-            street_endings=tuple(sorted(set(STREET_ENDINGS) | {
-                s for s in streets if s[0].islower() and s.isalpha() and len(s) >= 4
-            })),
+            street_endings=tuple(
+                sorted(set(STREET_ENDINGS) | {s for s in streets if s[0].islower() and s.isalpha() and len(s) >= 4})
+            ),
         )

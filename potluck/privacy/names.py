@@ -45,10 +45,8 @@ _TOKEN = re.compile(r"[^\W\d_]+(?:[-'’][^\W\d_]+)*\.?")
 # the same on ASCII text, where [^\W\d_] is [A-Za-z] (about twice as fast as the Unicode class)
 _TOKEN_ASCII = re.compile(r"[A-Za-z]+(?:[-'][A-Za-z]+)*\.?")
 _LAST_RUN_REVERSED = re.compile(r"[^\w.]*([\w.]+)")  # the last [\w.]+ run of a reversed string
-_SENTENCE_BREAK = set(".!?:;\n\"“”(>*•–—|[")
-_TITLES = frozenset(
-    "mr mr. mrs mrs. ms ms. miss dr dr. prof prof. sir madam dame lord lady mx mx. herr frau".split()
-)
+_SENTENCE_BREAK = set('.!?:;\n"“”(>*•–—|[')
+_TITLES = frozenset("mr mr. mrs mrs. ms ms. miss dr dr. prof prof. sir madam dame lord lady mx mx. herr frau".split())
 # lower-case "given family" pairs: a listed given name and a listed family name, neither frequent
 # nor a stop word, e.g. "leo kauppinen" (rarer words need no list: see _lowercase_names)
 _PAIR_GIVEN_ZIPF = 5.5
@@ -57,8 +55,9 @@ _PAIR_FAMILY_ZIPF = 5.0
 _NAME_TITLES = frozenset({"mr", "mr.", "mrs", "mrs.", "ms.", "dr.", "prof.", "mx."})
 _FUNCTION_WORDS = frozenset("and or the of a an to in on at for with from by is was are and & nor but".split())
 # a weekday alone is a date, even where a name list has it ("Sunday" is also a given name)
-_WEEKDAYS = frozenset(d + s for d in ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday")
-                      for s in ("", "s"))
+_WEEKDAYS = frozenset(
+    d + s for d in ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday") for s in ("", "s")
+)
 # ... and the names of the very fields people write next to their data ("my IBAN is", "SSN:")
 _FIELD_ACRONYMS = frozenset(
     "iban bic swift ssn pin cvv cvc dob vat tin ein itin zip url uri api ip mac imei otp".split()
@@ -117,9 +116,7 @@ class ProperNounRecognizer(EntityRecognizer):
         self._given_lower = frozenset(w.lower() for w in lexicon.given_names)
         self._family_lower = frozenset(w.lower() for w in lexicon.family_names)
         self._pair_given_lower = frozenset(w for w in self._given_lower if lexicon.zipf_of(w) < _PAIR_GIVEN_ZIPF)
-        super().__init__(
-            supported_entities=[E.PERSON, E.ORGANIZATION, E.LOCATION, E.NAME], name="PotluckProperNouns"
-        )
+        super().__init__(supported_entities=[E.PERSON, E.ORGANIZATION, E.LOCATION, E.NAME], name="PotluckProperNouns")
 
     def load(self) -> None:
         """Word lists come with the lexicon."""
@@ -180,8 +177,10 @@ class ProperNounRecognizer(EntityRecognizer):
         if word in self.lex.common_words or len(word) < 3:
             return False
         z = self.lex.zipf_of(word)
-        known = word in self._given_lower or word in self._family_lower or (
-            "-" in word and all(p in self._given_lower or p in self._family_lower for p in word.split("-"))
+        known = (
+            word in self._given_lower
+            or word in self._family_lower
+            or ("-" in word and all(p in self._given_lower or p in self._family_lower for p in word.split("-")))
         )  # "garcia-smith"
         return (known and z < 4.8) or (z < 2.0 and len(word) >= 4)
 
@@ -227,8 +226,13 @@ class ProperNounRecognizer(EntityRecognizer):
                 else:
                     runs.append(cur)
                     cur = [tok]
-            elif (joinable and (word in _PARTICLES or word in _CONNECTORS) and i + 1 < len(toks)
-                    and capitalised(toks[i + 1].word, lower_mode) and text[tok.end : toks[i + 1].start] == " "):
+            elif (
+                joinable
+                and (word in _PARTICLES or word in _CONNECTORS)
+                and i + 1 < len(toks)
+                and capitalised(toks[i + 1].word, lower_mode)
+                and text[tok.end : toks[i + 1].start] == " "
+            ):
                 cur.append(tok)
             else:
                 runs.append(cur)
@@ -244,12 +248,20 @@ class ProperNounRecognizer(EntityRecognizer):
         carry information); a single token must be a candidate or follow a title.
         """
         titled = False
-        while run and (run[0].word.lower() in _TITLES or run[0].word in _CONNECTORS
-                       or (len(run) > 1 and run[0].word.lower() in _GREETINGS)):
+        while run and (
+            run[0].word.lower() in _TITLES
+            or run[0].word in _CONNECTORS
+            or (len(run) > 1 and run[0].word.lower() in _GREETINGS)
+        ):
             titled = titled or run[0].word.lower() in _TITLES or run[0].word.lower() in _GREETINGS
             run = run[1:]  # a title or greeting before a name makes it a person's
-        while run and not lower_mode and len(run) > 1 and self._sentence_initial(text, run[0].start) \
-                and run[0].word.lower() in self.lex.common_words:
+        while (
+            run
+            and not lower_mode
+            and len(run) > 1
+            and self._sentence_initial(text, run[0].start)
+            and run[0].word.lower() in self.lex.common_words
+        ):
             run = run[1:]
         while run and (run[-1].word in _CONNECTORS or run[-1].word in _PARTICLES or run[-1].word in _FUNCTION_CAPS):
             run = run[:-1]  # "Musicians Of The", "Directed By": a name does not end in a function word
@@ -283,13 +295,13 @@ class ProperNounRecognizer(EntityRecognizer):
         if words[-1].lower() in self.lex.org_words or any(w in ("&", "And") for w in words):
             return E.ORGANIZATION
         tail = before.rstrip().lower()
-        if titled or (tail.endswith(_TITLE_ENDS) and self._title_before(before)) or (
-            tail.endswith(_PERSON_CUE_ENDS) and _PERSON_CUES.search(before)
+        if (
+            titled
+            or (tail.endswith(_TITLE_ENDS) and self._title_before(before))
+            or (tail.endswith(_PERSON_CUE_ENDS) and _PERSON_CUES.search(before))
         ):
             return E.PERSON
-        if any(w in self.lex.given_names for w in words) or (
-            len(words) >= 2 and words[-1] in self.lex.family_names
-        ):
+        if any(w in self.lex.given_names for w in words) or (len(words) >= 2 and words[-1] in self.lex.family_names):
             return E.PERSON
         if all(w in self.lex.places for w in words):
             return E.LOCATION
@@ -300,7 +312,7 @@ class ProperNounRecognizer(EntityRecognizer):
         return E.NAME
 
     def _before_org_words(self, text: str, toks: list[_Tok]) -> list[RecognizerResult]:
-        """"<words> Inc." / "<Words> Agency": the words before an organisation word, in any case."""
+        """ "<words> Inc." / "<Words> Agency": the words before an organisation word, in any case."""
         out = []
         for i, tok in enumerate(toks):
             if i == 0 or tok.word.lower().rstrip(".") not in self.lex.org_words:
@@ -310,8 +322,10 @@ class ProperNounRecognizer(EntityRecognizer):
             j = i
             while j > 0 and i - j < 4 and text[toks[j - 1].end : toks[j].start] == " ":
                 prev = toks[j - 1].word
-                if prev.lower() in _TITLES or prev in _CONNECTORS or not (
-                    prev[0].isupper() or prev.lower() not in self.lex.common_words
+                if (
+                    prev.lower() in _TITLES
+                    or prev in _CONNECTORS
+                    or not (prev[0].isupper() or prev.lower() not in self.lex.common_words)
                 ):
                     break
                 j -= 1
@@ -322,7 +336,7 @@ class ProperNounRecognizer(EntityRecognizer):
         return out
 
     def _firm_names(self, words: tuple[str, ...]) -> bool:
-        """"Clark, Romero and Hall": partners' names make a firm; two of the three must be listed
+        """ "Clark, Romero and Hall": partners' names make a firm; two of the three must be listed
         family names or rare words (Zipf < 2.5; "Comedy, Kids & Family" and "antelope, camels, and
         more" are lists)."""
         hits = 0
@@ -339,11 +353,20 @@ class ProperNounRecognizer(EntityRecognizer):
             if tok.word.lower() not in _NAME_TITLES:
                 continue
             nxt = toks[i + 1]
-            if (nxt.word.islower() and nxt.word not in _FUNCTION_WORDS and len(nxt.word) >= 2
-                    and text[tok.end : nxt.start] == " "):
+            if (
+                nxt.word.islower()
+                and nxt.word not in _FUNCTION_WORDS
+                and len(nxt.word) >= 2
+                and text[tok.end : nxt.start] == " "
+            ):
                 end = nxt.end
-                if i + 2 < len(toks) and text[nxt.end : toks[i + 2].start] == " " and toks[i + 2].word.islower() \
-                        and toks[i + 2].word in self._family_lower and toks[i + 2].word not in _FUNCTION_WORDS:
+                if (
+                    i + 2 < len(toks)
+                    and text[nxt.end : toks[i + 2].start] == " "
+                    and toks[i + 2].word.islower()
+                    and toks[i + 2].word in self._family_lower
+                    and toks[i + 2].word not in _FUNCTION_WORDS
+                ):
                     end = toks[i + 2].end  # "dr. anna berg"
                 out.append(RecognizerResult(E.PERSON, nxt.start, end, 0.55))
         return out
@@ -359,8 +382,12 @@ class ProperNounRecognizer(EntityRecognizer):
             za, zb = self.lex.zipf_of(a.word), self.lex.zipf_of(b.word)
             if za < 4.0 and (b.word in self._family_lower or zb < 2.5) and zb < 3.5:
                 out.append(RecognizerResult(E.PERSON, a.start, b.end, 0.5))
-            elif (zb < _PAIR_FAMILY_ZIPF and b.word in self._family_lower and a.word not in self.lex.common_words
-                  and b.word not in self.lex.common_words):
+            elif (
+                zb < _PAIR_FAMILY_ZIPF
+                and b.word in self._family_lower
+                and a.word not in self.lex.common_words
+                and b.word not in self.lex.common_words
+            ):
                 out.append(RecognizerResult(E.PERSON, a.start, b.end, 0.45))  # "leo kauppinen", "john smith"
         return out
 
@@ -378,8 +405,11 @@ class ProperNounRecognizer(EntityRecognizer):
                 out.append(RecognizerResult(etype, span[0].start, span[-1].end, 0.6))
         if ", " in text and (" and " in text or " & " in text):  # both are literal parts of the pattern
             firm = _FIRM_LOWER if lower_mode else _FIRM
-            out.extend(RecognizerResult(E.ORGANIZATION, m.start(), m.end(), 0.7) for m in firm.finditer(text)
-                       if self._firm_names(m.groups()))
+            out.extend(
+                RecognizerResult(E.ORGANIZATION, m.start(), m.end(), 0.7)
+                for m in firm.finditer(text)
+                if self._firm_names(m.groups())
+            )
         # the three token scans below run only if a word they look for occurs at all
         seen = {t.word.lower() for t in toks}
         seen.update([w[:-1] for w in seen if w[-1] == "."])

@@ -78,8 +78,9 @@ class CloudProvider:
         log.info("cloud models: %s", ", ".join(PREFIX + m for m in self.models) or "none")
         return self
 
-    async def __aexit__(self, et: type[BaseException] | None, exc: BaseException | None,
-                        tb: TracebackType | None) -> None:
+    async def __aexit__(
+        self, et: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         await self.client.__aexit__(et, exc, tb)
 
     def listings(self) -> list[ModelListing]:

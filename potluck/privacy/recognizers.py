@@ -58,8 +58,9 @@ class RegexRecognizer(EntityRecognizer):
     longest is skipped before its needles are looked up (prose has no 20-character words).
     """
 
-    def __init__(self, name: str, rules: Sequence[Rule], gate: Callable[[str], bool] | None = None,
-                 needs_digit: bool = False) -> None:
+    def __init__(
+        self, name: str, rules: Sequence[Rule], gate: Callable[[str], bool] | None = None, needs_digit: bool = False
+    ) -> None:
         self.rules = tuple(rules)
         self.gate = gate
         self.needs_digit = needs_digit  # every rule's matches hold a digit (the engine skips other texts)
@@ -138,24 +139,55 @@ SECRET_RULES = (
         ),
         E.SECRET,
         1.0,
-        min_run=10, needles=("-----begin",),
+        min_run=10,
+        needles=("-----begin",),
     ),
     # JSON Web Token: base64url header "{"... . payload . signature (RFC 7519)
-    Rule(re.compile(r"\beyJ[A-Za-z0-9_-]{5,}\.eyJ[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]{8,}"), E.SECRET, 1.0,
-         min_run=26, needles=("eyj",)),
+    Rule(
+        re.compile(r"\beyJ[A-Za-z0-9_-]{5,}\.eyJ[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]{8,}"),
+        E.SECRET,
+        1.0,
+        min_run=26,
+        needles=("eyj",),
+    ),
     # provider tokens with documented prefixes
-    Rule(re.compile(r"\b(?:AKIA|ASIA|ABIA|ACCA|AGPA|AIDA|AROA|ANPA|ANVA|APKA)[0-9A-Z]{16}\b"), E.SECRET, 1.0,
-         min_run=20, needles=("akia", "asia", "abia", "acca", "agpa", "aida", "aroa", "anpa", "anva", "apka")),
-    Rule(re.compile(r"\bgh[pousr]_[A-Za-z0-9]{30,255}\b|\bgithub_pat_[A-Za-z0-9_]{22,255}"), E.SECRET, 1.0,
-         min_run=33, needles=("ghp_", "gho_", "ghu_", "ghs_", "ghr_", "github_pat_")),
+    Rule(
+        re.compile(r"\b(?:AKIA|ASIA|ABIA|ACCA|AGPA|AIDA|AROA|ANPA|ANVA|APKA)[0-9A-Z]{16}\b"),
+        E.SECRET,
+        1.0,
+        min_run=20,
+        needles=("akia", "asia", "abia", "acca", "agpa", "aida", "aroa", "anpa", "anva", "apka"),
+    ),
+    Rule(
+        re.compile(r"\bgh[pousr]_[A-Za-z0-9]{30,255}\b|\bgithub_pat_[A-Za-z0-9_]{22,255}"),
+        E.SECRET,
+        1.0,
+        min_run=33,
+        needles=("ghp_", "gho_", "ghu_", "ghs_", "ghr_", "github_pat_"),
+    ),
     Rule(re.compile(r"\bglpat-[A-Za-z0-9_-]{20,}"), E.SECRET, 1.0, min_run=26, needles=("glpat-",)),
-    Rule(re.compile(r"\bsk-(?:ant-|proj-|svcacct-|admin-|or-v1-)?[A-Za-z0-9_-]{20,}"), E.SECRET, 1.0, min_run=23,
-         needles=("sk-",)),
-    Rule(re.compile(r"\b(?:sk|pk|rk)_(?:live|test)_[A-Za-z0-9]{16,}"), E.SECRET, 1.0, min_run=24,
-         needles=("_live_", "_test_")),
+    Rule(
+        re.compile(r"\bsk-(?:ant-|proj-|svcacct-|admin-|or-v1-)?[A-Za-z0-9_-]{20,}"),
+        E.SECRET,
+        1.0,
+        min_run=23,
+        needles=("sk-",),
+    ),
+    Rule(
+        re.compile(r"\b(?:sk|pk|rk)_(?:live|test)_[A-Za-z0-9]{16,}"),
+        E.SECRET,
+        1.0,
+        min_run=24,
+        needles=("_live_", "_test_"),
+    ),
     Rule(re.compile(r"\bxox[abposre]-[A-Za-z0-9-]{10,}"), E.SECRET, 1.0, min_run=15, needles=("xox",)),
-    Rule(re.compile(r"https://hooks\.slack\.com/services/[A-Za-z0-9/_-]{20,}"), E.SECRET, 1.0,
-         min_run=53, needles=("hooks.slack",)),
+    Rule(
+        re.compile(r"https://hooks\.slack\.com/services/[A-Za-z0-9/_-]{20,}"),
+        E.SECRET,
+        1.0,
+        min_run=53,
+        needles=("hooks.slack",),
+    ),
     Rule(re.compile(r"\bAIza[0-9A-Za-z_-]{35}"), E.SECRET, 1.0, min_run=39, needles=("aiza",)),
     Rule(re.compile(r"\bya29\.[0-9A-Za-z_-]{20,}"), E.SECRET, 1.0, min_run=25, needles=("ya29.",)),
     Rule(re.compile(r"\bhf_[A-Za-z0-9]{30,}\b"), E.SECRET, 1.0, min_run=33, needles=("hf_",)),
@@ -163,16 +195,32 @@ SECRET_RULES = (
     Rule(re.compile(r"\bpypi-[A-Za-z0-9_-]{50,}"), E.SECRET, 1.0, min_run=55, needles=("pypi-",)),
     Rule(re.compile(r"\bSG\.[A-Za-z0-9_-]{16,}\.[A-Za-z0-9_-]{16,}"), E.SECRET, 1.0, min_run=36, needles=("sg.",)),
     Rule(re.compile(r"\b(?:SK|AC)[0-9a-fA-F]{32}\b"), E.SECRET, 0.9, min_run=34),  # Twilio
-    Rule(re.compile(r"\b\d{8,10}:AA[A-Za-z0-9_-]{33}\b"), E.SECRET, 1.0, min_run=44,  # Telegram bot token
-         needles=(":aa",)),
-    Rule(re.compile(r"\b(?:dop|doo|dor)_v1_[a-f0-9]{64}\b"), E.SECRET, 1.0, min_run=71,  # DigitalOcean
-         needles=("_v1_",)),
+    Rule(
+        re.compile(r"\b\d{8,10}:AA[A-Za-z0-9_-]{33}\b"),
+        E.SECRET,
+        1.0,
+        min_run=44,  # Telegram bot token
+        needles=(":aa",),
+    ),
+    Rule(
+        re.compile(r"\b(?:dop|doo|dor)_v1_[a-f0-9]{64}\b"),
+        E.SECRET,
+        1.0,
+        min_run=71,  # DigitalOcean
+        needles=("_v1_",),
+    ),
     # Authorization headers (RFC 6750 bearer, RFC 7617 basic)
     Rule(re.compile(r"(?i)\bbearer\s+([A-Za-z0-9._~+/=-]{12,})"), E.SECRET, 1.0, 1, min_run=12, needles=("bearer",)),
     Rule(re.compile(r"(?i)\bbasic\s+([A-Za-z0-9+/]{12,}={0,2})"), E.SECRET, 0.9, 1, min_run=12, needles=("basic",)),
     # user:password@ in any URL, connection strings included (RFC 3986 userinfo)
-    Rule(re.compile(r"\b[A-Za-z][A-Za-z0-9+.-]{1,20}://[^\s:/@'\"]{1,128}:([^\s@/'\"]{1,256})@"), E.SECRET, 1.0, 1,
-         min_run=9, needles=("://",)),
+    Rule(
+        re.compile(r"\b[A-Za-z][A-Za-z0-9+.-]{1,20}://[^\s:/@'\"]{1,128}:([^\s@/'\"]{1,256})@"),
+        E.SECRET,
+        1.0,
+        1,
+        min_run=9,
+        needles=("://",),
+    ),
     # key = value / key: value assignments (config files, env, ADO connection strings, JSON)
     Rule(
         re.compile(
@@ -208,8 +256,10 @@ SECRET_RULES = (
     ),
     # natural language: "my password is hunter2", "the pin is 1234"
     Rule(
-        re.compile(r"(?i)\b(?:password|passphrase|passcode|pin|api key|token|secret)\s+(?:is|was|=)\s*:?\s*"
-                   r"[\"'“]?([^\s\"'”]{3,256}?)[\"'”]?(?=[\s.,;!?]*(?:\s|$))"),
+        re.compile(
+            r"(?i)\b(?:password|passphrase|passcode|pin|api key|token|secret)\s+(?:is|was|=)\s*:?\s*"
+            r"[\"'“]?([^\s\"'”]{3,256}?)[\"'”]?(?=[\s.,;!?]*(?:\s|$))"
+        ),
         E.SECRET,
         0.9,
         1,
@@ -223,11 +273,21 @@ SECRET_RULES = (
 
 OTHER_RULES = (
     # e-mail addresses whose domain is not in the public-suffix snapshot (presidio's check drops them)
-    Rule(re.compile(r"(?<![\w.+:/-])[\w.+-]{1,64}@[A-Za-z0-9-]{1,63}(?:\.[A-Za-z0-9-]{1,63})+"), E.EMAIL_ADDRESS, 0.5,
-         min_run=5, needles=("@",)),
+    Rule(
+        re.compile(r"(?<![\w.+:/-])[\w.+-]{1,64}@[A-Za-z0-9-]{1,63}(?:\.[A-Za-z0-9-]{1,63})+"),
+        E.EMAIL_ADDRESS,
+        0.5,
+        min_run=5,
+        needles=("@",),
+    ),
     Rule(re.compile(r"\b0x[a-fA-F0-9]{40}\b"), E.CRYPTO, 0.9, min_run=42, needles=("0x",)),  # Ethereum address (EIP-55)
-    Rule(re.compile(r"\b(?:bc1|tb1)[ac-hj-np-z02-9]{25,87}\b"), E.CRYPTO, 0.9, min_run=28,  # BIP-173
-         needles=("bc1", "tb1")),
+    Rule(
+        re.compile(r"\b(?:bc1|tb1)[ac-hj-np-z02-9]{25,87}\b"),
+        E.CRYPTO,
+        0.9,
+        min_run=28,  # BIP-173
+        needles=("bc1", "tb1"),
+    ),
     Rule(re.compile(r"\b[LM3][a-km-zA-HJ-NP-Z1-9]{26,33}\b"), E.CRYPTO, 0.5, 0, _has_digit, min_run=27),  # LTC/P2SH
     Rule(
         re.compile(
@@ -311,19 +371,29 @@ def iban_prefix_len(value: str) -> int:
 
 
 SHAPE_RULES = (
-    Rule(re.compile(r"(?<![\w-])(?:\d[ -]?){11,18}\d(?![\w-])"), E.CREDIT_CARD, 0.8, 0, luhn_ok,
-         hint=re.compile(r"\d(?:[ -]?\d){11}")),
-    Rule(re.compile(r"(?i)\b[A-Z]{2}\d{2}(?:[ -]?[A-Z0-9]){11,30}\b"), E.IBAN_CODE, 0.8, 0, iban_shape_ok,
-         trim=iban_prefix_len,
-         hint=re.compile(r"\d\d(?<=(?i:[A-Z]{2})\d\d)")),
+    Rule(
+        re.compile(r"(?<![\w-])(?:\d[ -]?){11,18}\d(?![\w-])"),
+        E.CREDIT_CARD,
+        0.8,
+        0,
+        luhn_ok,
+        hint=re.compile(r"\d(?:[ -]?\d){11}"),
+    ),
+    Rule(
+        re.compile(r"(?i)\b[A-Z]{2}\d{2}(?:[ -]?[A-Z0-9]){11,30}\b"),
+        E.IBAN_CODE,
+        0.8,
+        0,
+        iban_shape_ok,
+        trim=iban_prefix_len,
+        hint=re.compile(r"\d\d(?<=(?i:[A-Z]{2})\d\d)"),
+    ),
 )
 
 
 # --- phone numbers ---------------------------------------------------------------------------------
 
-_PHONE_CANDIDATE = re.compile(
-    r"(?<![\w+.-])(?:\+|00)?\(?\d[\d ().\-/]{4,22}\d(?:\s?(?:x|ext\.?|#)\s?\d{1,6})?(?![\w])"
-)
+_PHONE_CANDIDATE = re.compile(r"(?<![\w+.-])(?:\+|00)?\(?\d[\d ().\-/]{4,22}\d(?:\s?(?:x|ext\.?|#)\s?\d{1,6})?(?![\w])")
 _PHONE_CUE = re.compile(
     r"(?i)\b(?:phone|tel|telephone|mobile|cell|fax|call(?:\s+me)?(?:\s+(?:at|on))?|ring|whatsapp|number|nr|no)"
     r"\b[.:#]?\s*(?:is\s*)?[:#]?\s*\(?\+?$"
@@ -333,8 +403,38 @@ _IPV4 = re.compile(r"\d{1,3}(?:\.\d{1,3}){3}")
 _DATE_LIKE = re.compile(r"\d{4}-\d{2}-\d{2}|\d{1,2}/\d{1,2}/\d{2,4}|\d{1,2}:\d{2}")
 # Any region that accepts a number decides, so the most permissive plans go first (Germany's and
 # Austria's allow 4-15 digits): most candidates are settled by the first parse.
-_PHONE_REGIONS = ("DE", "AT", "US", "GB", "FR", "IT", "ES", "NL", "SE", "NO", "DK", "FI", "CH", "BE", "PL",
-                  "PT", "BR", "IN", "AU", "CA", "IL", "JP", "CN", "RU", "MX", "ZA", "IE", "CZ", "HU", "GR")
+_PHONE_REGIONS = (
+    "DE",
+    "AT",
+    "US",
+    "GB",
+    "FR",
+    "IT",
+    "ES",
+    "NL",
+    "SE",
+    "NO",
+    "DK",
+    "FI",
+    "CH",
+    "BE",
+    "PL",
+    "PT",
+    "BR",
+    "IN",
+    "AU",
+    "CA",
+    "IL",
+    "JP",
+    "CN",
+    "RU",
+    "MX",
+    "ZA",
+    "IE",
+    "CZ",
+    "HU",
+    "GR",
+)
 
 
 class PotluckPhoneRecognizer(EntityRecognizer):
@@ -410,7 +510,10 @@ class OfflineEmailRecognizer(EmailRecognizer):
     """presidio's email recognizer with the bundled public-suffix snapshot (never fetched)."""
 
     def analyze(
-        self, text: str, entities: list[str], nlp_artifacts: NlpArtifacts | None = None,
+        self,
+        text: str,
+        entities: list[str],
+        nlp_artifacts: NlpArtifacts | None = None,
         regex_flags: int | None = None,
     ) -> list[RecognizerResult]:
         if "@" not in text:

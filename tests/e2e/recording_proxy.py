@@ -25,8 +25,13 @@ PLACEHOLDER = re.compile(r"<[A-Z][A-Z_]*_\d+>")
 
 
 def _chunk(model: str, text: str) -> bytes:
-    event = {"id": "chatcmpl-proxy", "object": "chat.completion.chunk", "created": 0, "model": model,
-             "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": None}]}
+    event = {
+        "id": "chatcmpl-proxy",
+        "object": "chat.completion.chunk",
+        "created": 0,
+        "model": model,
+        "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": None}],
+    }
     return b"data: " + json.dumps(event).encode() + b"\n\n"
 
 
@@ -47,11 +52,11 @@ async def handle(request: web.Request) -> web.StreamResponse:
     with open(request.app["record"], "a", encoding="utf-8") as fh:  # noqa: ASYNC230 - tiny, test-only
         fh.write(line + "\n")
     session: aiohttp.ClientSession = request.app["session"]
-    async with session.request(request.method, upstream + request.path_qs, data=raw or None,
-                               headers={"Content-Type": "application/json"}) as resp:
+    async with session.request(
+        request.method, upstream + request.path_qs, data=raw or None, headers={"Content-Type": "application/json"}
+    ) as resp:
         if not resp.headers.get("Content-Type", "").startswith("text/event-stream"):
-            return web.Response(body=await resp.read(), status=resp.status,
-                                content_type=resp.content_type)
+            return web.Response(body=await resp.read(), status=resp.status, content_type=resp.content_type)
         out = web.StreamResponse(status=resp.status, headers={"Content-Type": "text/event-stream"})
         await out.prepare(request)
         body = json.loads(raw) if raw else {}

@@ -57,9 +57,20 @@ def cloud(tmp_path_factory, model_path):
         proxy_port = free_port()
         proxy_log = (root / "proxy.log").open("wb")
         proxy = subprocess.Popen(
-            [sys.executable, "-m", "tests.e2e.recording_proxy", "--port", str(proxy_port),
-             "--upstream", node_b.url, "--record", str(record)],
-            stdout=proxy_log, stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parents[2],
+            [
+                sys.executable,
+                "-m",
+                "tests.e2e.recording_proxy",
+                "--port",
+                str(proxy_port),
+                "--upstream",
+                node_b.url,
+                "--record",
+                str(record),
+            ],
+            stdout=proxy_log,
+            stderr=subprocess.STDOUT,
+            cwd=Path(__file__).resolve().parents[2],
         )
         try:
             proxy_url = f"http://127.0.0.1:{proxy_port}"
@@ -71,8 +82,16 @@ def cloud(tmp_path_factory, model_path):
                 except OSError:
                     assert proxy.poll() is None and time.monotonic() < deadline, "proxy did not start"
                     time.sleep(0.2)
-            with NodeProcess(root / "a", "--model", str(model_path("q8_0")), "--cloud-url", proxy_url + "/v1",
-                             "--cloud-model", UPSTREAM_MODEL, env=_env(root / "a")) as node_a:
+            with NodeProcess(
+                root / "a",
+                "--model",
+                str(model_path("q8_0")),
+                "--cloud-url",
+                proxy_url + "/v1",
+                "--cloud-model",
+                UPSTREAM_MODEL,
+                env=_env(root / "a"),
+            ) as node_a:
                 node_a.wait_ready()
                 yield node_a, proxy_url, record, root / "a"
         finally:
@@ -110,8 +129,9 @@ def test_sanitized_upstream_restored_reply(cloud, stream):
     ]
     kwargs = {"model": f"cloud/{UPSTREAM_MODEL}", "messages": messages, "max_tokens": 8, "temperature": 0}
     if stream:
-        text = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(**kwargs, stream=True)
-                       if c.choices)
+        text = "".join(
+            c.choices[0].delta.content or "" for c in client.chat.completions.create(**kwargs, stream=True) if c.choices
+        )
     else:
         text = client.chat.completions.create(**kwargs).choices[0].message.content or ""
     bodies = _upstream_bodies(record)[n_before:]
@@ -132,10 +152,14 @@ def test_sanitized_upstream_restored_reply(cloud, stream):
 def test_strict_header_refuses_and_sends_nothing(cloud):
     node_a, _, record, _ = cloud
     n_before = len(_upstream_bodies(record))
-    body = json.dumps({"model": f"cloud/{UPSTREAM_MODEL}", "messages": [{"role": "user", "content": PROMPT}],
-                       "max_tokens": 4}).encode()
-    req = urllib.request.Request(node_a.url + "/v1/chat/completions", data=body,
-                                 headers={"Content-Type": "application/json", "X-Potluck-Privacy": "strict"})
+    body = json.dumps(
+        {"model": f"cloud/{UPSTREAM_MODEL}", "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 4}
+    ).encode()
+    req = urllib.request.Request(
+        node_a.url + "/v1/chat/completions",
+        data=body,
+        headers={"Content-Type": "application/json", "X-Potluck-Privacy": "strict"},
+    )
     with pytest.raises(urllib.error.HTTPError) as info:
         urllib.request.urlopen(req, timeout=60)
     assert info.value.code == 403
@@ -145,8 +169,14 @@ def test_strict_header_refuses_and_sends_nothing(cloud):
 
 def test_audit_log_has_counts_not_values(cloud):
     _, _, _, home_a = cloud
-    out = subprocess.run([*POTLUCK, "privacy", "audit", "--json", "--data-dir", str(home_a / "data")],
-                         capture_output=True, text=True, timeout=60, env=_env(home_a), check=True).stdout
+    out = subprocess.run(
+        [*POTLUCK, "privacy", "audit", "--json", "--data-dir", str(home_a / "data")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=_env(home_a),
+        check=True,
+    ).stdout
     records = [json.loads(line) for line in out.splitlines()]
     sanitized = [r for r in records if r["action"] == "sanitize"]
     assert sanitized and all(r["tier"] == 3 and r["destination"] == f"cloud/{UPSTREAM_MODEL}" for r in sanitized)
@@ -178,8 +208,9 @@ async def test_sanitizer_failure_sends_nothing(cloud):
         return Sanitizer(Broken())
 
     guard = PrivacyGuard(audit=None, sanitizer_factory=broken_sanitizer)
-    request = GenerationRequest(model=f"cloud/{UPSTREAM_MODEL}", params=SamplingParams(max_tokens=4),
-                                messages=(ChatMessage("user", PROMPT),))
+    request = GenerationRequest(
+        model=f"cloud/{UPSTREAM_MODEL}", params=SamplingParams(max_tokens=4), messages=(ChatMessage("user", PROMPT),)
+    )
     async with CloudClient(CloudConfig(proxy_url + "/v1", max_retries=0)) as client:
         route = guard.wrap(CloudRoute(client, UPSTREAM_MODEL))
         with pytest.raises(PrivacyError, match="nothing was sent"):

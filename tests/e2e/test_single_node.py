@@ -27,9 +27,7 @@ def test_openai_client_chat_non_streaming_and_streaming(node):
     models = client.models.list()
     model = models.data[0].id
     assert model == "tinyshakespeare-q4_0"
-    reply = client.chat.completions.create(
-        model=model, messages=[{"role": "user", "content": "ROMEO:"}], max_tokens=24
-    )
+    reply = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "ROMEO:"}], max_tokens=24)
     assert reply.choices[0].message.content.strip()
     assert reply.usage.completion_tokens > 0
     pieces = [
@@ -49,14 +47,19 @@ def test_curl_streaming_and_non_streaming(node):
     body = json.dumps({"messages": [{"role": "user", "content": "ROMEO:"}], "max_tokens": 16})
     out = subprocess.run(
         ["curl", "-sS", node.url + "/v1/chat/completions", "-H", "Content-Type: application/json", "-d", body],
-        capture_output=True, text=True, timeout=60, check=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
     ).stdout
     assert json.loads(out)["choices"][0]["message"]["content"].strip()
     stream_body = json.dumps({"messages": [{"role": "user", "content": "ROMEO:"}], "max_tokens": 16, "stream": True})
     out = subprocess.run(
-        ["curl", "-sSN", node.url + "/v1/chat/completions", "-H", "Content-Type: application/json",
-         "-d", stream_body],
-        capture_output=True, text=True, timeout=60, check=True,
+        ["curl", "-sSN", node.url + "/v1/chat/completions", "-H", "Content-Type: application/json", "-d", stream_body],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
     ).stdout
     events = [line[6:] for line in out.splitlines() if line.startswith("data: ")]
     assert events[-1] == "[DONE]"
@@ -68,7 +71,10 @@ def test_cli_chat_and_status(node, tmp_path):
     env = offline_env(tmp_path)
     chat = subprocess.run(
         [*POTLUCK, "chat", "ROMEO:", "--url", node.url, "--max-tokens", "12"],
-        capture_output=True, text=True, timeout=60, env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
     )
     assert chat.returncode == 0, chat.stderr
     assert chat.stdout.strip()
@@ -83,7 +89,10 @@ def test_cli_chat_and_status(node, tmp_path):
 def test_cli_chat_without_a_node_says_what_to_do(tmp_path):
     chat = subprocess.run(
         [*POTLUCK, "chat", "hi", "--url", "http://127.0.0.1:9"],
-        capture_output=True, text=True, timeout=60, env=offline_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=offline_env(tmp_path),
     )
     assert chat.returncode == 1 and "potluck node start" in chat.stderr
 

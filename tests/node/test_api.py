@@ -155,8 +155,12 @@ async def test_client_disconnect_cancels_generation(start_node):
         ("/v1/chat/completions", b"{not json", 400, "malformed JSON"),
         ("/v1/chat/completions", b"[]", 400, "invalid parameter"),
         ("/v1/chat/completions", b'{"messages": []}', 400, "messages"),
-        ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "x"}], "temperature": 7}', 400,
-         "temperature"),
+        (
+            "/v1/chat/completions",
+            b'{"messages": [{"role": "user", "content": "x"}], "temperature": 7}',
+            400,
+            "temperature",
+        ),
         ("/v1/completions", b'{"prompt": "x", "max_tokens": -1}', 400, "max_tokens"),
         ("/v1/completions", b'{"prompt": "x", "stop": ["a","b","c","d","e"]}', 400, "stop"),
         ("/v1/completions", b'{"prompt": "x", "model": "no-such-model"}', 404, "not served"),
@@ -228,6 +232,11 @@ async def test_models_health_node_and_metrics(start_node, q8):
     assert health["status"] == "ok"
     assert info["peer_id"] == node.identity.peer_id
     assert info["models"][0]["quantization"] == "Q8_0" and info["models"][0]["n_layers"] == 4
-    for name in ("potluck_requests_total", "potluck_tokens_generated_total", "potluck_ttft_seconds_bucket",
-                 "potluck_request_latency_seconds_bucket", "potluck_queue_depth"):
+    for name in (
+        "potluck_requests_total",
+        "potluck_tokens_generated_total",
+        "potluck_ttft_seconds_bucket",
+        "potluck_request_latency_seconds_bucket",
+        "potluck_queue_depth",
+    ):
         assert name in text

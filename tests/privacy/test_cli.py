@@ -11,8 +11,12 @@ runner = CliRunner()
 
 
 def test_redact_jsonl_contract():
-    lines = [json.dumps({"text": "Mail jane.roe@mail.example.com or call +1 (415) 555-0132."}),
-             json.dumps({"text": "nothing here"}), "{broken", json.dumps({"txt": 1})]
+    lines = [
+        json.dumps({"text": "Mail jane.roe@mail.example.com or call +1 (415) 555-0132."}),
+        json.dumps({"text": "nothing here"}),
+        "{broken",
+        json.dumps({"txt": 1}),
+    ]
     res = runner.invoke(app, ["privacy", "redact", "--jsonl"], input="\n".join(lines) + "\n")
     assert res.exit_code == 1  # two bad lines, reported, the others still answered
     out = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]

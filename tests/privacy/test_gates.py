@@ -18,8 +18,28 @@ from potluck.privacy import analyzer
 from potluck.privacy.names import _ORG_CUE_ENDS, _ORG_CUES, _PERSON_CUE_ENDS, _PERSON_CUES
 from potluck.privacy.recognizers import OTHER_RULES, SECRET_RULES, SHAPE_RULES
 
-_PIECES = st.sampled_from(["1", "4", "0", "12", "123", "4111", "-", " ", ".", "DE", "GB", "89", "x", "\n", "_",
-                           "\u0664", "\u0661\u0662\u0663", "é"])
+_PIECES = st.sampled_from(
+    [
+        "1",
+        "4",
+        "0",
+        "12",
+        "123",
+        "4111",
+        "-",
+        " ",
+        ".",
+        "DE",
+        "GB",
+        "89",
+        "x",
+        "\n",
+        "_",
+        "\u0664",
+        "\u0661\u0662\u0663",
+        "é",
+    ]
+)
 _NUMBERISH = st.lists(_PIECES, min_size=1, max_size=30).map("".join)
 
 GATED = [
@@ -39,16 +59,19 @@ def test_presidio_gates_are_necessary(recognizer, gate, text):
 
 @pytest.mark.parametrize(
     ("recognizer", "gate", "text"),
-    [(GATED[0][0], GATED[0][1], "card 4111 1111 1111 1111 ok"),
-     (GATED[1][0], GATED[1][1], "DE89 3704 0044 0532 0130 00"),
-     (GATED[2][0], GATED[2][1], "ssn 078-05-1120")],
+    [
+        (GATED[0][0], GATED[0][1], "card 4111 1111 1111 1111 ok"),
+        (GATED[1][0], GATED[1][1], "DE89 3704 0044 0532 0130 00"),
+        (GATED[2][0], GATED[2][1], "ssn 078-05-1120"),
+    ],
 )
 def test_presidio_gates_pass_real_values(recognizer, gate, text):
     assert gate(text)
 
 
-@pytest.mark.parametrize("rule", [r for r in SECRET_RULES + OTHER_RULES + SHAPE_RULES if r.min_run],
-                         ids=lambda r: r.regex.pattern[:24])
+@pytest.mark.parametrize(
+    "rule", [r for r in SECRET_RULES + OTHER_RULES + SHAPE_RULES if r.min_run], ids=lambda r: r.regex.pattern[:24]
+)
 def test_min_run_is_below_the_shortest_match(rule):
     """A rule skipped because the text has no whitespace-free run of ``min_run`` characters could
     not have matched: its pattern needs at least that many characters without a blank."""
@@ -86,12 +109,42 @@ def _group_width(sub, group):
 @pytest.mark.parametrize(
     ("pattern", "ends", "phrases"),
     [
-        (_PERSON_CUES, _PERSON_CUE_ENDS,
-         ["my name is", "Named", "called", "I am", "i'm", "Dear", "hi", "Hello", "thanks", "Sincerely,",
-          "regards", "assistant to", "by", "with", "meet", "ask", "said", "told", "contact", "last name?",
-          "First Name", "full name?", "User:", "patient:", "patient"]),
-        (_ORG_CUES, _ORG_CUE_ENDS, ["works at", "worked for", "employed by", "joined", "company", "employer",
-                                      "firm", "at"]),
+        (
+            _PERSON_CUES,
+            _PERSON_CUE_ENDS,
+            [
+                "my name is",
+                "Named",
+                "called",
+                "I am",
+                "i'm",
+                "Dear",
+                "hi",
+                "Hello",
+                "thanks",
+                "Sincerely,",
+                "regards",
+                "assistant to",
+                "by",
+                "with",
+                "meet",
+                "ask",
+                "said",
+                "told",
+                "contact",
+                "last name?",
+                "First Name",
+                "full name?",
+                "User:",
+                "patient:",
+                "patient",
+            ],
+        ),
+        (
+            _ORG_CUES,
+            _ORG_CUE_ENDS,
+            ["works at", "worked for", "employed by", "joined", "company", "employer", "firm", "at"],
+        ),
     ],
 )
 def test_cue_gates_cover_every_cue(pattern, ends, phrases):
@@ -106,8 +159,13 @@ _HINTED = [r for r in SECRET_RULES + OTHER_RULES + SHAPE_RULES if r.hint is not 
 
 @pytest.mark.parametrize("rule", _HINTED, ids=lambda r: r.regex.pattern[:24])
 @settings(max_examples=150, deadline=None)
-@given(text=st.lists(st.sampled_from(["1", "12", "4111", "-", " ", "de", "GB", "89", "x", "=", ":", "'", '"',
-                                      "key", "pass"]), min_size=1, max_size=30).map("".join))
+@given(
+    text=st.lists(
+        st.sampled_from(["1", "12", "4111", "-", " ", "de", "GB", "89", "x", "=", ":", "'", '"', "key", "pass"]),
+        min_size=1,
+        max_size=30,
+    ).map("".join)
+)
 def test_rule_hints_are_necessary(rule, text):
     assert rule.regex.search(text) is None or rule.hint.search(text) is not None, text
 
@@ -123,13 +181,33 @@ def test_digit_free_identifiers_are_not_skipped(sanitizer, value, etype):
 def test_needs_digit_marks_only_digit_patterns(sanitizer):
     recognizers, _, digit_free = sanitizer.detector.engine._recognizers_and_entities()
     skipped = {r.name for r in recognizers} - {r.name for r in digit_free}
-    assert skipped == {"GatedCreditCardRecognizer", "GatedIbanRecognizer", "GatedUsSsnRecognizer",
-                       "GatedCryptoRecognizer", "PotluckNumberShapeRecognizer", "PotluckPhoneRecognizer",
-                       "PotluckAddresses"}
+    assert skipped == {
+        "GatedCreditCardRecognizer",
+        "GatedIbanRecognizer",
+        "GatedUsSsnRecognizer",
+        "GatedCryptoRecognizer",
+        "PotluckNumberShapeRecognizer",
+        "PotluckPhoneRecognizer",
+        "PotluckAddresses",
+    }
 
 
-@pytest.mark.parametrize("text", ["123-45-6789", "123 45 6789", "123.45.6789", "12345-6789", "123-456789", "123456789",
-                                  "x123456789", "1234567890", "a 123-45-6789.", "_123456789", "4111 1111 1111 1111"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "123-45-6789",
+        "123 45 6789",
+        "123.45.6789",
+        "12345-6789",
+        "123-456789",
+        "123456789",
+        "x123456789",
+        "1234567890",
+        "a 123-45-6789.",
+        "_123456789",
+        "4111 1111 1111 1111",
+    ],
+)
 def test_ssn_gate_on_boundaries(text):
     found = [r for r in UsSsnRecognizer().analyze(text, ["US_SSN"]) if r.score > 0]
     assert not found or analyzer._SSN_HINT.search(text), text

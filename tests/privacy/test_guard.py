@@ -35,9 +35,12 @@ class EchoRoute:
 
 def _request(level: str | None = None) -> GenerationRequest:
     headers = (("x-potluck-privacy", level),) if level else ()
-    return GenerationRequest("dest/model", SamplingParams(max_tokens=8, stop=("Henrike Vollmar",)),
-                             messages=(ChatMessage("system", "Be kind to Henrike Vollmar."),
-                                       ChatMessage("user", PROMPT)), headers=headers)
+    return GenerationRequest(
+        "dest/model",
+        SamplingParams(max_tokens=8, stop=("Henrike Vollmar",)),
+        messages=(ChatMessage("system", "Be kind to Henrike Vollmar."), ChatMessage("user", PROMPT)),
+        headers=headers,
+    )
 
 
 async def _run(route, request) -> tuple[str, list[RouteEvent]]:
@@ -81,8 +84,12 @@ async def test_strict_refuses_and_sends_nothing(guard):
     with pytest.raises(PolicyRefused):
         await _run(guard.wrap(inner), _request("strict"))
     assert inner.received == []
-    clean = GenerationRequest("dest/model", SamplingParams(), messages=(ChatMessage("user", "hello there"),),
-                              headers=(("x-potluck-privacy", "strict"),))
+    clean = GenerationRequest(
+        "dest/model",
+        SamplingParams(),
+        messages=(ChatMessage("user", "hello there"),),
+        headers=(("x-potluck-privacy", "strict"),),
+    )
     text, _ = await _run(guard.wrap(inner), clean)
     assert text == "Hello hello there"
 

@@ -55,8 +55,31 @@ def _reference_reservations(text: str) -> set[tuple[str, int]]:
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.lists(st.sampled_from(["PERSON", "email", "ADDRESS", "x", " ", "_", "  ", "1", "12", "1234567", "<", ">",
-                                 "é", "\n", "a" * 30, "\u0661"]), max_size=25).map("".join))
+@given(
+    st.lists(
+        st.sampled_from(
+            [
+                "PERSON",
+                "email",
+                "ADDRESS",
+                "x",
+                " ",
+                "_",
+                "  ",
+                "1",
+                "12",
+                "1234567",
+                "<",
+                ">",
+                "é",
+                "\n",
+                "a" * 30,
+                "\u0661",
+            ]
+        ),
+        max_size=25,
+    ).map("".join)
+)
 def test_reservations_match_the_forward_scan(text):
     m = PlaceholderMap()
     m.reserve_from([text])

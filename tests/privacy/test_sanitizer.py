@@ -49,8 +49,10 @@ def test_credentials_in_context(sanitizer, text, value):
 
 
 def test_private_key_block(sanitizer):
-    block = ("-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAA\nQyNTUxOQAAACDx\n"
-             "-----END OPENSSH PRIVATE KEY-----")
+    block = (
+        "-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAA\nQyNTUxOQAAACDx\n"
+        "-----END OPENSSH PRIVATE KEY-----"
+    )
     out = sanitizer.sanitize([f"key:\n{block}\nthanks"]).texts[0]
     assert "b3BlbnNzaC1rZXktdjEAAAAA" not in out and "BEGIN" not in out
 
@@ -198,8 +200,12 @@ def test_designators_and_names_still_found(sanitizer, text, value):
 
 @pytest.mark.parametrize(
     ("text", "value"),
-    [("ZIP: 48750", "48750"), ("Postcode: 7412 SL please", "7412 SL"), ("postal code 394 13", "394 13"),
-     ("The parcel for Tunisia 6091 was late.", "6091")],
+    [
+        ("ZIP: 48750", "48750"),
+        ("Postcode: 7412 SL please", "7412 SL"),
+        ("postal code 394 13", "394 13"),
+        ("The parcel for Tunisia 6091 was late.", "6091"),
+    ],
 )
 def test_postcodes_from_cues_and_places(sanitizer, text, value):
     result = sanitizer.sanitize([text])

@@ -6,7 +6,7 @@ ranks ``1..world_size-1`` are workers, each connected only to the master.
 
 Implementations:
 
-- :class:`potluck.sharding.collective.star.StarMaster` / :class:`potluck.sharding.collective.star.StarWorker`: direct TCP
+- :class:`~potluck.sharding.collective.star.StarMaster` / :class:`~.star.StarWorker`: direct TCP
   (TCP_NODELAY, binary frames from :mod:`potluck.sharding.collective.frames`, HMAC-SHA256 session-key auth).
 - ``potluck.sharding.collective.in_process``: an in-process implementation for unit tests (owned by the engine).
 

@@ -32,7 +32,8 @@ log = logging.getLogger(__name__)
 
 class TPBackendBase:
     """What the tensor-parallel backends share: GGUF info, llama.cpp's tokenizer (vocab-only load)
-    and chat template, and the generation loop over a group (:func:`~potluck.sharding.orchestration.group.generate_ids`).
+    and chat template, and the generation loop over a group
+    (:func:`~potluck.sharding.orchestration.group.generate_ids`).
 
     Subclasses set ``self._group`` in ``load`` and call :meth:`_load_tokenizer`.
     """
