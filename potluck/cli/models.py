@@ -34,11 +34,12 @@ def models_pull(
 ) -> None:
     """Download a GGUF model from Hugging Face into the cache, with a progress bar."""
     from potluck.inference.resolve import DEFAULT_MODEL, download
+    from potluck.node.progress import RichDownloadBar
 
     settings = settings_or_exit(config)
     setup_logging(settings.log_level)
     try:
-        path = download(spec or DEFAULT_MODEL, settings.cache_dir)
+        path = download(spec or DEFAULT_MODEL, settings.cache_dir, RichDownloadBar)
     except PotluckError as exc:
         raise fail(str(exc)) from exc
     out.print(f"downloaded {path}")

@@ -3,17 +3,18 @@
 Accepted forms:
 - a local path (``~/models/x.gguf``);
 - a Hugging Face file, ``owner/repo:file.gguf`` or ``hf://owner/repo/file.gguf``, downloaded with
-  ``huggingface_hub`` into ``<cache_dir>/hf`` with a rich progress bar;
+  ``huggingface_hub`` into ``<cache_dir>/hf`` with a progress bar (the caller's tqdm class: the
+  CLI and the node pass a rich one; this module draws nothing itself);
 - nothing: the default model if it is already cached, else the generated demo model.
 """
 
 from __future__ import annotations
 
 import logging
-import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from potluck.errors import DownloadError, ModelFileError
 from potluck.inference.demo_model import demo_model_path
@@ -65,8 +66,12 @@ def cached_hub_file(hub: HubFile, cache_dir: Path) -> Path | None:
     return Path(hit) if isinstance(hit, str) else None
 
 
-def download(spec: str, cache_dir: Path) -> Path:
-    """Download a Hugging Face GGUF (progress bar on the terminal) and validate it.
+def download(spec: str, cache_dir: Path, progress_bar: type[Any] | None = None) -> Path:
+    """Download a Hugging Face GGUF and validate it.
+
+    Args:
+        progress_bar: a ``tqdm`` subclass drawing the download (huggingface_hub's ``tqdm_class``);
+            ``None``: huggingface_hub's default bar.
 
     Raises:
         DownloadError: bad spec, no network, unknown repo or file.
@@ -77,16 +82,12 @@ def download(spec: str, cache_dir: Path) -> Path:
         raise DownloadError(f"{spec!r} is not a Hugging Face file; use 'owner/repo:file.gguf'")
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
-    from tqdm import TqdmExperimentalWarning
-    from tqdm.rich import tqdm_rich
 
     log.info("downloading %s from %s", hub.filename, hub.repo_id)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", TqdmExperimentalWarning)  # tqdm's rich bar is "experimental"
-            path = Path(
-                hf_hub_download(hub.repo_id, hub.filename, cache_dir=_hub_cache(cache_dir), tqdm_class=tqdm_rich)
-            )
+        path = Path(
+            hf_hub_download(hub.repo_id, hub.filename, cache_dir=_hub_cache(cache_dir), tqdm_class=progress_bar)
+        )
     except LocalEntryNotFoundError as exc:
         raise DownloadError(
             f"cannot download {spec}: no network connection to Hugging Face and no cached copy; "
@@ -98,8 +99,8 @@ def download(spec: str, cache_dir: Path) -> Path:
     return path
 
 
-def resolve_model(spec: str | None, cache_dir: Path) -> ResolvedModel:
-    """The GGUF to load for the ``model`` setting.
+def resolve_model(spec: str | None, cache_dir: Path, progress_bar: type[Any] | None = None) -> ResolvedModel:
+    """The GGUF to load for the ``model`` setting (``progress_bar``: see :func:`download`).
 
     Raises:
         ModelFileError: a local path that is missing or not a usable GGUF.
@@ -112,7 +113,7 @@ def resolve_model(spec: str | None, cache_dir: Path) -> ResolvedModel:
             inspect_gguf(path)
             return ResolvedModel(path)
         cached = cached_hub_file(hub, cache_dir)
-        return ResolvedModel(cached if cached is not None else download(spec, cache_dir))
+        return ResolvedModel(cached if cached is not None else download(spec, cache_dir, progress_bar))
     default = HubFile.parse(DEFAULT_MODEL)
     assert default is not None
     cached = cached_hub_file(default, cache_dir)

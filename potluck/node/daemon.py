@@ -29,6 +29,7 @@ from potluck.inference.runner import ModelRunner
 from potluck.node.api import ApiState, build_app
 from potluck.node.backends import create_backend
 from potluck.node.metrics import NodeMetrics
+from potluck.node.progress import RichDownloadBar
 from potluck.routing.router import Router
 from potluck.tasks import TaskOwner
 
@@ -75,7 +76,7 @@ class Node:
     async def _start(self) -> None:
         s = self.settings
         # Resolve and validate before listening: a bad --model fails fast with a clear message.
-        self._model = await asyncio.to_thread(resolve_model, s.model, s.cache_dir)
+        self._model = await asyncio.to_thread(resolve_model, s.model, s.cache_dir, RichDownloadBar)
         self._backend = create_backend(s, self._model.path, self.overlay)
         model_id = self._backend.info.model_id
         self.router.mark_loading(model_id)
