@@ -119,7 +119,6 @@ def test_only_the_cli_and_node_import_terminal_ui_libraries() -> None:
     assert not offenders, "\n".join(offenders)
 
 
-@pytest.mark.xfail(reason="overlay.discovery <-> overlay.service until Discovery takes callbacks", strict=True)
 def test_no_import_cycles_between_modules(graph: dict[str, set[str]]) -> None:
     # Tarjan's strongly connected components; a component of more than one module is a cycle.
     index: dict[str, int] = {}

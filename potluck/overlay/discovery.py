@@ -8,25 +8,32 @@
   it advertises no swarm name, so every potluck node on a LAN would be dialled.
 * **DHT**: every served model is announced as a provider record ``/potluck/model/<id>``, and our
   signed state record is stored under ``/potluck/peer/<peer ID>``; see :mod:`potluck.overlay.dht`.
+  :meth:`Discovery.find_model` looks providers up again when a request names a model that no
+  peer in the cluster state serves (:class:`potluck.overlay.peer_routes.PeerRouteProvider`).
+
+Discovery knows nothing of the overlay service: the service hands it a :class:`DiscoveryHooks`
+(a few callables), and the DHT as :class:`DhtOps` (asyncio-side calls that cross the bridge).
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any
 
 from libp2p.peer.id import ID
 from zeroconf import IPVersion, ServiceStateChange, Zeroconf
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
+from potluck.config import Settings
 from potluck.errors import ConfigError, NetworkError
 from potluck.identity import PeerId
+from potluck.overlay.bridge import TrioThread
 from potluck.overlay.dht import model_key, peer_key
 from potluck.overlay.host import parse_peer_multiaddr
-
-if TYPE_CHECKING:
-    from potluck.overlay.service import OverlayService
 
 log = logging.getLogger(__name__)
 
@@ -34,14 +41,76 @@ SERVICE_TYPE = "_potluck._tcp.local."
 BOOTSTRAP_CHECK_S = 5.0
 DHT_REPROVIDE_S = 60.0
 _MAX_TXT_ADDRS = 8
+_MAX_PROVIDERS = 8
+
+
+@dataclass(frozen=True)
+class DhtOps:
+    """The DHT as discovery uses it (asyncio side; each call crosses into the trio thread).
+
+    Raises (every call): NetworkError when the bridge or the DHT fails.
+    """
+
+    add_peer: Callable[[PeerId], Awaitable[None]]
+    provide: Callable[[str], Awaitable[object]]  # a provider key (:func:`model_key`)
+    put_value: Callable[[str, bytes], Awaitable[None]]
+    find_providers: Callable[[str, int], Awaitable[list[tuple[PeerId, list[str]]]]]  # (peer, multiaddrs)
+
+
+def bridged_dht(bridge: TrioThread, dht: Any) -> DhtOps:
+    """:class:`DhtOps` over a running py-libp2p ``KadDHT`` in ``bridge``'s trio thread."""
+    return DhtOps(
+        add_peer=lambda peer: bridge.call(_add_to_routing_table, dht, peer),
+        provide=lambda key: bridge.call(dht.provide, key),
+        put_value=lambda key, value: bridge.call(dht.put_value, key, value),
+        find_providers=lambda key, count: bridge.call(_find_providers, dht, key, count),
+    )
+
+
+@dataclass(frozen=True)
+class DiscoveryHooks:
+    """What discovery needs from the overlay service (the service builds it).
+
+    Attributes:
+        peer_id: this node.
+        addrs: this node's announced multiaddrs.
+        start_task: run a background coroutine owned by the service.
+        connect: dial a full multiaddr, run admission and a first state sync (raises
+            ConfigError, NetworkError, TimeoutError).
+        is_admitted: the peer passed admission on a live connection.
+        is_connected: the peer has a live libp2p connection.
+        has_peers: any live libp2p connection at all.
+        own_record: our signed state record as raw bytes, or ``None`` before the first one.
+        model_ids: the models this node serves now.
+        dht: the DHT, or ``None`` when it is disabled.
+    """
+
+    peer_id: PeerId
+    addrs: Callable[[], list[str]]
+    start_task: Callable[[Coroutine[Any, Any, None], str], None]
+    connect: Callable[[str], Awaitable[PeerId]]
+    is_admitted: Callable[[PeerId], bool]
+    is_connected: Callable[[PeerId], bool]
+    has_peers: Callable[[], bool]
+    own_record: Callable[[], bytes | None]
+    model_ids: Callable[[], list[str]]
+    dht: DhtOps | None = None
 
 
 class Discovery:
-    """Bootstrap, zeroconf and DHT announcements of one overlay service (async context manager)."""
+    """Bootstrap, zeroconf and DHT announcements of one overlay service (async context manager).
 
-    def __init__(self, service: OverlayService) -> None:
-        self.service = service
-        self.settings = service.settings
+    Args:
+        hooks: what discovery needs from the service.
+        settings: the node's settings (``bootstrap``, ``lan_discovery``, ``swarm``).
+
+    Raises:
+        ConfigError: a ``--bootstrap`` address is not a peer multiaddr.
+    """
+
+    def __init__(self, hooks: DiscoveryHooks, settings: Settings) -> None:
+        self.hooks = hooks
+        self.settings = settings
         self._zc: AsyncZeroconf | None = None
         self._browser: AsyncServiceBrowser | None = None
         self._info: AsyncServiceInfo | None = None
@@ -51,12 +120,12 @@ class Discovery:
 
     async def __aenter__(self) -> Discovery:
         for addr in self.settings.bootstrap:
-            self.service.start_task(self._keep_connected(addr), f"bootstrap {addr}")
+            self.hooks.start_task(self._keep_connected(addr), f"bootstrap {addr}")
         if self.settings.lan_discovery:
             await self._start_zeroconf()
-            self.service.start_task(self._dial_found(), "zeroconf-dial")
-        if self.service.dht is not None:
-            self.service.start_task(self._announce_dht(), "dht-announce")
+            self.hooks.start_task(self._dial_found(), "zeroconf-dial")
+        if self.hooks.dht is not None:
+            self.hooks.start_task(self._announce_dht(), "dht-announce")
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -67,13 +136,12 @@ class Discovery:
         peer, _ = parse_peer_multiaddr(addr)
         failures = 0
         while True:
-            p2p = self.service.p2p
-            if p2p is not None and peer in self.service.admission.admitted and peer in p2p.connected_peers():
+            if self.hooks.is_admitted(peer) and self.hooks.is_connected(peer):
                 failures = 0
                 await asyncio.sleep(BOOTSTRAP_CHECK_S)
                 continue
             try:
-                await self.service.connect(addr)
+                await self.hooks.connect(addr)
                 await self._dht_add(peer)
                 log.info("joined the swarm through bootstrap peer %s", peer)
                 failures = 0
@@ -84,29 +152,29 @@ class Discovery:
                 await asyncio.sleep(delay)
 
     async def _dht_add(self, peer: PeerId) -> None:
-        dht = self.service.dht
+        dht = self.hooks.dht
         if dht is None:
             return
         try:
-            await self.service.bridge.call(_add_to_routing_table, dht, peer)
+            await dht.add_peer(peer)
         except NetworkError as exc:
             log.debug("could not add %s to the DHT routing table: %s", peer, exc)
 
     # ------------------------------------------------------------------ zeroconf
     async def _start_zeroconf(self) -> None:
-        service = self.service
-        addrs = [a for a in service.addrs if "/ip4/" in a and "/ip4/127." not in a] or service.addrs
+        me, own_addrs = self.hooks.peer_id, self.hooks.addrs()
+        addrs = [a for a in own_addrs if "/ip4/" in a and "/ip4/127." not in a] or own_addrs
         ips = sorted({a.split("/")[2] for a in addrs if a.startswith("/ip4/")})
         port = next((int(a.split("/tcp/")[1].split("/")[0]) for a in addrs if "/tcp/" in a), 0)
-        props: dict[str, str] = {"peer_id": service.peer_id, "swarm": self.settings.swarm, "v": "1"}
+        props: dict[str, str] = {"peer_id": me, "swarm": self.settings.swarm, "v": "1"}
         props.update({f"a{i}": a for i, a in enumerate(addrs[:_MAX_TXT_ADDRS])})
         self._info = AsyncServiceInfo(
             SERVICE_TYPE,
-            f"{service.peer_id}.{SERVICE_TYPE}",
+            f"{me}.{SERVICE_TYPE}",
             addresses=[_ip_bytes(ip) for ip in ips],
             port=port,
             properties=props,
-            server=f"{service.peer_id[-16:].lower()}.local.",
+            server=f"{me[-16:].lower()}.local.",
         )
         self._zc = AsyncZeroconf(ip_version=IPVersion.V4Only)
         try:
@@ -135,28 +203,28 @@ class Discovery:
                 k.decode(errors="replace"): (v or b"").decode(errors="replace") for k, v in info.properties.items()
             }
             peer, swarm = props.get("peer_id", ""), props.get("swarm", "")
-            if peer == self.service.peer_id:
+            if peer == self.hooks.peer_id:
                 continue
             if swarm != self.settings.swarm:
                 log.debug("zeroconf: ignoring %s of swarm %r", peer, swarm)
                 continue
-            if peer in self.service.admission.admitted:
+            if self.hooks.is_admitted(PeerId(peer)):
                 continue
             addrs = [v for k, v in sorted(props.items()) if k.startswith("a") and k[1:].isdigit()]
             await self._dial_any(PeerId(peer), addrs)
 
-    async def _dial_any(self, peer: PeerId, addrs: list[str]) -> None:
+    async def _dial_any(self, peer: PeerId, addrs: list[str], how: str = "zeroconf") -> None:
         for addr in addrs:
             try:
                 if parse_peer_multiaddr(addr)[0] != peer:
-                    log.warning("zeroconf: %s advertises an address of another peer: %s", peer, addr)
+                    log.warning("%s: %s advertises an address of another peer: %s", how, peer, addr)
                     continue
-                await self.service.connect(addr)
+                await self.hooks.connect(addr)
                 await self._dht_add(peer)
-                log.info("zeroconf: joined peer %s at %s", peer, addr)
+                log.info("%s: joined peer %s at %s", how, peer, addr)
                 return
             except (ConfigError, NetworkError, TimeoutError) as exc:
-                log.info("zeroconf: dialling %s at %s failed: %s", peer, addr, exc)
+                log.info("%s: dialling %s at %s failed: %s", how, peer, addr, exc)
 
     async def _stop_zeroconf(self) -> None:
         zc, self._zc = self._zc, None
@@ -171,18 +239,19 @@ class Discovery:
 
     # ------------------------------------------------------------------ DHT
     async def _announce_dht(self) -> None:
-        service = self.service
+        hooks, dht = self.hooks, self.hooks.dht
+        assert dht is not None
         while True:
-            if service.p2p is not None and service.p2p.connected_peers():
-                for ad in service.local.model_ads():
+            if hooks.has_peers():
+                for model in hooks.model_ids():
                     try:
-                        await service.bridge.call(service.dht.provide, model_key(ad.id))
+                        await dht.provide(model_key(model))
                     except NetworkError as exc:
-                        log.info("DHT provide of %s failed: %s", ad.id, exc)
-                own = service.state.get(service.peer_id)
+                        log.info("DHT provide of %s failed: %s", model, exc)
+                own = hooks.own_record()
                 if own is not None:
                     try:
-                        await service.bridge.call(service.dht.put_value, peer_key(service.peer_id), own.raw)
+                        await dht.put_value(peer_key(hooks.peer_id), own)
                     except (NetworkError, ValueError) as exc:
                         log.info("DHT put of our record failed: %s", exc)
                 await asyncio.sleep(DHT_REPROVIDE_S)
@@ -190,19 +259,27 @@ class Discovery:
                 await asyncio.sleep(BOOTSTRAP_CHECK_S)
 
     async def find_model(self, model: str) -> list[PeerId]:
-        """Providers of ``model`` found in the DHT (they are dialled and synced as a side effect)."""
-        service = self.service
-        if service.dht is None:
+        """Providers of ``model`` found in the DHT, dialled, admitted and synced.
+
+        Callers bound the time it takes (each dial has its own deadline, the DHT walk has none).
+
+        Returns:
+            The providers admitted now (their signed records are in the cluster state); empty
+            when the DHT is off or nobody else provides the model.
+
+        Raises:
+            NetworkError: the DHT lookup itself failed.
+        """
+        dht = self.hooks.dht
+        if dht is None:
             return []
-        infos = await service.bridge.call(service.dht.find_providers, model_key(model), 8)
         found: list[PeerId] = []
-        for info in infos:
-            peer = PeerId(info.peer_id.to_base58())
-            if peer == service.peer_id:
+        for peer, addrs in await dht.find_providers(model_key(model), _MAX_PROVIDERS):
+            if peer == self.hooks.peer_id:
                 continue
-            addrs = [f"{a}/p2p/{peer}" for a in info.addrs if "/p2p/" not in str(a)]
-            await self._dial_any(peer, addrs)
-            if peer in service.admission.admitted:
+            full = [a if "/p2p/" in a else f"{a}/p2p/{peer}" for a in addrs]
+            await self._dial_any(peer, full, "DHT")
+            if self.hooks.is_admitted(peer):
                 found.append(peer)
         return found
 
@@ -211,7 +288,11 @@ async def _add_to_routing_table(dht: Any, peer: PeerId) -> None:
     await dht.add_peer(ID.from_base58(peer))
 
 
-def _ip_bytes(ip: str) -> bytes:
-    import ipaddress
+async def _find_providers(dht: Any, key: str, count: int) -> list[tuple[PeerId, list[str]]]:
+    """(trio) ``dht.find_providers`` as plain data: (peer ID, multiaddrs) per provider."""
+    infos = await dht.find_providers(key, count)
+    return [(PeerId(info.peer_id.to_base58()), [str(a) for a in info.addrs]) for info in infos]
 
+
+def _ip_bytes(ip: str) -> bytes:
     return ipaddress.ip_address(ip).packed

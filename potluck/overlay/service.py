@@ -28,7 +28,7 @@ from potluck.overlay.admission import PROTOCOL as ADMIT_PROTOCOL
 from potluck.overlay.admission import Admission, admit_frames
 from potluck.overlay.bridge import TrioThread
 from potluck.overlay.dht import make_dht
-from potluck.overlay.discovery import Discovery
+from potluck.overlay.discovery import Discovery, DiscoveryHooks, bridged_dht
 from potluck.overlay.gossip import Sealer, StateGossip
 from potluck.overlay.host import Libp2pHost, listen_multiaddr
 from potluck.overlay.nat.traversal import NatTraversal
@@ -116,6 +116,7 @@ class OverlayService:
         self._tasks = TaskOwner("overlay")
         self._admitting: dict[PeerId, anyio.Event] = {}
         self.dht: Any = None
+        self.discovery: Discovery | None = None  # bootstrap, zeroconf, DHT; set while running
         self.nat: NatTraversal | None = None  # NAT traversal (issue 4), created in the trio thread
         # Tensor parallelism (potluck.sharding.orchestration.remote.TensorParallelService): set by the node;
         # ``None`` refuses tp_join and tp-star streams.
@@ -132,7 +133,8 @@ class OverlayService:
             self._tasks.start(self._expire(), "expiry")
             self._tasks.start(self._probe_rtt(), "rtt")
             self._tasks.start(self._watch_bridge(), "bridge-watch")
-            await self._stack.enter_async_context(Discovery(self))
+            discovery = Discovery(self._discovery_hooks(), self.settings)
+            self.discovery = await self._stack.enter_async_context(discovery)
         except BaseException:
             await self._stack.aclose()
             raise
@@ -157,6 +159,25 @@ class OverlayService:
     def start_task(self, coro: Any, name: str) -> None:
         """Run a background coroutine owned by the service (cancelled and awaited on exit)."""
         self._tasks.start(coro, name)
+
+    def _discovery_hooks(self) -> DiscoveryHooks:
+        """What :class:`Discovery` may use of this service (called once the trio thread runs)."""
+
+        def connected() -> list[PeerId]:
+            return self.p2p.connected_peers() if self.p2p is not None else []
+
+        return DiscoveryHooks(
+            peer_id=self.peer_id,
+            addrs=lambda: self.addrs,
+            start_task=self.start_task,
+            connect=self.connect,
+            is_admitted=self.admission.is_admitted,
+            is_connected=lambda peer: peer in connected(),
+            has_peers=lambda: bool(connected()),
+            own_record=lambda: self._own.raw if self._own is not None else None,
+            model_ids=lambda: [ad.id for ad in self.local.model_ads()],
+            dht=bridged_dht(self.bridge, self.dht) if self.dht is not None else None,
+        )
 
     # ------------------------------------------------------------------ trio side
     async def _trio_main(self, ready: Callable[[], None]) -> None:
