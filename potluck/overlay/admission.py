@@ -29,8 +29,9 @@ from typing import TypeVar
 
 import anyio
 
+from potluck.config import Settings
 from potluck.errors import PeerRefused, ProtocolViolation
-from potluck.identity import PeerId
+from potluck.identity import PeerId, Tier
 from potluck.overlay.swarm_metrics import OverlayMetrics
 from potluck.overlay.wire import AdmitChallenge, AdmitProof, AdmitResult, FrameStream, WireModel
 
@@ -49,7 +50,7 @@ class Admission:
         me: this node's peer ID.
         swarm: swarm name.
         secret: swarm secret, or ``None`` for an open swarm.
-        allowlist: peer IDs of the owner's devices (trust tier 1).
+        allowlist: peer IDs of the owner's devices (``Tier.OWN``).
         allowlist_only: admit only allowlisted peers.
         metrics: refusal counters.
     """
@@ -93,11 +94,11 @@ class Admission:
     def admitted(self) -> frozenset[PeerId]:
         return frozenset(self._admitted)
 
-    def trust_tier(self, peer: str) -> int:
-        """0 this node, 1 an allowlisted own device, 2 a community peer."""
+    def trust_tier(self, peer: str) -> Tier:
+        """``LOCAL`` this node, ``OWN`` an allowlisted own device, ``COMMUNITY`` any other peer."""
         if peer == self.me:
-            return 0
-        return 1 if peer in self.allowlist else 2
+            return Tier.LOCAL
+        return Tier.OWN if peer in self.allowlist else Tier.COMMUNITY
 
     def forget(self, peer: PeerId) -> None:
         """The peer's last connection closed: it must prove itself again."""
@@ -162,6 +163,18 @@ class Admission:
                 raise self.refuse(remote, reason)
             self._admit(remote)
             await frames.send(AdmitResult(ok=True, reason=""))
+
+
+def announced_tier(settings: Settings) -> Tier:
+    """The tier a node announces for itself in its signed record.
+
+    ``OWN`` when it admits only allowlisted peers (``allowlist_only``: a swarm of one owner's
+    devices, where every peer that can see the record is one of those devices), ``COMMUNITY``
+    otherwise. Never ``LOCAL`` (that tier means "the device asking", which depends on who looks)
+    nor ``CLOUD``. Peers treat it as a claim: they place us with their own
+    :meth:`Admission.trust_tier`.
+    """
+    return Tier.OWN if settings.allowlist_only else Tier.COMMUNITY
 
 
 def admit_frames(stream: object) -> FrameStream:

@@ -1,9 +1,9 @@
 """Routes to peers: forward a completion over RPC ``generate`` and resume it elsewhere on failure.
 
 Candidate choice (IslandRun's "forward to a peer that serves the model"): peers whose signed
-record announces the model, of the most trusted tier available (1 own devices before 2 community
-peers), not excluded by backoff, ordered by load (queue depth + active requests), then measured
-RTT. If the chosen peer fails mid-stream (connection broke, stalled past its deadline, generation
+record announces the model, of the most trusted tier available (``Tier.OWN`` before
+``Tier.COMMUNITY``), not excluded by backoff, ordered by load (queue depth + active requests),
+then measured RTT. If the chosen peer fails mid-stream (connection broke, stalled past its deadline, generation
 error), the route resumes on the next candidate of the same tier by replaying the prompt plus the
 text already produced (``continuation``), so the client sees one uninterrupted completion. A
 failed peer is excluded with capped exponential backoff (:meth:`OverlayService.record_failure`).
@@ -25,7 +25,7 @@ from potluck.errors import (
     PeerRefused,
     RequestError,
 )
-from potluck.identity import PeerId
+from potluck.identity import PeerId, Tier
 from potluck.overlay import rpc
 from potluck.overlay.service import OverlayService
 from potluck.overlay.state import SignedRecord
@@ -68,10 +68,10 @@ class PeerRoute:
 
     Attributes:
         model_id: the model.
-        tier: trust tier of every peer this route may use (1 own devices, 2 community).
+        tier: trust tier of every peer this route may use (``OWN`` or ``COMMUNITY``).
     """
 
-    def __init__(self, service: OverlayService, model_id: str, tier: int) -> None:
+    def __init__(self, service: OverlayService, model_id: str, tier: Tier) -> None:
         self.service = service
         self.model_id = model_id
         self.tier = tier

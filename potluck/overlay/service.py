@@ -25,7 +25,7 @@ from potluck.errors import ClosedError, NetworkError, PeerRefused
 from potluck.identity import NodeIdentity, PeerId
 from potluck.overlay import rpc
 from potluck.overlay.admission import PROTOCOL as ADMIT_PROTOCOL
-from potluck.overlay.admission import Admission, admit_frames
+from potluck.overlay.admission import Admission, admit_frames, announced_tier
 from potluck.overlay.bridge import TrioThread
 from potluck.overlay.dht import make_dht
 from potluck.overlay.discovery import Discovery, DiscoveryHooks, bridged_dht
@@ -279,7 +279,7 @@ class OverlayService:
             models=tuple(self.local.model_ads()),
             hardware=self.local.hardware(),
             load=self.local.load(),
-            trust_tier=2,
+            trust_tier=announced_tier(s),
             version=self.version,
             seq=self._seq,
             expires_at=now + s.state_ttl_s,

@@ -23,9 +23,9 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 import msgpack
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
-from potluck.identity import NodeIdentity, PeerId, verify
+from potluck.identity import NodeIdentity, PeerId, Tier, verify
 from potluck.overlay.swarm_metrics import OverlayMetrics
 
 log = logging.getLogger(__name__)
@@ -66,8 +66,21 @@ class Load(_Strict):
     active: int = Field(ge=0, le=1 << 20)
 
 
+def _wire_tier(value: object) -> object:
+    """A tier on the wire is an exact int 0..3 (no bool, float or string, as everywhere in a record)."""
+    return Tier(value) if type(value) is int else value
+
+
+WireTier = Annotated[Tier, BeforeValidator(_wire_tier)]
+
+
 class PeerRecord(_Strict):
-    """What a peer says about itself. Times are Unix seconds."""
+    """What a peer says about itself. Times are Unix seconds.
+
+    ``trust_tier`` is the tier the peer *announces* for itself (see
+    :func:`potluck.overlay.admission.announced_tier`): a claim, never trusted. Every node places
+    its peers with its own policy, :meth:`potluck.overlay.admission.Admission.trust_tier`.
+    """
 
     peer_id: str = Field(min_length=1, max_length=128)
     swarm: str = Field(max_length=128)
@@ -75,7 +88,7 @@ class PeerRecord(_Strict):
     models: tuple[ModelAd, ...] = Field((), max_length=64)
     hardware: Hardware
     load: Load
-    trust_tier: int = Field(2, ge=0, le=3)
+    trust_tier: WireTier = Tier.COMMUNITY
     version: str = Field(max_length=64)
     seq: int = Field(ge=0, lt=1 << 63)
     expires_at: float = Field(ge=0.0)
