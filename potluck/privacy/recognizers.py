@@ -17,12 +17,15 @@ import re
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import cache
 
 import phonenumbers
 import tldextract
 from presidio_analyzer import EntityRecognizer, RecognizerResult
 from presidio_analyzer.nlp_engine import NlpArtifacts
 from presidio_analyzer.predefined_recognizers import EmailRecognizer
+from stdnum import luhn, numdb
+from stdnum.iso7064 import mod_97_10
 
 from potluck.privacy import entities as E
 
@@ -306,43 +309,42 @@ OTHER_RULES = (
 
 
 def luhn_ok(digits: str) -> bool:
-    """Luhn (ISO/IEC 7812-1 annex B) check over the digits of ``digits``."""
-    nums = [int(c) for c in digits if c.isdigit()]
-    total = 0
-    for i, d in enumerate(reversed(nums)):
-        if i % 2:
-            d = d * 2 - 9 if d > 4 else d * 2
-        total += d
-    return len(nums) >= 12 and total % 10 == 0
+    """Luhn (ISO/IEC 7812-1 annex B, :mod:`stdnum.luhn`) check over the digits of ``digits``, at
+    least 12 of them."""
+    nums = "".join(str(int(c)) for c in digits if c.isdigit())  # digits of any script, as ASCII
+    return len(nums) >= 12 and luhn.is_valid(nums)
 
 
-# IBAN lengths per country (ISO 13616 registry, SWIFT IBAN Registry release 2024)
-IBAN_LENGTHS = {
-    "AD": 24, "AE": 23, "AL": 28, "AT": 20, "AZ": 28, "BA": 20, "BE": 16, "BG": 22, "BH": 22, "BR": 29,
-    "BY": 28, "CH": 21, "CR": 22, "CY": 28, "CZ": 24, "DE": 22, "DK": 18, "DO": 28, "EE": 20, "EG": 29,
-    "ES": 24, "FI": 18, "FO": 18, "FR": 27, "GB": 22, "GE": 22, "GI": 23, "GL": 18, "GR": 27, "GT": 28,
-    "HR": 21, "HU": 28, "IE": 22, "IL": 23, "IQ": 23, "IS": 26, "IT": 27, "JO": 30, "KW": 30, "KZ": 20,
-    "LB": 28, "LC": 32, "LI": 21, "LT": 20, "LU": 20, "LV": 21, "MC": 27, "MD": 24, "ME": 22, "MK": 19,
-    "MR": 27, "MT": 31, "MU": 30, "NL": 18, "NO": 15, "PK": 24, "PL": 28, "PS": 29, "PT": 25, "QA": 29,
-    "RO": 24, "RS": 22, "SA": 24, "SC": 31, "SE": 24, "SI": 19, "SK": 24, "SM": 27, "ST": 25, "SV": 28,
-    "TL": 23, "TN": 24, "TR": 26, "UA": 29, "VA": 22, "VG": 24, "XK": 20,
-}  # fmt: skip
+_IBAN_REGISTRY = numdb.get("iban")  # python-stdnum's copy of the SWIFT IBAN Registry (stdnum.iban's)
+
+
+@cache
+def iban_length(country: str) -> int | None:
+    """Characters in an IBAN of ``country`` (two upper-case letters) by the SWIFT IBAN Registry as
+    python-stdnum ships it, or ``None`` for a country missing from it.
+
+    The registry gives the BBAN structure (``"8!n10!n"``: 8 digits, then 10); the IBAN adds the
+    country code and two check digits.
+    """
+    bban = _IBAN_REGISTRY.info(country)[0][1].get("bban")
+    return 4 + sum(int(n) for n in re.findall(r"(\d+)!", bban)) if bban else None
 
 
 def iban_checksum_ok(compact: str) -> bool:
-    """ISO 13616 / ISO 7064 MOD 97-10 check of an upper-case IBAN without separators."""
-    if not compact.isascii() or not compact.isalnum():
-        return False
-    digits = "".join(str(int(c, 36)) for c in compact[4:] + compact[:4])
-    return int(digits) % 97 == 1
+    """ISO 13616 / ISO 7064 MOD 97-10 check of an upper-case IBAN without separators.
+
+    This is the checksum :func:`stdnum.iban.validate` runs (:mod:`stdnum.iso7064.mod_97_10`), on its
+    own: ``stdnum.iban`` also requires a registered country, and this check is for the others.
+    """
+    return compact.isascii() and compact.isalnum() and mod_97_10.is_valid(compact[4:] + compact[:4])
 
 
 def iban_shape_ok(value: str) -> bool:
     """Country code known and length right (the mod-97 checksum of those is presidio's, which scores
-    higher); for a country missing from the registry table (``IR``, or the look-alikes test data
+    higher); for a country missing from the registry (``IR``, or the look-alikes test data
     generators make for ``PH``, ``TH``), 14 to 34 characters and a valid mod-97 checksum."""
     compact = re.sub(r"[\s-]", "", value).upper()
-    want = IBAN_LENGTHS.get(compact[:2])
+    want = iban_length(compact[:2])
     if want is not None:
         return want == len(compact)
     return 14 <= len(compact) <= 34 and iban_checksum_ok(compact)
@@ -355,7 +357,7 @@ def iban_prefix_len(value: str) -> int:
     The shape pattern is greedy and case-insensitive, so it also takes the words after an IBAN
     (``de89 3704 0044 0532 0130 00 before``); this cuts the candidate back to the IBAN.
     """
-    want = IBAN_LENGTHS.get(value[:2].upper())
+    want = iban_length(value[:2].upper())
     count = 0
     best = 0
     for i, c in enumerate(value):
