@@ -8,7 +8,8 @@ import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
-from potluck.errors import PotluckError
+from potluck.errors import PotluckError, ProtocolViolation
+from potluck.openai_stream import Done, parse_line
 
 TIMEOUT_S = 600.0
 
@@ -52,7 +53,7 @@ def stream_chat(
     """Stream a chat completion; yields text pieces as they arrive.
 
     Raises:
-        ClientError: unreachable, HTTP error, or an error event mid-stream.
+        ClientError: unreachable, HTTP error, a malformed stream or an error event mid-stream.
     """
     body: dict[str, Any] = {
         "messages": messages,
@@ -70,16 +71,15 @@ def stream_chat(
     )
     with _open(req, TIMEOUT_S) as resp:
         for raw in resp:
-            line = raw.decode("utf-8", errors="replace").strip()
-            if not line.startswith("data:"):
+            try:
+                chunk = parse_line(raw)
+            except ProtocolViolation as exc:
+                raise ClientError(f"the node sent a malformed stream: {exc}") from exc
+            if chunk is None:
                 continue
-            data = line[5:].strip()
-            if data == "[DONE]":
+            if isinstance(chunk, Done):
                 return
-            event = json.loads(data)
-            if "error" in event:
-                raise ClientError(f"generation failed: {event['error'].get('message')}")
-            for choice in event.get("choices", []):
-                piece = choice.get("delta", {}).get("content")
-                if piece:
-                    yield piece
+            if chunk.error is not None:
+                raise ClientError(f"generation failed: {chunk.error}")
+            if chunk.text:
+                yield chunk.text

@@ -1,21 +1,20 @@
 """OpenAI-compatible upstream client (the "cloud", tier 3) on aiohttp.
 
-Speaks ``POST {base_url}/chat/completions`` and ``/completions`` with ``stream: true`` and parses
-the server-sent events (``data: {...}`` lines, ``data: [DONE]``), as in the OpenAI API reference
-("Streaming"). ``GET {base_url}/models`` lists the upstream models.
+Speaks ``POST {base_url}/chat/completions`` and ``/completions`` with ``stream: true`` and reads
+the server-sent events with :mod:`potluck.openai_stream` (``data: {...}`` lines, ``data: [DONE]``).
+``GET {base_url}/models`` lists the upstream models.
 
 Deadlines: ``connect_timeout_s`` to connect, ``read_timeout_s`` between two reads of the stream,
-``total_timeout_s`` for the whole request. Retries: at most ``max_retries`` more attempts, with
-exponential backoff from ``backoff_s``, and only *before* any response byte was accepted
-(connection errors, HTTP 408/429/5xx); once the stream has started a failure is a
+``total_timeout_s`` for the whole request. Retries (:mod:`potluck.retry`): at most ``max_retries``
+more attempts, none starting past ``total_timeout_s``, with capped exponential backoff from
+``backoff_s`` (jittered, at most ``MAX_BACKOFF_S``), and only *before* any response byte was
+accepted (connection errors, HTTP 408/429/5xx); once the stream has started a failure is a
 :class:`~potluck.errors.TransferError`. The API key is sent as ``Authorization: Bearer`` and never
 logged or shown in ``repr``.
 """
 
 from __future__ import annotations
 
-import asyncio
-import json
 import logging
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
@@ -24,13 +23,24 @@ from typing import Any
 
 import aiohttp
 
-from potluck.errors import ClosedError, ConnectError, PeerRefused, ProtocolViolation, RequestError, TransferError
+from potluck.errors import (
+    ClosedError,
+    ConnectError,
+    GenerationError,
+    PeerRefused,
+    ProtocolViolation,
+    RequestError,
+    TransferError,
+)
+from potluck.openai_stream import Done, parse_line
+from potluck.retry import Backoff, RetryPolicy
 from potluck.routing.request import FinishReason, GenerationRequest
 from potluck.routing.route import Finished, RouteEvent, TextDelta
 
 log = logging.getLogger(__name__)
 
 _RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+MAX_BACKOFF_S = 30.0  # cap on one wait between attempts
 MAX_LINE_BYTES = 1 << 20  # one SSE line; larger is a protocol violation
 
 
@@ -43,7 +53,7 @@ class CloudConfig:
         api_key: bearer token, or ``None`` for servers without auth (never logged).
         connect_timeout_s / read_timeout_s / total_timeout_s: deadlines in seconds.
         max_retries: extra attempts before the stream starts.
-        backoff_s: first retry delay; doubles per retry.
+        backoff_s: first retry delay; doubles per retry (jittered, capped at ``MAX_BACKOFF_S``).
     """
 
     base_url: str
@@ -75,6 +85,14 @@ def request_body(request: GenerationRequest, upstream_model: str) -> tuple[str, 
         return "/chat/completions", body
     body["prompt"] = request.prompt or ""
     return "/completions", body
+
+
+class _RetryableStatus(Exception):
+    """An HTTP status worth another attempt (408, 429, 5xx); a ``TransferError`` once retries run out."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(f"HTTP {status}")
+        self.status = status
 
 
 def _finish(reason: object) -> FinishReason:
@@ -119,29 +137,34 @@ class CloudClient:
         if self._session is None:
             raise ClosedError("the cloud client is not open")
         c = self.config
-        delay = c.backoff_s
-        for attempt in range(c.max_retries + 1):
-            last = attempt == c.max_retries
-            try:
-                resp = await self._session.request(method, self._url(path), json=body)
-            except (TimeoutError, aiohttp.ClientConnectionError) as exc:
-                if last:
-                    raise ConnectError(f"cannot reach the cloud upstream {c.base_url}: {type(exc).__name__}") from exc
-                log.info("cloud upstream unreachable (%s); retry %d in %.1f s", type(exc).__name__, attempt + 1, delay)
-            else:
-                if resp.status == 200:
-                    return resp
-                detail = (await resp.text())[:300]
-                resp.release()
-                if resp.status in (401, 403):
-                    raise PeerRefused(f"the cloud upstream refused the API key (HTTP {resp.status})")
-                if resp.status not in _RETRY_STATUS:
-                    raise RequestError(f"the cloud upstream rejected the request (HTTP {resp.status}): {detail}")
-                if last:
-                    raise TransferError(f"the cloud upstream failed (HTTP {resp.status}) after {attempt + 1} tries")
-                log.info("cloud upstream HTTP %d; retry %d in %.1f s", resp.status, attempt + 1, delay)
-            await asyncio.sleep(delay)
-            delay *= 2
+        policy = RetryPolicy(
+            Backoff(first_s=c.backoff_s, max_s=MAX_BACKOFF_S),
+            attempts=c.max_retries + 1,
+            deadline_s=c.total_timeout_s,
+            retry_on=(ConnectError, _RetryableStatus),
+        )
+        try:
+            async for attempt in policy.async_retrying(log, "the cloud upstream request"):
+                with attempt:
+                    try:
+                        resp = await self._session.request(method, self._url(path), json=body)
+                    except (TimeoutError, aiohttp.ClientConnectionError) as exc:
+                        raise ConnectError(
+                            f"cannot reach the cloud upstream {c.base_url}: {type(exc).__name__}"
+                        ) from exc
+                    if resp.status == 200:
+                        return resp
+                    detail = (await resp.text())[:300]
+                    resp.release()
+                    if resp.status in (401, 403):
+                        raise PeerRefused(f"the cloud upstream refused the API key (HTTP {resp.status})")
+                    if resp.status not in _RETRY_STATUS:
+                        raise RequestError(f"the cloud upstream rejected the request (HTTP {resp.status}): {detail}")
+                    raise _RetryableStatus(resp.status)
+        except _RetryableStatus as exc:
+            raise TransferError(
+                f"the cloud upstream failed (HTTP {exc.status}) after {attempt.retry_state.attempt_number} tries"
+            ) from exc
         raise AssertionError("unreachable")
 
     async def list_models(self) -> list[str]:
@@ -162,31 +185,27 @@ class CloudClient:
             ConnectError / PeerRefused / RequestError / TransferError: see :meth:`_open`.
             TransferError: the stream broke or stalled past ``read_timeout_s``.
             ProtocolViolation: an event was not valid OpenAI JSON or a line was too long.
+            GenerationError: the upstream sent an error event mid-stream.
         """
         path, body = request_body(request, upstream_model)
         resp = await self._open("POST", path, body)
-        n_deltas, reason, usage = 0, None, None
+        n_deltas = 0
+        reason: str | None = None
+        usage: dict[str, Any] | None = None
         try:
             async for raw in resp.content:
-                line = raw.strip()
-                if not line.startswith(b"data:"):
+                chunk = parse_line(raw)
+                if chunk is None:
                     continue  # comments, event:/id: fields, blank separators
-                data = line[5:].strip()
-                if data == b"[DONE]":
+                if isinstance(chunk, Done):
                     break
-                try:
-                    event = json.loads(data)
-                    usage = event.get("usage") or usage
-                    choices = event.get("choices") or []
-                    if choices:
-                        choice = choices[0]
-                        text = choice["delta"].get("content") if "delta" in choice else choice.get("text")
-                        reason = choice.get("finish_reason") or reason
-                        if text:
-                            n_deltas += 1
-                            yield TextDelta(str(text), 1)
-                except (ValueError, KeyError, TypeError, AttributeError) as exc:
-                    raise ProtocolViolation(f"malformed event from the cloud upstream: {exc}") from exc
+                if chunk.error is not None:
+                    raise GenerationError(f"the cloud upstream failed mid-stream: {chunk.error}")
+                usage = chunk.usage or usage
+                reason = chunk.finish_reason or reason
+                if chunk.text:
+                    n_deltas += 1
+                    yield TextDelta(chunk.text, 1)
         except (TimeoutError, aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
             raise TransferError(f"the cloud stream broke: {type(exc).__name__}") from exc
         except ValueError as exc:  # aiohttp: line longer than the read buffer
