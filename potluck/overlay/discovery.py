@@ -1,7 +1,7 @@
 """Finding peers: bootstrap multiaddrs, zeroconf on the LAN, and the DHT for models.
 
 * **Bootstrap** (``--bootstrap``, repeatable): each address is dialled, admitted and synced; a
-  lost bootstrap connection is re-dialled with capped exponential backoff.
+  lost bootstrap connection is re-dialled with capped exponential backoff (:mod:`potluck.retry`).
 * **LAN**: a zeroconf (mDNS/DNS-SD, RFC 6762/6763) service ``_potluck._tcp.local.`` whose TXT
   record carries ``peer_id``, ``swarm`` and the multiaddrs (``a0``, ``a1``, ...). Peers of the same
   swarm found by browsing are dialled automatically. py-libp2p's own mDNS discovery is not used:
@@ -34,11 +34,14 @@ from potluck.identity import PeerId
 from potluck.overlay.bridge import TrioThread
 from potluck.overlay.dht import model_key, peer_key
 from potluck.overlay.host import parse_peer_multiaddr
+from potluck.retry import Backoff, RetryPolicy
 
 log = logging.getLogger(__name__)
 
 SERVICE_TYPE = "_potluck._tcp.local."
 BOOTSTRAP_CHECK_S = 5.0
+# Re-dialling a lost bootstrap peer: 1 s, 2 s, 4 s ... at most 30 s apart, for as long as it takes.
+BOOTSTRAP_RETRY = RetryPolicy(Backoff(first_s=1.0, max_s=30.0), retry_on=(NetworkError, TimeoutError))
 DHT_REPROVIDE_S = 60.0
 _MAX_TXT_ADDRS = 8
 _MAX_PROVIDERS = 8
@@ -134,22 +137,16 @@ class Discovery:
     # ------------------------------------------------------------------ bootstrap
     async def _keep_connected(self, addr: str) -> None:
         peer, _ = parse_peer_multiaddr(addr)
-        failures = 0
         while True:
             if self.hooks.is_admitted(peer) and self.hooks.is_connected(peer):
-                failures = 0
                 await asyncio.sleep(BOOTSTRAP_CHECK_S)
                 continue
-            try:
-                await self.hooks.connect(addr)
-                await self._dht_add(peer)
-                log.info("joined the swarm through bootstrap peer %s", peer)
-                failures = 0
-            except (NetworkError, TimeoutError) as exc:
-                failures += 1
-                delay = min(30.0, 0.5 * 2**failures)
-                log.warning("bootstrap %s failed (%s); retrying in %.0f s", addr, exc, delay)
-                await asyncio.sleep(delay)
+            async for attempt in BOOTSTRAP_RETRY.async_retrying(log, f"bootstrap {addr}", level=logging.WARNING):
+                with attempt:
+                    if not (self.hooks.is_admitted(peer) and self.hooks.is_connected(peer)):
+                        await self.hooks.connect(addr)
+            await self._dht_add(peer)
+            log.info("joined the swarm through bootstrap peer %s", peer)
 
     async def _dht_add(self, peer: PeerId) -> None:
         dht = self.hooks.dht
