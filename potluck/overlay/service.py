@@ -46,11 +46,13 @@ from potluck.overlay.wire import (
     TpJoinRequest,
     TpStreamHello,
 )
+from potluck.retry import Backoff
 from potluck.tasks import TaskOwner
 
 log = logging.getLogger(__name__)
 
 RTT_INTERVAL_S = 10.0
+PEER_EXCLUSION = Backoff(first_s=1.0, max_s=60.0)  # how long a failing peer is left out of routing
 EXPIRY_INTERVAL_S = 1.0
 
 
@@ -388,10 +390,11 @@ class OverlayService:
         return peer
 
     def record_failure(self, peer: PeerId) -> None:
-        """Exclude a failing peer from routing with capped exponential backoff (1 s .. 60 s)."""
+        """Exclude a failing peer from routing with capped exponential backoff (1 s .. 60 s,
+        :data:`PEER_EXCLUSION`: the formula of :mod:`potluck.retry`)."""
         link = self.links.setdefault(peer, PeerLink())
         link.failures += 1
-        link.excluded_until = time.monotonic() + min(60.0, 2.0 ** (link.failures - 1))
+        link.excluded_until = time.monotonic() + PEER_EXCLUSION.delay(link.failures)
 
     def record_success(self, peer: PeerId) -> None:
         link = self.links.setdefault(peer, PeerLink())
