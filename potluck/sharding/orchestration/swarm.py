@@ -56,6 +56,7 @@ from potluck.errors import (
     PotluckError,
     ShardPlanError,
 )
+from potluck.retry import Backoff, RetryPolicy
 from potluck.sharding.collective import transfer
 from potluck.sharding.collective.auth import new_session_key
 from potluck.sharding.collective.channel import FrameChannel, SocketStream, configure_socket
@@ -267,19 +268,27 @@ class SwarmGroup:
     # ------------------------------------------------------------------ forming the group
     def _start(self, initial: bool, keep: list[Candidate] | None = None) -> TPMaster:
         workers = self._choose(keep or [], wait=initial)
-        for attempt in range(MAX_FORM_ATTEMPTS):
-            try:
-                return self._form(workers)
-            except _JoinFailed as exc:
-                failed = workers[exc.rank - 1]
-                log.warning("tensor-parallel peer %s failed to join (%s); re-forming without it", failed.peer_id, exc)
-                self.ctx.loop.call_soon_threadsafe(self.ctx.overlay.record_failure, failed.peer_id)
-                survivors = [w for w in workers if w.peer_id != failed.peer_id]
-                time.sleep(min(1.0, 0.2 * (attempt + 1)))
-                # Forming: wait for a replacement (an explicit --tensor-parallel N means N ranks).
-                # Recovering mid-request: go on with whoever is there now.
-                workers = self._choose(survivors, wait=initial)
-        raise GenerationError(f"no tensor-parallel group formed after {MAX_FORM_ATTEMPTS} attempts")
+        # 0.2 s, 0.4 s, 0.8 s between the attempts (potluck.retry); only a failed join is retried.
+        policy = RetryPolicy(Backoff(first_s=0.2, max_s=1.0), attempts=MAX_FORM_ATTEMPTS, retry_on=(_JoinFailed,))
+        try:
+            for attempt in policy.retrying(log, "forming the tensor-parallel group"):
+                with attempt:
+                    if attempt.retry_state.attempt_number > 1:
+                        # Forming: wait for a replacement (an explicit --tensor-parallel N means N ranks).
+                        # Recovering mid-request: go on with whoever is there now.
+                        workers = self._choose(workers, wait=initial)
+                    try:
+                        return self._form(workers)
+                    except _JoinFailed as exc:
+                        failed = workers[exc.rank - 1]
+                        log.warning("tensor-parallel peer %s failed to join (%s); re-forming without it",
+                                    failed.peer_id, exc)  # fmt: skip
+                        self.ctx.loop.call_soon_threadsafe(self.ctx.overlay.record_failure, failed.peer_id)
+                        workers = [w for w in workers if w.peer_id != failed.peer_id]
+                        raise
+        except _JoinFailed as exc:
+            raise GenerationError(f"no tensor-parallel group formed after {MAX_FORM_ATTEMPTS} attempts") from exc
+        raise AssertionError("unreachable")
 
     def _form(self, workers: list[Candidate]) -> TPMaster:
         ctx = self.ctx
