@@ -6,13 +6,21 @@ Everything here runs in the overlay's trio thread (see :mod:`potluck.overlay.bri
 Only Noise is offered as a security transport: py-libp2p's default set also offers plaintext,
 secio and TLS, and a plaintext fallback must not exist on a node that serves private prompts.
 Listening on an unspecified address (``0.0.0.0``) announces every interface address instead.
+
+py-libp2p opens its TCP listeners with ``SO_REUSEPORT`` (DCUtR dials out from the listen port),
+so a second node on the same machine could bind the same port and the kernel would split
+incoming connections between the two. :meth:`Libp2pHost.running` therefore checks first, with a
+plain socket, whether the port is already taken; a taken port falls back to a free one, logged
+with both ports and the ``--p2p-port`` flag (README, "Pool devices: the swarm").
 Later transports (circuit relay v2, AutoNAT, DCUtR: issue 4) plug into :meth:`Libp2pHost.build`
 and :meth:`Libp2pHost.running`.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, cast
@@ -54,6 +62,35 @@ def listen_multiaddr(host: str, port: int) -> multiaddr.Multiaddr:
         return multiaddr.Multiaddr(f"/{proto}/{host}/tcp/{port}")
     except (ValueError, TypeError, BaseLibp2pError) as exc:
         raise ConfigError(f"p2p_host {host!r} is not an IP address: {exc}") from exc
+
+
+def _tcp_endpoint(addr: multiaddr.Multiaddr) -> tuple[str, int] | None:
+    """``(ip, port)`` of an ``/ip4|ip6/<ip>/tcp/<port>`` listen address (``None`` otherwise)."""
+    parts = str(addr).split("/")
+    if len(parts) < 5 or parts[1] not in ("ip4", "ip6") or parts[3] != "tcp" or not parts[4].isdigit():
+        return None
+    return parts[2], int(parts[4])
+
+
+def port_in_use(host: str, port: int) -> bool:
+    """True when another socket listens on ``host:port`` (any socket, with or without SO_REUSEPORT).
+
+    A probe socket with ``SO_REUSEADDR`` but *without* ``SO_REUSEPORT`` cannot bind next to a
+    listening socket on Linux, macOS and Windows, yet binds over leftover ``TIME_WAIT`` ones.
+    Port 0 is never in use.
+    """
+    if port == 0:
+        return False
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            if exc.errno in (errno.EADDRINUSE, errno.EACCES):
+                return True
+            raise
+    return False
 
 
 def parse_peer_multiaddr(addr: str) -> tuple[PeerId, multiaddr.Multiaddr]:
@@ -165,12 +202,20 @@ class Libp2pHost:
     async def running(self, fallback_to_free_port: bool = True) -> AsyncIterator[None]:
         """Listen until the block exits; the swarm, its listeners and connections close after it.
 
-        py-libp2p 0.8 only logs a failed listen; we check. When the configured port is busy and
-        ``fallback_to_free_port`` is set, listen on a free port of the same address instead.
+        py-libp2p 0.8 only logs a failed listen, and binds with ``SO_REUSEPORT`` next to another
+        process listening on the same port; we check both. When the configured port is taken and
+        ``fallback_to_free_port`` is set, listen on a free port of the same address instead (and
+        log which one).
 
         Raises:
-            ConfigError: nothing could listen.
+            ConfigError: nothing could listen, or the port is taken and there is no fallback.
         """
+        taken = [ep for a in self.listen if (ep := _tcp_endpoint(a)) is not None and port_in_use(*ep)]
+        if taken and not fallback_to_free_port:
+            where = ", ".join(f"{h}:{p}" for h, p in taken)
+            raise ConfigError(f"libp2p port {where} is already in use; pick another with --p2p-port")
+        if taken:
+            self.listen = [_free_port_variant(a) if _tcp_endpoint(a) in taken else a for a in self.listen]
         async with self.host.run(self.listen):
             if not self.host.get_transport_addrs() and fallback_to_free_port:
                 free = [multiaddr.Multiaddr(str(a).rsplit("/tcp/", 1)[0] + "/tcp/0") for a in self.listen]
@@ -178,11 +223,24 @@ class Libp2pHost:
                 await self.host.get_network().listen(*free)
             if not self.host.get_transport_addrs():
                 raise ConfigError(f"libp2p cannot listen on {', '.join(map(str, self.listen))}")
+            for host, port in taken:
+                log.warning(
+                    "libp2p port %s:%d is already in use (another node on this machine?); listening on "
+                    "free port %s instead. Pass --p2p-port to choose one.",
+                    host,
+                    port,
+                    ", ".join(str(p) for p in self.listen_ports()),
+                )
             log.info("libp2p host %s listening on %s", self.peer_id, ", ".join(self.addrs()))
             try:
                 yield
             finally:
                 self._events_send.close()
+
+    def listen_ports(self) -> list[int]:
+        """The TCP ports the host actually listens on."""
+        ports = {ep[1] for a in self.host.get_transport_addrs() if (ep := _tcp_endpoint(a)) is not None}
+        return sorted(ports)
 
     def addrs(self) -> list[str]:
         """Announced multiaddrs, each ending in ``/p2p/<peer ID>``."""
@@ -261,6 +319,10 @@ class Libp2pHost:
                 continue
         if mas:
             self.host.get_peerstore().add_addrs(ID.from_base58(peer), mas, ttl)
+
+
+def _free_port_variant(addr: multiaddr.Multiaddr) -> multiaddr.Multiaddr:
+    return multiaddr.Multiaddr(str(addr).rsplit("/tcp/", 1)[0] + "/tcp/0")
 
 
 async def _close_quietly(stream: INetStream) -> None:
