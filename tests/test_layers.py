@@ -76,9 +76,6 @@ def test_every_part_of_the_package_has_a_rule(graph: dict[str, set[str]]) -> Non
     assert {_part(m) for m in graph} <= set(ALLOWED)
 
 
-@pytest.mark.xfail(
-    reason="sharding still imports overlay (wire, tp_stream, rpc) until the SwarmPort seam lands", strict=True
-)
 def test_parts_import_only_what_the_rule_allows(graph: dict[str, set[str]]) -> None:
     broken = []
     for mod, deps in sorted(graph.items()):

@@ -14,7 +14,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 from rich.console import Console
@@ -32,6 +32,12 @@ from potluck.node.metrics import NodeMetrics
 from potluck.node.progress import RichDownloadBar
 from potluck.routing.router import Router
 from potluck.tasks import TaskOwner
+
+if TYPE_CHECKING:
+    from potluck.overlay.service import OverlayService
+    from potluck.overlay.tp_port import TensorParallelPort
+    from potluck.sharding.orchestration.ports import SwarmPort
+    from potluck.sharding.orchestration.remote import TensorParallelService
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +67,7 @@ class Node:
         self._backend: Backend | None = None
         self._runners: list[ModelRunner] = []
         self.overlay = _make_overlay(settings, self.identity, self.router, self.metrics)
+        self.tp = _make_tensor_parallel(settings, self.overlay)
 
     def _queue_depth(self) -> float:
         return float(sum(r.queue_depth for r in self.router.local_routes))
@@ -77,7 +84,7 @@ class Node:
         s = self.settings
         # Resolve and validate before listening: a bad --model fails fast with a clear message.
         self._model = await asyncio.to_thread(resolve_model, s.model, s.cache_dir, RichDownloadBar)
-        self._backend = create_backend(s, self._model.path, self.overlay)
+        self._backend = create_backend(s, self._model.path, self.tp)
         model_id = self._backend.info.model_id
         self.router.mark_loading(model_id)
         self._stack.push_async_callback(self._unload_all)  # runs after the API has stopped
@@ -93,9 +100,10 @@ class Node:
             from potluck.overlay.peer_routes import PeerRouteProvider
 
             await self._stack.enter_async_context(self.overlay)
-            from potluck.sharding.orchestration.remote import TensorParallelService
-
-            await self._stack.enter_async_context(TensorParallelService(s, self.overlay))
+            if self.tp is not None:
+                await self._stack.enter_async_context(self.tp)
+                self.overlay.tp = self.tp  # tp_join and tp-star streams reach it from now on
+                self._stack.callback(setattr, self.overlay, "tp", None)  # unregistered before it stops
             self.router.add_provider(guard.wrap_provider(PeerRouteProvider(self.overlay)))
             self.tasks.start(self._watch_overlay(), "overlay-watch")
         if s.cloud_url:
@@ -170,6 +178,21 @@ def _make_overlay(settings: Settings, identity: NodeIdentity, router: Router, me
 
     local = LocalServing(router, settings.serve_rate_limit_tps, settings.serve_flush_interval_s)
     return OverlayService(settings, identity, local, metrics.registry, __version__)
+
+
+def _make_tensor_parallel(settings: Settings, overlay: OverlayService | None) -> TensorParallelService | None:
+    """The tensor-parallel service (not started) wired to the overlay through the two ports, or
+    ``None`` without the overlay. The annotated locals make mypy check both protocols."""
+    if overlay is None:
+        return None
+    from potluck.overlay.tp_swarm import OverlaySwarmPort
+    from potluck.sharding.orchestration.remote import TensorParallelService
+
+    swarm: SwarmPort = OverlaySwarmPort(overlay)
+    tp = TensorParallelService(settings, swarm)
+    port: TensorParallelPort = tp
+    del port
+    return tp
 
 
 def _banner(node: Node, console: Console) -> None:

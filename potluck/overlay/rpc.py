@@ -3,7 +3,8 @@
 Methods: ``ping`` (one ``Pong`` back; the caller measures the round trip), ``state_sync``
 (anti-entropy: digest + records in, newer records out) and ``generate`` (a stream of
 ``TokenFrame`` ending with one ``FinishFrame``, or an ``ErrorFrame`` at any point) and
-``tp_join`` (be a worker of a tensor-parallel group; see :mod:`potluck.sharding.orchestration.remote`).
+``tp_join`` (be a worker of a tensor-parallel group; the request and reply are opaque, size-bounded
+payloads whose schema the tensor-parallel side owns: :mod:`potluck.overlay.tp_port`).
 
 The server runs in the overlay's trio thread and hands the work to the node's asyncio loop
 through the bridge (:class:`RpcApp`). Every request is refused unless the remote peer passed
@@ -47,8 +48,8 @@ from potluck.overlay.wire import (
     StateSyncRequest,
     StateSyncResponse,
     TokenFrame,
-    TpJoinReply,
-    TpJoinRequest,
+    TpJoinFrame,
+    TpJoinReplyFrame,
     WireModel,
 )
 
@@ -88,7 +89,7 @@ class RpcApp(Protocol):
 
     def generate(self, peer: PeerId, request: GenerateRequest) -> AsyncIterator[TokenFrame | FinishFrame]: ...
 
-    async def tp_join(self, peer: PeerId, request: TpJoinRequest) -> TpJoinReply: ...
+    async def tp_join(self, peer: PeerId, request: TpJoinFrame) -> TpJoinReplyFrame: ...
 
 
 class RpcServer:
@@ -155,7 +156,7 @@ class RpcServer:
                     await frames.send(event)
             finally:
                 await events.aclose()  # type: ignore[attr-defined]
-        elif isinstance(request, TpJoinRequest):
+        elif isinstance(request, TpJoinFrame):
             await frames.send(await self.bridge.call_asyncio(self.app.tp_join, peer, request))
         else:
             self.metrics.frames_rejected.inc()
@@ -274,9 +275,10 @@ async def _generation_frame(frames: FrameStream, peer: PeerId, deadline_s: float
     return frame
 
 
-async def tp_join(host: Libp2pHost, peer: PeerId, request: TpJoinRequest) -> TpJoinReply:
+async def tp_join(host: Libp2pHost, peer: PeerId, request: TpJoinFrame) -> TpJoinReplyFrame:
     """Ask ``peer`` to join a tensor-parallel group (it answers once it has accepted the work;
-    loading its shard and connecting to the star happen after the reply).
+    loading its shard and connecting to the star happen after the reply). The payloads are opaque
+    here: the caller validates the reply's (and checks that it names its session).
 
     Raises:
         ConnectError, TransferError, PeerRefused (the peer declined: setting, memory, busy),
@@ -286,7 +288,7 @@ async def tp_join(host: Libp2pHost, peer: PeerId, request: TpJoinRequest) -> TpJ
     try:
         await frames.send(request)
         resp = await _reply(frames, peer, REQUEST_TIMEOUT_S)
-        if not isinstance(resp, TpJoinReply) or resp.session != request.session:
+        if not isinstance(resp, TpJoinReplyFrame):
             raise ProtocolViolation(f"peer {peer} answered tp_join with {type(resp).__name__}")
         return resp
     finally:

@@ -35,6 +35,7 @@ from potluck.overlay.nat.traversal import NatTraversal
 from potluck.overlay.serving import LocalServing
 from potluck.overlay.state import ClusterState, PeerRecord, SignedRecord, sign_record
 from potluck.overlay.swarm_metrics import OverlayMetrics
+from potluck.overlay.tp_port import TensorParallelPort
 from potluck.overlay.tp_stream import Libp2pByteStream, StarStreamServer
 from potluck.overlay.wire import (
     FinishFrame,
@@ -42,9 +43,8 @@ from potluck.overlay.wire import (
     StateSyncRequest,
     StateSyncResponse,
     TokenFrame,
-    TpJoinReply,
-    TpJoinRequest,
-    TpStreamHello,
+    TpJoinFrame,
+    TpJoinReplyFrame,
 )
 from potluck.retry import Backoff
 from potluck.tasks import TaskOwner
@@ -120,9 +120,9 @@ class OverlayService:
         self.dht: Any = None
         self.discovery: Discovery | None = None  # bootstrap, zeroconf, DHT; set while running
         self.nat: NatTraversal | None = None  # NAT traversal (issue 4), created in the trio thread
-        # Tensor parallelism (potluck.sharding.orchestration.remote.TensorParallelService): set by the node;
+        # Tensor parallelism: set by the node (sharding's TensorParallelService implements the port);
         # ``None`` refuses tp_join and tp-star streams.
-        self.tp: Any = None
+        self.tp: TensorParallelPort | None = None
 
     # ------------------------------------------------------------------ lifecycle
     async def __aenter__(self) -> OverlayService:
@@ -452,18 +452,18 @@ class OverlayService:
         async for event in self.local.serve(request):
             yield event
 
-    async def tp_join(self, peer: PeerId, request: TpJoinRequest) -> TpJoinReply:
-        """RPC ``tp_join``: become a worker of ``peer``'s tensor-parallel group.
+    async def tp_join(self, peer: PeerId, request: TpJoinFrame) -> TpJoinReplyFrame:
+        """RPC ``tp_join``: become a worker of ``peer``'s tensor-parallel group (payloads opaque here).
 
         Raises:
             PeerRefused: this node takes no tensor-parallel work, or not this one.
+            ProtocolViolation: the payload fails the tensor-parallel side's schema.
         """
         if self.tp is None:
             raise PeerRefused("this node does not take tensor-parallel work")
-        reply: TpJoinReply = await self.tp.join(peer, request)
-        return reply
+        return TpJoinReplyFrame(payload=await self.tp.join(peer, request.payload))
 
-    async def tp_accept_stream(self, peer: PeerId, hello: TpStreamHello, stream: Libp2pByteStream) -> None:
+    async def tp_accept_stream(self, peer: PeerId, session: str, rank: int, stream: Libp2pByteStream) -> None:
         """A worker's tp-star stream (libp2p fallback of the star): hand it to the waiting group.
 
         Raises:
@@ -471,7 +471,7 @@ class OverlayService:
         """
         if self.tp is None:
             raise PeerRefused("this node runs no tensor-parallel group")
-        await self.tp.accept_stream(peer, hello, stream)
+        await self.tp.accept_stream(peer, session, rank, stream)
 
 
 async def _add_addrs(p2p: Libp2pHost, peer: PeerId, addrs: tuple[str, ...]) -> None:

@@ -190,12 +190,24 @@ async def open_star_stream(host: Libp2pHost, peer: PeerId, session: str, rank: i
     return stream
 
 
+def connect_star_stream(
+    bridge: TrioThread, host: Libp2pHost, master: PeerId, session: str, rank: int
+) -> Libp2pByteStream:
+    """(plain worker thread) :func:`open_star_stream` through ``bridge``, wrapped for the star.
+
+    Raises:
+        as :func:`open_star_stream`; ClosedError: the overlay is shutting down.
+    """
+    stream = bridge.run_blocking(open_star_stream, host, master, session, rank)
+    return Libp2pByteStream(bridge, stream, master)
+
+
 # ---------------------------------------------------------------------- master side (trio)
 class StarStreamApp(Protocol):
     """What the master's node does with an incoming tp-star stream (asyncio side)."""
 
-    async def tp_accept_stream(self, peer: PeerId, hello: TpStreamHello, stream: Libp2pByteStream) -> None:
-        """Hand ``stream`` to the group ``hello.session`` waiting for ``peer`` as ``hello.rank``.
+    async def tp_accept_stream(self, peer: PeerId, session: str, rank: int, stream: Libp2pByteStream) -> None:
+        """Hand ``stream`` to the group ``session`` waiting for ``peer`` as ``rank``.
 
         Raises:
             PeerRefused: no such session, or ``peer`` was not invited as that rank.
@@ -250,7 +262,7 @@ class StarStreamServer:
 
         byte_stream = Libp2pByteStream(self.bridge, stream, peer, on_close=closed)
         try:
-            await self.bridge.call_asyncio(app.tp_accept_stream, peer, hello, byte_stream)
+            await self.bridge.call_asyncio(app.tp_accept_stream, peer, hello.session, hello.rank, byte_stream)
         except PeerRefused as exc:
             log.info("tp-star stream from %s refused: %s", peer, exc)
             await _send_error(frames, "refused", str(exc))

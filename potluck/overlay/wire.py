@@ -129,41 +129,29 @@ class StateSyncResponse(WireModel):
 
 # ------------------------------------------------------------------ tensor parallelism
 _HEX = r"^[0-9a-f]+$"
-_CACHE_KEY = r"^[0-9A-Za-z._-]{1,128}$"
+#: Largest tensor-parallel payload carried in an RPC frame, bytes.
+MAX_TP_PAYLOAD = 128 << 10
+#: Largest tensor-parallel reply payload, bytes.
+MAX_TP_REPLY_PAYLOAD = 4 << 10
 
 
-class TpJoinRequest(WireModel):
-    """RPC ``tp_join``: the master asks this node to be ``rank`` of a tensor-parallel group.
+class TpJoinFrame(WireModel):
+    """RPC ``tp_join``: the master asks this node to be one rank of a tensor-parallel group.
 
-    ``key`` is the group's 32-byte star session key; it travels only inside this admitted,
-    Noise-encrypted RPC stream. The worker connects to one of ``star_addrs`` over direct TCP (or,
-    per ``transport``, opens a ``/potluck/tp-star/1`` libp2p stream to the master instead) and
-    fetches its shard, named by (``model_hash``, ``plan_hash``) and pinned by ``shard_sha256``.
+    The overlay only carries ``payload``: msgpack of the tensor-parallel side's own strict join
+    request (``potluck.sharding.orchestration.messages.TpJoinRequest``), validated there. The
+    overlay bounds its size, admits the caller and encrypts it (the star session key is inside).
     """
 
     t: Literal["tp_join"] = "tp_join"
-    session: str = Field(min_length=32, max_length=32, pattern=_HEX)
-    model: str = Field(min_length=1, max_length=256)
-    rank: int = Field(ge=1, le=255)
-    world_size: int = Field(ge=2, le=256)
-    plan: bytes = Field(max_length=64 << 10)
-    model_hash: str = Field(pattern=_CACHE_KEY)
-    plan_hash: str = Field(pattern=_CACHE_KEY)
-    shard_sha256: str = Field(min_length=64, max_length=64, pattern=_HEX)
-    shard_bytes: int = Field(ge=0, le=1 << 40)
-    key: bytes = Field(min_length=32, max_length=32)
-    star_addrs: tuple[tuple[Annotated[str, Field(max_length=64)], Annotated[int, Field(ge=1, le=65535)]], ...] = Field(
-        (), max_length=16
-    )
-    transport: Literal["auto", "tcp", "libp2p"]
-    timeout_s: float = Field(gt=0.0, le=600.0)
-    accuracy_level: int = Field(ge=0, le=4)
+    payload: bytes = Field(min_length=1, max_length=MAX_TP_PAYLOAD)
 
 
-class TpJoinReply(WireModel):
+class TpJoinReplyFrame(WireModel):
+    """The worker accepted; ``payload`` is its reply, opaque to the overlay like the request."""
+
     t: Literal["tp_join_ok"] = "tp_join_ok"
-    session: str = Field(min_length=32, max_length=32, pattern=_HEX)
-    free_ram: int = Field(ge=0, le=1 << 50)
+    payload: bytes = Field(min_length=1, max_length=MAX_TP_REPLY_PAYLOAD)
 
 
 class TpStreamHello(WireModel):
@@ -193,8 +181,8 @@ Frame = Annotated[
     | ErrorFrame
     | StateSyncRequest
     | StateSyncResponse
-    | TpJoinRequest
-    | TpJoinReply
+    | TpJoinFrame
+    | TpJoinReplyFrame
     | TpStreamHello
     | TpStreamAck,
     Field(discriminator="t"),

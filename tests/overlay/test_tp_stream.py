@@ -16,7 +16,14 @@ import pytest
 from potluck.errors import PeerRefused, ProtocolViolation, TransferError
 from potluck.overlay.endpoint import StandaloneHost
 from potluck.overlay.tp_stream import Libp2pByteStream
-from potluck.overlay.wire import TpJoinRequest, TpStreamHello, decode_payload, encode
+from potluck.overlay.wire import (
+    MAX_TP_PAYLOAD,
+    MAX_TP_REPLY_PAYLOAD,
+    TpJoinFrame,
+    TpStreamHello,
+    decode_payload,
+    encode,
+)
 from potluck.sharding.collective import transfer
 from potluck.sharding.collective.auth import new_session_key
 from potluck.sharding.collective.channel import FrameChannel
@@ -125,43 +132,23 @@ def test_a_vanished_worker_fails_the_master_within_the_deadline(pair):
     star.close()
 
 
-def good_join(**overrides: object) -> dict:
-    fields = {
-        "t": "tp_join",
-        "session": "0" * 32,
-        "model": "m.gguf",
-        "rank": 1,
-        "world_size": 2,
-        "plan": b"\x80",
-        "model_hash": "abc",
-        "plan_hash": "p-r1",
-        "shard_sha256": "f" * 64,
-        "shard_bytes": 10,
-        "key": b"k" * 32,
-        "star_addrs": (("127.0.0.1", 9000),),
-        "transport": "auto",
-        "timeout_s": 10.0,
-        "accuracy_level": 4,
-    }
-    fields.update(overrides)
-    return fields
-
-
 def test_tp_frames_round_trip_and_reject_bad_fields():
+    """The overlay's TP frames: the join payload is opaque but bounded; the stream hello is strict.
+    (The join request's own schema is sharding's: tests/sharding/orchestration/test_messages.py.)"""
     import msgpack
 
-    req = TpJoinRequest.model_validate(good_join())
-    assert decode_payload(encode(req)[4:]) == req
+    join = TpJoinFrame(payload=b"\x80")
+    assert decode_payload(encode(join)[4:]) == join
     hello = TpStreamHello(session="a" * 32, rank=3)
     assert decode_payload(encode(hello)[4:]) == hello
     for bad in (
-        {"key": b"short"},
-        {"session": "not-hex" * 5},
-        {"model_hash": "../escape"},
-        {"rank": 0},
-        {"transport": "carrier-pigeon"},
-        {"extra": 1},
-        {"star_addrs": (("127.0.0.1", 0),)},
+        {"t": "tp_join", "payload": b""},
+        {"t": "tp_join", "payload": b"x" * (MAX_TP_PAYLOAD + 1)},
+        {"t": "tp_join", "payload": "not bytes"},
+        {"t": "tp_join", "payload": b"x", "extra": 1},
+        {"t": "tp_join_ok", "payload": b"x" * (MAX_TP_REPLY_PAYLOAD + 1)},
+        {"t": "tp_stream", "session": "not-hex" * 5, "rank": 1},
+        {"t": "tp_stream", "session": "a" * 32, "rank": 0},
     ):
         with pytest.raises(ProtocolViolation):
-            decode_payload(msgpack.packb(good_join(**bad), use_bin_type=True))
+            decode_payload(msgpack.packb(bad, use_bin_type=True))

@@ -17,7 +17,7 @@ GGUF formats (ggml ``ggml-common.h``):
 - Anything else (K-quants Q4_K/Q5_K/Q6_K, Q4_1, Q5_0...): dequantized with ``gguf.quants``, then
   re-quantized blockwise to Q4_0 (source < 5 bits/weight) or Q8_0 (otherwise). This is lossy: on
   random valid blocks the relative RMS error added is 0.46 % for Q6_K -> Q8_0 and 5.9 % for
-  Q4_K -> Q4_0 (``tests/sharding/test_extract.py``, printed with ``-s``), so prefer Q4_0/Q8_0 files.
+  Q4_K -> Q4_0 (``tests/sharding/format/test_extract.py``, printed with ``-s``), so prefer Q4_0/Q8_0 files.
 
 Column-parallel tensors (Q/K/V, gate/up) are sliced by rows, row-parallel ones (o_proj, down) by
 columns on 32-element block boundaries (:mod:`potluck.sharding.format.plan` guarantees alignment).

@@ -32,15 +32,16 @@ from potluck.sharding.format.plan import NodeCapability, ShardPlan, make_plan
 log = logging.getLogger(__name__)
 
 
-def model_id_of(path: Path) -> str:
-    """A cheap identity of a model file: name and size."""
+def model_file_key(path: Path) -> str:
+    """A cheap key of a model file, ``"<file name>:<size in bytes>"`` (the plan's ``model_id``);
+    not a content hash (that is the SHA-256 a swarm group sends its workers)."""
     return f"{path.name}:{path.stat().st_size}"
 
 
 def plan_for(reader: GGUFReader, path: Path, nodes: Sequence[NodeCapability], n_ctx: int) -> ShardPlan:
     """Plan ``reader``'s model over ``nodes`` (first is the master)."""
     config = read_config(reader)
-    return make_plan(plan_geometry(reader, config, n_ctx), list(nodes), model_id_of(path), config.n_heads, n_ctx)
+    return make_plan(plan_geometry(reader, config, n_ctx), list(nodes), model_file_key(path), config.n_heads, n_ctx)
 
 
 class TPGroup(Protocol):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
 
 import psutil
 
@@ -37,8 +36,13 @@ def fits_locally(path: Path, n_ctx: int, free_ram: int | None = None) -> bool:
     return True
 
 
-def wants_tensor_parallel(settings: Settings, path: Path, overlay: Any) -> bool:
+def wants_tensor_parallel(settings: Settings, path: Path, swarm: object | None) -> bool:
     """Whether to serve ``path`` tensor-parallel across the swarm.
+
+    Args:
+        settings: the node's settings (``tensor_parallel``, ``n_ctx``).
+        path: the GGUF.
+        swarm: what would find worker peers (any object), or ``None`` for a node without the overlay.
 
     Raises:
         ConfigError: ``--tensor-parallel`` asked for without the overlay (``p2p_enabled`` off).
@@ -46,10 +50,10 @@ def wants_tensor_parallel(settings: Settings, path: Path, overlay: Any) -> bool:
     if settings.tensor_parallel == 1:
         return False
     if settings.tensor_parallel >= 2:
-        if overlay is None:
+        if swarm is None:
             raise ConfigError("--tensor-parallel needs the overlay (p2p_enabled) to find worker peers")
         return True
-    if overlay is None:
+    if swarm is None:
         return False
     try:
         if fits_locally(Path(path), settings.n_ctx):

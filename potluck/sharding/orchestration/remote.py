@@ -1,15 +1,20 @@
 """Tensor-parallel work between swarm peers: the node-side service and the worker's session.
 
-:class:`TensorParallelService` is what the overlay calls for tensor parallelism (``overlay.tp``):
+:class:`TensorParallelService` is what the overlay calls for tensor parallelism: it implements
+:class:`potluck.overlay.tp_port.TensorParallelPort` structurally, and the node registers it as the
+overlay's ``tp``. It reaches the swarm only through a
+:class:`~potluck.sharding.orchestration.ports.SwarmPort`.
 
-- worker side, RPC ``tp_join`` (:meth:`TensorParallelService.join`): accepted only when
+- worker side, RPC ``tp_join`` (:meth:`TensorParallelService.join`, the payload validated into a
+  :class:`~potluck.sharding.orchestration.messages.TpJoinRequest`): accepted only when
   ``tp_worker`` is on, a session slot is free and the planned share fits this node's free memory;
   the reply goes back at once and a :class:`WorkerSession` runs in a thread: it connects to the
   master's star over direct TCP (the addresses in the request), or over a ``/potluck/tp-star/1``
   libp2p stream when no TCP path works or the master asks for it, authenticates with the session
   key that came inside the admitted, Noise-encrypted RPC, fetches its shard over that channel
-  (content-addressed chunks checked against their SHA-256, cached by (model hash, plan hash)),
-  compiles it, joins the ready barrier and serves the master's broadcasts until it says stop or goes;
+  (content-addressed chunks checked against their SHA-256, cached by (model SHA-256, plan hash)),
+  compiles it, joins the ready barrier (:mod:`~potluck.sharding.orchestration.readiness`) and serves
+  the master's broadcasts until it says stop or goes;
 - master side: tp-star streams from workers are delivered to the group that waits for them
   (:meth:`TensorParallelService.accept_stream`, registry :attr:`TensorParallelService.pending`).
 
@@ -22,11 +27,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import queue
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import psutil
@@ -42,54 +46,23 @@ from potluck.errors import (
     TransferError,
 )
 from potluck.identity import PeerId
-from potluck.overlay.tp_stream import Libp2pByteStream, open_star_stream
-from potluck.overlay.wire import TpJoinReply, TpJoinRequest, TpStreamHello
 from potluck.sharding.collective import transfer
-from potluck.sharding.collective.channel import FrameChannel
+from potluck.sharding.collective.channel import ByteStream, FrameChannel
 from potluck.sharding.collective.star import StarWorker
 from potluck.sharding.format.plan import MEMORY_HEADROOM, ShardPlan
 from potluck.sharding.format.shard_file import read_shard
+from potluck.sharding.orchestration.messages import TpJoinReply, TpJoinRequest
+from potluck.sharding.orchestration.pending import PendingJoin
+from potluck.sharding.orchestration.ports import SwarmPort
+from potluck.sharding.orchestration.readiness import ready_barrier
 from potluck.tasks import TaskOwner
+
+if TYPE_CHECKING:  # the engine (ONNX Runtime) loads only when a session starts
+    from potluck.sharding.compute.engine import RankCompute
 
 log = logging.getLogger(__name__)
 
 _STOP_GRACE_S = 5.0
-
-
-class PendingJoin:
-    """A group waiting for its workers' data-plane connections (TCP or libp2p streams).
-
-    Channels arrive from the master's TCP acceptor thread and from the overlay's tp-star stream
-    handler; the forming thread admits them one at a time (``StarMaster`` is driven by one thread).
-    """
-
-    def __init__(self, session: str, peers: dict[int, str]) -> None:
-        self.session = session
-        self.peers = peers
-        self.channels: queue.Queue[FrameChannel] = queue.Queue(maxsize=4 * (len(peers) + 1))
-
-    def offer_stream(self, peer: str, rank: int, channel: FrameChannel) -> None:
-        """A libp2p stream from ``peer`` claiming ``rank``.
-
-        Raises:
-            PeerRefused: ``peer`` was not invited as ``rank``, or too many connections are waiting.
-        """
-        if self.peers.get(rank) != peer:
-            raise PeerRefused(f"peer {peer} was not invited as rank {rank} of this group")
-        self.offer(channel)
-
-    def offer(self, channel: FrameChannel) -> None:
-        try:
-            self.channels.put_nowait(channel)
-        except queue.Full as exc:
-            raise PeerRefused("too many connections are waiting to join this group") from exc
-
-    def close_leftovers(self) -> None:
-        while True:
-            try:
-                self.channels.get_nowait().close()
-            except queue.Empty:
-                return
 
 
 def default_threads(n_threads: int | None) -> int:
@@ -135,17 +108,17 @@ class WorkerSession:
         plan: the parsed plan of the request.
         master: the master's peer ID (Noise-authenticated on the RPC stream).
         settings: this node's settings (threads, cache, rate cap, join deadline).
-        overlay: this node's ``OverlayService`` (bridge and host, for the libp2p fallback).
+        swarm: the swarm (for the libp2p fallback of the star).
     """
 
     def __init__(
-        self, request: TpJoinRequest, plan: ShardPlan, master: PeerId, settings: Settings, overlay: Any
+        self, request: TpJoinRequest, plan: ShardPlan, master: PeerId, settings: Settings, swarm: SwarmPort
     ) -> None:
         self.request = request
         self.plan = plan
         self.master = master
         self.settings = settings
-        self.overlay = overlay
+        self.swarm = swarm
         self.transport = ""
         self.collective: StarWorker | None = None
         self._aborted = threading.Event()
@@ -170,11 +143,8 @@ class WorkerSession:
         log.info("tensor-parallel %s: joined the star over %s", self.name, self.transport)
         try:
             compute = self._load(worker)
-            ready = np.zeros(self.request.world_size, np.float32)
-            ready[self.request.rank] = 1.0
-            worker.timeout_s = self.settings.tp_join_timeout_s  # the master waits for the slowest rank
-            worker.all_reduce(ready)
-            worker.timeout_s = self.request.timeout_s
+            r = self.request  # the master waits for the slowest rank: the join deadline
+            ready_barrier(worker, r.rank, r.world_size, self.settings.tp_join_timeout_s, r.timeout_s)
             from potluck.sharding.compute.engine import serve_worker
 
             serve_worker(_Throttled(worker, self.settings.serve_rate_limit_tps), compute)
@@ -199,23 +169,21 @@ class WorkerSession:
                 self.transport = "tcp"
                 return worker
         if r.transport in ("auto", "libp2p"):
-            bridge = self.overlay.bridge
-            stream = bridge.run_blocking(open_star_stream, self.overlay.p2p, self.master, r.session, r.rank)
-            channel = FrameChannel(Libp2pByteStream(bridge, stream, self.master))
+            channel = FrameChannel(self.swarm.open_star_stream(self.master, r.session, r.rank))
             worker = StarWorker.over(channel, r.rank, r.world_size, r.key, timeout_s=r.timeout_s)
             self.transport = "libp2p"
             return worker
         raise ConnectError(f"no direct TCP path to the master ({'; '.join(errors) or 'no addresses'})")
 
-    def _load(self, worker: StarWorker) -> Any:
-        from potluck.sharding.compute.engine import EngineOptions, RankCompute
+    def _load(self, worker: StarWorker) -> RankCompute:
+        from potluck.sharding.compute.engine import EngineOptions
 
         r = self.request
         cache_root = Path(self.settings.cache_dir) / "tp-cache"
-        had = (transfer.cache_dir(cache_root, r.model_hash, r.plan_hash) / "shard.bin").is_file()
+        had = (transfer.cache_dir(cache_root, r.model_sha256, r.plan_hash) / "shard.bin").is_file()
         path = transfer.fetch_shard(
             worker.channel,
-            r.model_hash,
+            r.model_sha256,
             r.plan_hash,
             cache_root,
             expect_sha256=r.shard_sha256,
@@ -224,7 +192,7 @@ class WorkerSession:
         log.info(
             "tensor-parallel %s: shard %s/%s (%.1f MB) %s",
             self.name,
-            r.model_hash[:12],
+            r.model_sha256[:12],
             r.plan_hash,
             path.stat().st_size / 1e6,
             "found in the cache" if had else "received from the master",
@@ -247,31 +215,33 @@ class WorkerSession:
 
 
 class TensorParallelService:
-    """``overlay.tp``: tensor-parallel joins (worker side) and tp-star streams (master side).
+    """Tensor-parallel joins (worker side) and tp-star streams (master side); the overlay's
+    ``TensorParallelPort``.
 
     Args:
         settings: the node's settings.
-        overlay: the running ``OverlayService``.
+        swarm: the swarm (this node's peer ID, the libp2p fallback of the star).
 
-    Use as ``async with``: registers itself on the overlay; on exit unregisters, stops every
-    worker session and waits for their threads.
+    Use as ``async with``: :attr:`running` inside; on exit stops every worker session and waits for
+    their threads. The node registers it with the overlay while it runs.
     """
 
-    def __init__(self, settings: Settings, overlay: Any) -> None:
+    def __init__(self, settings: Settings, swarm: SwarmPort) -> None:
         self.settings = settings
-        self.overlay = overlay
+        self.swarm = swarm
         self.pending: dict[str, PendingJoin] = {}
         self.sessions: dict[str, WorkerSession] = {}
+        self.running = False
         self._tasks = TaskOwner("tensor-parallel")
         self._running: list[asyncio.Task[None]] = []
 
     async def __aenter__(self) -> TensorParallelService:
         await self._tasks.__aenter__()
-        self.overlay.tp = self
+        self.running = True
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        self.overlay.tp = None
+        self.running = False
         for session in list(self.sessions.values()):
             session.abort()
         live = [t for t in self._running if not t.done()]
@@ -280,8 +250,26 @@ class TensorParallelService:
         await self._tasks.__aexit__(None, None, None)
 
     # ------------------------------------------------------------------ worker side
-    async def join(self, peer: PeerId, request: TpJoinRequest) -> TpJoinReply:
-        """RPC ``tp_join`` from ``peer`` (admitted): accept the work or refuse it.
+    async def join(self, peer: PeerId, request: bytes) -> bytes:
+        """RPC ``tp_join`` from ``peer`` (admitted), as the overlay carries it: :meth:`accept_join`
+        on the validated payload.
+
+        Args:
+            peer: the master.
+            request: msgpack of a :class:`TpJoinRequest`.
+
+        Returns:
+            msgpack of the :class:`TpJoinReply`.
+
+        Raises:
+            ProtocolViolation: the payload fails the schema.
+            PeerRefused: as :meth:`accept_join`.
+        """
+        reply = await self.accept_join(peer, TpJoinRequest.from_msgpack(request))
+        return reply.to_msgpack()
+
+    async def accept_join(self, peer: PeerId, request: TpJoinRequest) -> TpJoinReply:
+        """Accept the work ``peer`` offers or refuse it; an accepted session starts at once.
 
         Raises:
             PeerRefused: ``tp_worker`` is off, no session slot is free, the plan is malformed or
@@ -301,14 +289,14 @@ class TensorParallelService:
         if plan.world_size != request.world_size or request.rank >= plan.world_size:
             raise PeerRefused("the plan does not match the requested rank and world size")
         share = plan.shares[request.rank]
-        if share.node_id != self.overlay.peer_id:
+        if share.node_id != self.swarm.peer_id:
             raise PeerRefused(f"rank {request.rank} of this plan belongs to {share.node_id}, not to this node")
         free = int(psutil.virtual_memory().available)
         if share.est_bytes > free * MEMORY_HEADROOM:
             raise PeerRefused(f"the share needs {share.est_bytes / 1e6:.0f} MB; {free / 1e6:.0f} MB are free")
         if not request.star_addrs and request.transport == "tcp":
             raise PeerRefused("no star address to connect to")
-        session = WorkerSession(request, plan, peer, s, self.overlay)
+        session = WorkerSession(request, plan, peer, s, self.swarm)
         self.sessions[request.session] = session
         task = self._tasks.start(self._run(session), f"tp-worker-{request.session[:8]}")
         self._running.append(task)
@@ -323,13 +311,18 @@ class TensorParallelService:
             self._running = [t for t in self._running if not t.done()]
 
     # ------------------------------------------------------------------ master side
-    async def accept_stream(self, peer: PeerId, hello: TpStreamHello, stream: Libp2pByteStream) -> None:
-        """Deliver a worker's tp-star stream to the group forming under ``hello.session``.
+    async def accept_stream(self, peer: PeerId, session: str, rank: int, stream: ByteStream) -> None:
+        """Deliver a worker's tp-star stream to the group forming under ``session``.
+
+        Args:
+            peer: the worker.
+            session / rank: what the stream's hello claims (validated by the overlay).
+            stream: the stream, ready for the star's binary frames.
 
         Raises:
-            PeerRefused: no such group is forming, or ``peer`` was not invited as that rank.
+            PeerRefused: no such group is forming, or ``peer`` was not invited as ``rank``.
         """
-        pending = self.pending.get(hello.session)
+        pending = self.pending.get(session)
         if pending is None:
             raise PeerRefused("no tensor-parallel group is forming under this session")
-        pending.offer_stream(peer, hello.rank, FrameChannel(stream))
+        pending.offer_stream(peer, rank, FrameChannel(stream))

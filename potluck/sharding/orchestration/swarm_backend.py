@@ -16,13 +16,13 @@ import asyncio
 import logging
 import threading
 from pathlib import Path
-from typing import Any
 
 from potluck.config import Settings
 from potluck.errors import ModelError
+from potluck.sharding.orchestration.context import SwarmContext
 from potluck.sharding.orchestration.ort_backend import TPBackendBase
-from potluck.sharding.orchestration.remote import default_threads
-from potluck.sharding.orchestration.swarm import SwarmContext, SwarmGroup
+from potluck.sharding.orchestration.remote import TensorParallelService, default_threads
+from potluck.sharding.orchestration.swarm import SwarmGroup
 
 log = logging.getLogger(__name__)
 
@@ -34,15 +34,16 @@ class SwarmTPBackend(TPBackendBase):
         settings: the node's settings (tensor-parallel section, threads, context).
         path: GGUF file (only this node, the master, needs it).
         model_id: name the API serves it under.
-        overlay: the node's ``OverlayService``; its ``tp`` service must be running by :meth:`load`.
+        tp: the node's tensor-parallel service (its swarm port and the registry of forming groups);
+            it must be running by :meth:`load`.
 
-    Must be constructed on the node's event loop (it remembers the loop for overlay calls).
+    Must be constructed on the node's event loop (it remembers the loop for swarm calls).
     """
 
-    def __init__(self, settings: Settings, path: Path, model_id: str, overlay: Any) -> None:
+    def __init__(self, settings: Settings, path: Path, model_id: str, tp: TensorParallelService) -> None:
         super().__init__(path, model_id, settings.n_ctx, "tensor-parallel")
         self._settings = settings
-        self._overlay = overlay
+        self._tp = tp
         self._loop = asyncio.get_running_loop()
         self._stop = threading.Event()  # ends a load still waiting for workers
 
@@ -54,15 +55,15 @@ class SwarmTPBackend(TPBackendBase):
         """Find workers, plan, hand out shards, form the group (blocks; run off the event loop).
 
         Raises:
-            ModelError: the overlay's tensor-parallel service is not running.
-            ShardPlanError / GenerationError: no group could be formed.
+            ModelError: the node's tensor-parallel service is not running.
+            ShardPlanError / GenerationError / ProtocolViolation: no group could be formed.
         """
         s = self._settings
-        tp = self._overlay.tp
-        if tp is None:
+        tp = self._tp
+        if not tp.running:
             raise ModelError("the tensor-parallel service is not running")
         ctx = SwarmContext(
-            overlay=self._overlay,
+            overlay=tp.swarm,
             loop=self._loop,
             registry=tp.pending,
             bind_host=s.p2p_host,

@@ -1,6 +1,6 @@
 """A star worker as a separate process, driven by the master's broadcasts (for tests and the bench).
 
-Usage: ``python -m tests.sharding.star_proc HOST PORT RANK WORLD_SIZE WIRE_DTYPE TIMEOUT_S`` with the
+Usage: ``python -m tests.sharding.collective.star_proc HOST PORT RANK WORLD_SIZE WIRE_DTYPE TIMEOUT_S`` with the
 session key as hex on stdin (never on the command line).
 
 Broadcast ops (control header ``op``):

@@ -9,15 +9,16 @@ from types import SimpleNamespace
 import pytest
 
 from potluck.config import Settings
-from potluck.errors import ConfigError, PeerRefused
-from potluck.overlay.wire import TpJoinRequest
+from potluck.errors import ConfigError, PeerRefused, ProtocolViolation
 from potluck.sharding.collective.channel import FrameChannel
 from potluck.sharding.format.gguf_tensors import open_gguf
 from potluck.sharding.format.plan import NodeCapability
 from potluck.sharding.orchestration.group import plan_for
+from potluck.sharding.orchestration.messages import TpJoinReply, TpJoinRequest
+from potluck.sharding.orchestration.pending import PendingJoin
 from potluck.sharding.orchestration.placement import fits_locally, wants_tensor_parallel
-from potluck.sharding.orchestration.remote import PendingJoin, TensorParallelService
-from potluck.sharding.orchestration.swarm import Candidate, capabilities, rank_candidates
+from potluck.sharding.orchestration.remote import TensorParallelService
+from potluck.sharding.orchestration.selection import Candidate, capabilities, rank_candidates
 
 
 def cand(peer: str, rtt: float | None, tps: float = 0.0, ram: int = 1 << 30, cores: int = 2) -> Candidate:
@@ -54,7 +55,7 @@ def test_pending_join_takes_only_invited_streams():
             self.closed = True
 
     stream = Closing()
-    channel = FrameChannel(stream)  # type: ignore[arg-type]
+    channel = FrameChannel(stream)
     with pytest.raises(PeerRefused):
         pending.offer_stream("peer-a", 2, channel)
     pending.offer_stream("peer-b", 2, channel)
@@ -85,7 +86,7 @@ def join_request(path: Path, worker_id: str, ram: int = 8 << 30) -> TpJoinReques
         rank=1,
         world_size=2,
         plan=plan.to_msgpack(),
-        model_hash="m",
+        model_sha256="5" * 64,
         plan_hash=f"{plan.plan_id}-r1",
         shard_sha256="0" * 64,
         shard_bytes=1,
@@ -106,23 +107,23 @@ def join_request(path: Path, worker_id: str, ram: int = 8 << 30) -> TpJoinReques
     ],
 )
 def test_a_worker_refuses_work_it_should_not_take(model_path, tmp_path, settings, worker_id, reason):
-    overlay = SimpleNamespace(peer_id="me", tp=None)
-    service = TensorParallelService(Settings(data_dir=tmp_path, **settings), overlay)
+    swarm = SimpleNamespace(peer_id="me")
+    service = TensorParallelService(Settings(data_dir=tmp_path, **settings), swarm)
     request = join_request(model_path("f32"), worker_id)
 
     async def run() -> None:
         async with service:
-            assert overlay.tp is service
+            assert service.running
             with pytest.raises(PeerRefused, match=reason):
-                await service.join("master-peer", request)
-        assert overlay.tp is None
+                await service.join("master-peer", request.to_msgpack())
+        assert not service.running
 
     asyncio.run(run())
 
 
 def test_a_worker_refuses_a_share_bigger_than_its_free_memory(model_path, tmp_path):
-    overlay = SimpleNamespace(peer_id="me", tp=None)
-    service = TensorParallelService(Settings(data_dir=tmp_path), overlay)
+    swarm = SimpleNamespace(peer_id="me")
+    service = TensorParallelService(Settings(data_dir=tmp_path), swarm)
     request = join_request(model_path("f32"), "me", ram=1 << 50)  # a plan that assumed a huge node
     big = request.model_copy(update={"star_addrs": (("127.0.0.1", 9),)})
     plan = plan_for(
@@ -136,6 +137,18 @@ def test_a_worker_refuses_a_share_bigger_than_its_free_memory(model_path, tmp_pa
     async def run() -> None:
         async with service:
             with pytest.raises(PeerRefused, match="MB are free"):
-                await service.join("master-peer", big)
+                await service.accept_join("master-peer", big)
+
+    asyncio.run(run())
+
+
+def test_a_worker_refuses_a_payload_that_fails_the_schema(tmp_path):
+    service = TensorParallelService(Settings(data_dir=tmp_path), SimpleNamespace(peer_id="me"))
+    reply = TpJoinReply(session="ab" * 16, free_ram=1)
+
+    async def run() -> None:
+        async with service:
+            with pytest.raises(ProtocolViolation):
+                await service.join("master-peer", reply.to_msgpack())  # a reply, not a request
 
     asyncio.run(run())

@@ -30,9 +30,9 @@ from potluck.sharding.collective.base import Collective
 from potluck.sharding.collective.channel import FrameChannel, SocketStream
 from potluck.sharding.collective.frames import Kind
 from potluck.sharding.collective.star import StarMaster, StarWorker
-from tests.sharding.star_proc import expected_sum, partial
+from tests.sharding.collective.star_proc import expected_sum, partial
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 KEY = bytes(range(32))
 
 
@@ -371,7 +371,7 @@ def spawn_workers(master: StarMaster, key: bytes) -> list[subprocess.Popen[bytes
         args = [*map(str, master.address), str(rank), str(master.world_size)]
         args += [master.wire_dtype.name, str(master.timeout_s)]
         proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.sharding.star_proc", *args], stdin=subprocess.PIPE, cwd=REPO
+            [sys.executable, "-m", "tests.sharding.collective.star_proc", *args], stdin=subprocess.PIPE, cwd=REPO
         )
         assert proc.stdin is not None
         proc.stdin.write(key.hex().encode() + b"\n")  # the key travels on stdin, never in argv
