@@ -43,6 +43,7 @@ from potluck.overlay.host import Libp2pHost
 from potluck.overlay.nat.autonat import DialBackAutoNAT
 from potluck.overlay.nat.paths import Path, best, classify
 from potluck.overlay.nat.relay import Reservations, relay_limits
+from potluck.retry import Backoff, RetryPolicy
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,17 @@ DIRECT_DIAL_S = 5.0
 RELAY_DIAL_S = 15.0
 PUNCH_RETRY_S = 5.0  # between our own DCUtR retries toward a peer still only reachable through a relay
 PUNCH_TRIES = 3  # DCUtR spec: up to 3 attempts (libp2p/specs relay/DCUtR.md, "retry")
+
+
+class _StillRelayed(Exception):
+    """A DCUtR attempt ended without a direct connection."""
+
+
+PUNCH_RETRY = RetryPolicy(
+    Backoff(first_s=PUNCH_RETRY_S, max_s=PUNCH_RETRY_S, factor=1.0),
+    attempts=PUNCH_TRIES,
+    retry_on=(_StillRelayed, BaseLibp2pError, OSError, TimeoutError),
+)
 
 
 class NatTraversal:
@@ -80,7 +92,8 @@ class NatTraversal:
         self.on_addrs_changed: Callable[[], Awaitable[None]] | None = None
         self._relayed_seen: set[PeerId] = set()
         self._punched: set[PeerId] = set()
-        self._punch_tries: dict[PeerId, int] = {}
+        self._punching: set[PeerId] = set()  # a punch task runs for these
+        self._punch_spent: set[PeerId] = set()  # tried PUNCH_TRIES times, still relayed only
         p2p.dial_hook = self.ensure_connected
 
     # ------------------------------------------------------------------ lifecycle
@@ -166,23 +179,43 @@ class NatTraversal:
         py-libp2p 0.8.1 drives one attempt per relayed connection on its own, but after a failed
         first attempt (seen here: the DCUtR stream negotiation over the circuit failing) it may not
         try again; the spec allows up to three attempts, so we make the remaining ones.
+
+        Each such peer gets up to ``PUNCH_TRIES`` attempts about ``PUNCH_RETRY_S`` apart
+        (:data:`PUNCH_RETRY`), in a task of its own, while it stays reached only through a relay; a
+        peer that gets a direct path gets fresh tries should it fall back to the relay later.
         """
-        while True:
-            await anyio.sleep(PUNCH_RETRY_S)
-            for peer, paths in list(self.snapshot.items()):
-                if not paths or any(p.kind != "relayed" for p in paths):
-                    self._punch_tries.pop(peer, None)
-                    continue
-                tries = self._punch_tries.get(peer, 0)
-                if tries >= PUNCH_TRIES:
-                    continue
-                self._punch_tries[peer] = tries + 1
-                try:
+        async with anyio.create_task_group() as tg:
+            while True:
+                await anyio.sleep(PUNCH_RETRY_S)
+                self._punch_spent.intersection_update(self.snapshot)  # gone peers start afresh
+                for peer in list(self.snapshot):
+                    if not self._relayed_only(peer):
+                        self._punch_spent.discard(peer)
+                    elif peer not in self._punching and peer not in self._punch_spent:
+                        self._punching.add(peer)
+                        tg.start_soon(self._punch, dcutr, peer)
+
+    def _relayed_only(self, peer: PeerId) -> bool:
+        paths = self.snapshot.get(peer) or []
+        return bool(paths) and all(p.kind == "relayed" for p in paths)
+
+    async def _punch(self, dcutr: DCUtRProtocol, peer: PeerId) -> None:
+        """Our DCUtR attempts toward ``peer`` (see :meth:`_punch_retry_loop`)."""
+        try:
+            async for attempt in PUNCH_RETRY.async_retrying(log, f"hole punch to {peer}", sleep=anyio.sleep):
+                with attempt:
+                    if not self._relayed_only(peer):
+                        return
                     ok = await dcutr.initiate_hole_punch(ID.from_base58(peer))
-                except (BaseLibp2pError, OSError, TimeoutError) as exc:
-                    ok = False
-                    log.info("hole punch to %s failed: %s", peer, exc)
-                log.info("hole punch retry %d to %s: %s", tries + 1, peer, "direct" if ok else "still relayed")
+                    tries = attempt.retry_state.attempt_number
+                    log.info("hole punch retry %d to %s: %s", tries, peer, "direct" if ok else "still relayed")
+                    if not ok:
+                        raise _StillRelayed("no direct connection")
+        except PUNCH_RETRY.retry_on as exc:
+            log.info("hole punch to %s: no direct path after %d tries (%s)", peer, PUNCH_TRIES, exc)
+            self._punch_spent.add(peer)
+        finally:
+            self._punching.discard(peer)
 
     async def _reserve_loop(self) -> None:
         while True:
