@@ -4,6 +4,8 @@ A :class:`TaskOwner` is an async context manager: tasks started through it are c
 awaited when it exits, in the reverse order of starting. A task that fails records its
 exception in :attr:`TaskOwner.failure` and sets :attr:`TaskOwner.failed`, so whoever owns the
 owner (the Node) can shut down instead of running on half-broken.
+
+:class:`Failure` carries an exception from a producer to its consumer through a queue.
 """
 
 from __future__ import annotations
@@ -12,9 +14,33 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Coroutine
 from types import TracebackType
-from typing import Any
+from typing import Any, NoReturn
 
 log = logging.getLogger(__name__)
+
+
+class Failure:
+    """An exception handed from a producer to its consumer through a queue or channel.
+
+    A producer (a worker thread, a task, the overlay's trio thread) puts ``Failure(exc)`` where its
+    results go; the consumer, on taking one, raises it (:meth:`reraise`) at that point of the
+    stream, after every item produced before it.
+
+    Attributes:
+        exc: the exception the producer raised.
+    """
+
+    __slots__ = ("exc",)
+
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+    def reraise(self) -> NoReturn:
+        """Raise :attr:`exc` (its traceback from the producer's side is kept)."""
+        raise self.exc
+
+    def __repr__(self) -> str:
+        return f"Failure({self.exc!r})"
 
 
 class TaskOwner:

@@ -21,14 +21,10 @@ from typing import Any, TypeVar
 from potluck.errors import GenerationError, Overloaded, PotluckError
 from potluck.inference.backend import Backend, GeneratedToken
 from potluck.routing.request import SamplingParams
+from potluck.tasks import Failure
 
 _DONE = object()
 T = TypeVar("T")
-
-
-class _Failed:
-    def __init__(self, exc: BaseException) -> None:
-        self.exc = exc
 
 
 class ModelRunner:
@@ -99,7 +95,7 @@ class ModelRunner:
                     loop.call_soon_threadsafe(queue.put_nowait, token)
                 loop.call_soon_threadsafe(queue.put_nowait, _DONE)
             except BaseException as exc:  # handed to the consumer, which re-raises it
-                loop.call_soon_threadsafe(queue.put_nowait, _Failed(exc))
+                loop.call_soon_threadsafe(queue.put_nowait, Failure(exc))
 
         worker = loop.run_in_executor(self._executor, work)
         try:
@@ -111,9 +107,9 @@ class ModelRunner:
                         if batch:
                             yield batch
                         return
-                    if isinstance(item, _Failed):
+                    if isinstance(item, Failure):
                         if isinstance(item.exc, PotluckError):
-                            raise item.exc
+                            item.reraise()
                         raise GenerationError(f"backend failed: {item.exc}") from item.exc
                     batch.append(item)  # type: ignore[arg-type]
                     try:

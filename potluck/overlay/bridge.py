@@ -31,19 +31,13 @@ from typing import Any, TypeVar
 import trio
 
 from potluck.errors import ClosedError
+from potluck.tasks import Failure
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
 _END = object()
-
-
-class _Raised:
-    __slots__ = ("exc",)
-
-    def __init__(self, exc: BaseException) -> None:
-        self.exc = exc
 
 
 class TrioThread:
@@ -187,7 +181,7 @@ class TrioThread:
         def deliver(result: Any) -> None:
             if fut.done():
                 return
-            if isinstance(result, _Raised):
+            if isinstance(result, Failure):
                 fut.set_exception(result.exc)
             else:
                 fut.set_result(result)
@@ -198,11 +192,11 @@ class TrioThread:
                 try:
                     result: Any = await fn(*args)
                 except trio.Cancelled:
-                    result = _Raised(ClosedError("overlay call cancelled"))
+                    result = Failure(ClosedError("overlay call cancelled"))
                     loop.call_soon_threadsafe(deliver, result)
                     raise
                 except Exception as exc:
-                    result = _Raised(exc)
+                    result = Failure(exc)
                 loop.call_soon_threadsafe(deliver, result)
 
         self._spawn(task)
@@ -251,7 +245,7 @@ class TrioThread:
             except trio.Cancelled:
                 raise
             except Exception as exc:
-                await self.call_asyncio(queue.put, _Raised(exc))
+                await self.call_asyncio(queue.put, Failure(exc))
                 return
             finally:
                 aclose = getattr(agen, "aclose", None)
@@ -272,8 +266,8 @@ class TrioThread:
                 item = getter.result()
                 if item is _END:
                     return
-                if isinstance(item, _Raised):
-                    raise item.exc
+                if isinstance(item, Failure):
+                    item.reraise()
                 yield item
         finally:
             if not producer.done():

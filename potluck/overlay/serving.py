@@ -30,21 +30,13 @@ from potluck.overlay.wire import FinishFrame, GenerateRequest, TokenFrame
 from potluck.routing.request import ChatMessage, GenerationRequest, SamplingParams
 from potluck.routing.route import Finished, RouteEvent, ServedModelRoute, TextDelta
 from potluck.routing.router import Router
+from potluck.tasks import Failure
 
 log = logging.getLogger(__name__)
 
 FLUSH_INTERVAL_S = 0.005  # most time a generated token waits for the next TokenFrame to a peer
 _MAX_FRAME_TOKENS = 256  # tokens per TokenFrame at most (its text stays far below the frame limit)
 _PUMP_QUEUE = 512  # route events buffered between the model and the frames (backpressure beyond)
-
-
-class _Failed:
-    """The route raised: re-raised by the frame side after the tokens produced before it."""
-
-    __slots__ = ("exc",)
-
-    def __init__(self, exc: Exception) -> None:
-        self.exc = exc
 
 
 def to_generation_request(req: GenerateRequest) -> GenerationRequest:
@@ -119,7 +111,7 @@ class LocalServing:
         log.info("serving %s for a peer%s", req.model, " (resumed)" if req.continuation else "")
         # The route runs in a pump task owned by this generator (cancelled and awaited when it ends),
         # so the frame side can wait for the flush interval without cancelling the model's stream.
-        events: asyncio.Queue[RouteEvent | _Failed] = asyncio.Queue(_PUMP_QUEUE)
+        events: asyncio.Queue[RouteEvent | Failure] = asyncio.Queue(_PUMP_QUEUE)
         ended = asyncio.Event()  # the pump queued its last event: flush without waiting further
         pump = asyncio.ensure_future(self._pump(route, gen, events, ended))
         try:
@@ -134,7 +126,7 @@ class LocalServing:
         self,
         route: ServedModelRoute,
         gen: GenerationRequest,
-        events: asyncio.Queue[RouteEvent | _Failed],
+        events: asyncio.Queue[RouteEvent | Failure],
         ended: asyncio.Event,
     ) -> None:
         """Run ``gen`` on ``route`` into ``events`` (rate limit and decode speed accounted here)."""
@@ -152,11 +144,11 @@ class LocalServing:
                         self.decode_tps = tps if self.decode_tps == 0 else 0.8 * self.decode_tps + 0.2 * tps
                 await events.put(event)
         except Exception as exc:  # handed to the frame side, which raises it after the tokens before it
-            await events.put(_Failed(exc))
+            await events.put(Failure(exc))
         ended.set()
 
     async def _frames(
-        self, events: asyncio.Queue[RouteEvent | _Failed], ended: asyncio.Event
+        self, events: asyncio.Queue[RouteEvent | Failure], ended: asyncio.Event
     ) -> AsyncGenerator[TokenFrame | FinishFrame, None]:
         """Coalesce route events into frames: the first token at once, then every token generated
         during ``flush_interval_s`` in one ``TokenFrame``; the ``FinishFrame`` last."""
@@ -179,10 +171,10 @@ class LocalServing:
                         completion_tokens=item.completion_tokens,
                     )
                     return
-                elif isinstance(item, _Failed):
+                elif isinstance(item, Failure):
                     if texts:
                         yield TokenFrame(text="".join(texts), n_tokens=n_tokens)
-                    raise item.exc
+                    item.reraise()
                 if n_tokens >= _MAX_FRAME_TOKENS:
                     break
                 try:
