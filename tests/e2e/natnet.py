@@ -12,19 +12,20 @@ import json
 import os
 import socket
 import subprocess
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-from tests.e2e.procs import POTLUCK, LoggedProcess, offline_env
+from tests.e2e.procs import POTLUCK, LoggedProcess, NodeExited, offline_env
+from tests.helpers import until
 from tests.netem import Internet, Namespace, NatType
 
-T = TypeVar("T")
-
 API_PORT = 8080
+# What a condition polled over HTTP inside a namespace may raise while the swarm is still settling
+# (refused or reset connections, a non-200 answer, a half-filled view): ``until(..., retry_on=SETTLING)``.
+SETTLING: tuple[type[BaseException], ...] = (OSError, AssertionError, ValueError, KeyError)
 P2P_PORT = 4001
 
 
@@ -122,7 +123,7 @@ class NatNode(LoggedProcess):
     def wait_ready(self, timeout: float = 180.0) -> None:
         def ready() -> bool:
             if self.proc.poll() is not None:
-                raise AssertionError(f"node exited with {self.proc.returncode}:\n{self.output()[-4000:]}")
+                raise NodeExited(f"node exited with {self.proc.returncode}:\n{self.output()[-4000:]}")
             try:
                 health = self.request("GET", "/healthz", timeout=3)
             except (OSError, AssertionError, ValueError):
@@ -142,24 +143,6 @@ class NatNode(LoggedProcess):
             if p["peer_id"] == peer_id:
                 return p  # type: ignore[no-any-return]
         return None
-
-
-def until(cond: Callable[[], T], timeout: float, what: str, interval: float = 0.5) -> T:
-    """Poll ``cond`` until it returns a truthy value; raise AssertionError after ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    last: BaseException | None = None
-    while time.monotonic() < deadline:
-        try:
-            value = cond()
-        except (OSError, AssertionError, ValueError, KeyError) as exc:
-            if isinstance(exc, AssertionError) and "exited" in str(exc):
-                raise
-            last = exc
-            value = None  # type: ignore[assignment]
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what} (last error: {last})")
 
 
 @dataclass

@@ -8,14 +8,14 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
+
+from tests.helpers import until
 
 POTLUCK = [sys.executable, "-m", "potluck.cli"]
-T = TypeVar("T")
 
 
 def free_port() -> int:
@@ -51,17 +51,6 @@ def get_json(url: str, timeout: float = 10.0) -> Any:
         return json.loads(resp.read())
 
 
-def until(cond: Callable[[], T], timeout: float = 120.0, what: str = "condition", interval: float = 0.2) -> T:
-    """Poll ``cond`` until it returns something truthy (returned); AssertionError past ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-
-
 def sse_events(url: str, body: dict[str, Any], timeout: float = 180.0) -> Iterator[dict[str, Any]]:
     """POST ``body`` to ``url`` and yield each server-sent event's JSON (``[DONE]`` ends it)."""
     req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
@@ -86,6 +75,10 @@ def swarm_env(home: Path, swarm: str, secret: str, rate_tps: str, **extra: str) 
         POTLUCK_N_THREADS="1",
         **extra,
     )
+
+
+class NodeExited(RuntimeError):
+    """The node process exited while a test waited for it."""
 
 
 class LoggedProcess:
@@ -130,19 +123,16 @@ class NodeProcess(LoggedProcess):
         )
 
     def wait_ready(self, timeout: float = 120.0) -> dict:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        def ready() -> dict | None:
             if self.proc.poll() is not None:
-                raise AssertionError(f"node exited with {self.proc.returncode}:\n{self.output()}")
-            try:
-                with urllib.request.urlopen(self.url + "/healthz", timeout=2) as resp:
-                    health = json.loads(resp.read())
-                if health["status"] == "ok":
-                    return health
-            except OSError:
-                pass
-            time.sleep(0.2)
-        raise AssertionError(f"node not ready after {timeout} s:\n{self.output()}")
+                raise NodeExited(f"node exited with {self.proc.returncode}:\n{self.output()}")
+            health = get_json(self.url + "/healthz", timeout=2)
+            return health if health["status"] == "ok" else None
+
+        try:  # not yet listening: OSError
+            return until(ready, timeout, "the node to be ready", interval=0.2, retry_on=(OSError,))
+        except AssertionError as exc:  # timed out
+            raise AssertionError(f"{exc}:\n{self.output()}") from None
 
     def __enter__(self) -> NodeProcess:
         return self

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.natnet import NatNode, Swarm, nat_swarm, until
+from tests.e2e.natnet import SETTLING, NatNode, Swarm, nat_swarm
+from tests.helpers import until
 from tests.netem import NatType, missing_requirements
 
 pytestmark = [
@@ -49,7 +50,7 @@ def _chat_through_a(s: Swarm, timeout: float = 120.0) -> str:
         assert 0 < out["usage"]["completion_tokens"] <= MAX_TOKENS, out
         return choice["message"]["content"]  # type: ignore[no-any-return]
 
-    return until(attempt, timeout, "a chat answered through A")
+    return until(attempt, timeout, "a chat answered through A", retry_on=SETTLING)
 
 
 def _path(viewer: NatNode, peer: str) -> dict | None:
@@ -59,8 +60,15 @@ def _path(viewer: NatNode, peer: str) -> dict | None:
 
 def _wait_private(s: Swarm) -> None:
     for node in (s.a, s.b):
-        until(lambda n=node: n.cluster()["nat"]["reachability"] == "private", 90, f"AutoNAT private at {node.ns.name}")
-        until(lambda n=node: n.cluster()["nat"]["relays"], 60, f"a relay reservation at {node.ns.name}")
+        until(
+            lambda n=node: n.cluster()["nat"]["reachability"] == "private",
+            90,
+            f"AutoNAT private at {node.ns.name}",
+            retry_on=SETTLING,
+        )
+        until(
+            lambda n=node: n.cluster()["nat"]["relays"], 60, f"a relay reservation at {node.ns.name}", retry_on=SETTLING
+        )
     for relay in s.relays:
         assert relay.cluster()["nat"]["relays"] == []  # a public relay reserves nothing
 
@@ -96,10 +104,15 @@ def test_eim_and_eim_nat_hole_punch_to_a_direct_path(eim_eim: Swarm) -> None:
     expected = _chat_through_a(s)  # greedy: every later answer over any path must be the same text
     # DCUtR upgrades the relayed connection: both sides see a hole-punched direct connection.
     path = until(
-        lambda: (p := _path(s.a, s.b.peer_id)) and p["kind"] == "hole-punched" and p, PUNCH_WAIT_S, "hole punch"
+        lambda: (p := _path(s.a, s.b.peer_id)) and p["kind"] == "hole-punched" and p,
+        PUNCH_WAIT_S,
+        "hole punch",
+        retry_on=SETTLING,
     )
     assert path["relay"] is None and s.b.ns.ip not in str(path["addr"])  # the router's WAN address, not the LAN
-    assert until(lambda: (p := _path(s.b, s.a.peer_id)) and p["kind"] == "hole-punched", 30, "punch seen by B")
+    assert until(
+        lambda: (p := _path(s.b, s.a.peer_id)) and p["kind"] == "hole-punched", 30, "punch seen by B", retry_on=SETTLING
+    )
     assert _chat_through_a(s) == expected  # and requests run over it
 
 
@@ -109,7 +122,7 @@ def test_symmetric_nat_stays_relayed(topology: str, request: pytest.FixtureReque
     _wait_private(s)
     expected = _chat_through_a(s)  # greedy: every later answer over any path must be the same text
     relay_ids = {r.peer_id for r in s.relays}
-    path = until(lambda: _path(s.a, s.b.peer_id), 30, "A's connection to B")
+    path = until(lambda: _path(s.a, s.b.peer_id), 30, "A's connection to B", retry_on=SETTLING)
     assert path["kind"] == "relayed" and path["relay"] in relay_ids
     # Hole punching is attempted and fails (random ports): the connection stays on the relay.
     deadline = time.monotonic() + STAYS_RELAYED_S
@@ -119,7 +132,7 @@ def test_symmetric_nat_stays_relayed(topology: str, request: pytest.FixtureReque
             assert p is None or all(x["kind"] == "relayed" and x["relay"] in relay_ids for x in p["paths"]), p
         time.sleep(2)
     assert _chat_through_a(s) == expected
-    assert until(lambda: _path(s.a, s.b.peer_id), 30, "A's connection to B")["kind"] == "relayed"
+    assert until(lambda: _path(s.a, s.b.peer_id), 30, "A's connection to B", retry_on=SETTLING)["kind"] == "relayed"
 
 
 def test_lost_relay_is_replaced_and_the_node_stays_reachable(sym_sym_one_relay: Swarm) -> None:
@@ -132,10 +145,20 @@ def test_lost_relay_is_replaced_and_the_node_stays_reachable(sym_sym_one_relay: 
     other = next(r for r in s.relays if r.peer_id != held[0])
     lost.stop(signal.SIGKILL)
     # B notices, reserves on the other relay and advertises the new circuit address...
-    until(lambda: s.b.cluster()["nat"]["relays"] == [other.peer_id], 60, "re-reservation on the other relay")
+    until(
+        lambda: s.b.cluster()["nat"]["relays"] == [other.peer_id],
+        60,
+        "re-reservation on the other relay",
+        retry_on=SETTLING,
+    )
     circuit = f"/p2p/{other.peer_id}/p2p-circuit/p2p/{s.b.peer_id}"
-    until(lambda: any(circuit in a for a in s.a.peer(s.b.peer_id)["addrs"]), 60, "new circuit address at A")
+    until(
+        lambda: any(circuit in a for a in s.a.peer(s.b.peer_id)["addrs"]),
+        60,
+        "new circuit address at A",
+        retry_on=SETTLING,
+    )
     # ...and A reaches it through that relay again.
     assert _chat_through_a(s, timeout=180) == expected
-    path = until(lambda: _path(s.a, s.b.peer_id), 30, "A's connection to B")
+    path = until(lambda: _path(s.a, s.b.peer_id), 30, "A's connection to B", retry_on=SETTLING)
     assert path["kind"] == "relayed" and path["relay"] == other.peer_id

@@ -35,7 +35,8 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.natnet import P2P_PORT, NatNode, Swarm, nat_swarm, until
+from tests.e2e.natnet import P2P_PORT, SETTLING, NatNode, Swarm, nat_swarm
+from tests.helpers import until
 from tests.netem import Namespace, NatType, missing_requirements
 from tests.netem.netns import in_namespace
 
@@ -206,7 +207,7 @@ def _relayed_path(s: Swarm) -> dict[str, Any]:
         path = entry and entry["connection"]
         return path if path and path["kind"] == "relayed" else None
 
-    path = until(relayed, 90, "A's relayed connection to B")
+    path = until(relayed, 90, "A's relayed connection to B", retry_on=SETTLING)
     assert path is not None
     return path
 
@@ -218,7 +219,7 @@ def test_relay_forwards_only_ciphertext(sym_sym: Swarm) -> None:
         def reserved(n: NatNode = node) -> bool:
             return bool(n.cluster()["nat"]["relays"])
 
-        until(reserved, 90, f"a relay reservation at {node.ns.name}")
+        until(reserved, 90, f"a relay reservation at {node.ns.name}", retry_on=SETTLING)
 
     # Warm-up request: A dials B through a relay (the circuit and its Noise session exist afterwards).
     def chat() -> str | None:
@@ -227,7 +228,7 @@ def test_relay_forwards_only_ciphertext(sym_sym: Swarm) -> None:
         assert choice["finish_reason"] in ("stop", "length"), out
         return choice["message"]["content"] or None
 
-    until(chat, 120, "a chat answered through A")
+    until(chat, 120, "a chat answered through A", retry_on=SETTLING)
     relay_ids = {r.peer_id: r for r in s.relays}
     before = _relayed_path(s)
     assert before["relay"] in relay_ids, before
@@ -237,7 +238,7 @@ def test_relay_forwards_only_ciphertext(sym_sym: Swarm) -> None:
     for cap in captures:
         cap.start()
     try:
-        completion = until(chat, 120, "the captured chat answered through A")
+        completion = until(chat, 120, "the captured chat answered through A", retry_on=SETTLING)
         assert completion
         after = _relayed_path(s)
     finally:
@@ -285,4 +286,4 @@ def test_relay_forwards_only_ciphertext(sym_sym: Swarm) -> None:
     assert marker in from_a and b"/noise" in from_a, from_a[:200]
     assert b"/multistream/1.0.0" in to_a and b"/noise" in to_a, to_a[:200]
     # The relay is still serving after the junk handshake: the relayed chat still works.
-    assert until(chat, 120, "a chat after the control")
+    assert until(chat, 120, "a chat after the control", retry_on=SETTLING)

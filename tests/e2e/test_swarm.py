@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.procs import POTLUCK, NodeProcess, free_port, get_json, sse_events, swarm_env, until
+from tests.e2e.procs import POTLUCK, NodeProcess, free_port, get_json, sse_events, swarm_env
+from tests.helpers import until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
@@ -75,10 +76,10 @@ def test_three_nodes_see_each_other(swarm):
     ids = {get_json(n.url + "/api/node")["peer_id"] for n in swarm}
     assert len(ids) == 3
     for n in swarm:
-        until(lambda n=n: peer_ids(n) == ids, what=f"{n.url} to see all three peers")
+        until(lambda n=n: peer_ids(n) == ids, 120, what=f"{n.url} to see all three peers")
     # A peer's first record can predate its model load; the next heartbeat carries the model.
     expected = sorted([[OTHER], [SERVED], [SERVED]])
-    until(lambda: served_models(swarm[0]) == expected, what="every peer's models in the cluster view")
+    until(lambda: served_models(swarm[0]) == expected, 120, what="every peer's models in the cluster view")
     view = get_json(swarm[0].url + "/api/cluster")
     assert all(p["admitted"] or p["self"] for p in view["peers"])
 
@@ -97,12 +98,12 @@ def test_three_nodes_see_each_other(swarm):
 
 def test_models_lists_the_swarm_and_a_peer_serves_the_request(swarm):
     boot = swarm[0]
-    until(lambda: peer_ids(boot) and len(peer_ids(boot)) == 3, what="the swarm")
+    until(lambda: peer_ids(boot) and len(peer_ids(boot)) == 3, 120, what="the swarm")
 
     def listed() -> dict[str, str]:
         return {m["id"]: m["owned_by"] for m in get_json(boot.url + "/v1/models")["data"]}
 
-    models = until(lambda: SERVED in listed() and listed(), what=f"{SERVED} in /v1/models")
+    models = until(lambda: SERVED in listed() and listed(), 120, what=f"{SERVED} in /v1/models")
     assert models[OTHER] == "local" and models[SERVED] != "local"
     body = json.dumps(
         {"model": SERVED, "messages": [{"role": "user", "content": "ROMEO:"}], "max_tokens": 12, "temperature": 0}
@@ -119,9 +120,9 @@ def test_models_lists_the_swarm_and_a_peer_serves_the_request(swarm):
 
 def test_killing_the_serving_peer_mid_stream_still_completes(swarm):
     boot, peers = swarm[0], swarm[1:]
-    until(lambda: len(peer_ids(boot)) == 3, what="the swarm")
+    until(lambda: len(peer_ids(boot)) == 3, 120, what="the swarm")
     expected = sorted([[OTHER], [SERVED], [SERVED]])
-    until(lambda: served_models(boot) == expected, what="both peers advertising the model")
+    until(lambda: served_models(boot) == expected, 120, what="both peers advertising the model")
     served_before = [n.output().count("serving tinyshakespeare-q8_0 for a peer") for n in peers]
     body = {
         "model": SERVED,
@@ -150,7 +151,7 @@ def test_killing_the_serving_peer_mid_stream_still_completes(swarm):
                         return n
                 return None
 
-            killed = until(serving, timeout=30, what="the serving peer's log line")
+            killed = until(serving, 30, what="the serving peer's log line")
             killed.proc.send_signal(signal.SIGKILL)
             killed.proc.wait(30)
             partial = "".join(text)
