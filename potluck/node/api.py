@@ -5,7 +5,9 @@ Routes::
     GET  /v1/models             models reachable from this node (local first)
     POST /v1/chat/completions   chat, streaming (SSE, ``data: [DONE]``) or not
     POST /v1/completions        text completion, streaming or not
-    GET  /healthz               liveness and model loading state
+    GET  /healthz               liveness (200 while the process serves HTTP) and model loading state
+    GET  /readyz                readiness: 200 once the model is loaded and the overlay is up, else 503
+                                with ``{"status": "starting", "pending": ["model", "overlay"], ...}``
     GET  /metrics               Prometheus metrics
     GET  /api/node              peer ID, version, uptime, models, queue depth
 
@@ -64,6 +66,7 @@ class ApiState:
     peer_id: str
     started_at: float  # time.monotonic()
     cluster: Callable[[], dict[str, Any]] | None = None  # the overlay's state view, when it runs
+    overlay_up: Callable[[], bool] | None = None  # is the overlay up? (``None``: it is disabled)
 
 
 API_STATE = web.AppKey("api_state", ApiState)
@@ -318,6 +321,28 @@ async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok" if ready else "loading", "peer_id": state.peer_id})
 
 
+async def readyz(request: web.Request) -> web.Response:
+    """``GET /readyz``: 200 once every component serves, else 503 naming what is still pending.
+
+    ``model``: the node's model is loaded (none still loading). ``overlay``: the libp2p host and
+    the swarm loops run (``off`` and never pending when p2p is disabled).
+    """
+    state = request.app[API_STATE]
+    model = "loading" if state.router.loading or not state.router.local_routes else "loaded"
+    overlay = "off" if state.overlay_up is None else "up" if state.overlay_up() else "starting"
+    pending = [name for name, ok in (("model", model == "loaded"), ("overlay", overlay != "starting")) if not ok]
+    body = {
+        "status": "starting" if pending else "ready",
+        "pending": pending,
+        "model": model,
+        "overlay": overlay,
+        "peer_id": state.peer_id,
+    }
+    if pending:
+        return web.json_response(body, status=503, headers={"Retry-After": "1"})
+    return web.json_response(body)
+
+
 async def metrics(request: web.Request) -> web.Response:
     state = request.app[API_STATE]
     return web.Response(body=state.metrics.render(), headers={"Content-Type": state.metrics.content_type})
@@ -355,6 +380,7 @@ def build_app(state: ApiState) -> web.Application:
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/completions", completions)
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/api/node", node_info)
     app.router.add_get("/api/cluster", cluster_info)

@@ -118,6 +118,7 @@ class Node:
         s = self.settings
         state = ApiState(s, self.router, self.metrics, self.identity.peer_id, time.monotonic())
         state.cluster = self.overlay.cluster_view if self.overlay is not None else None
+        state.overlay_up = self._overlay_up if self.overlay is not None else None
         runner = web.AppRunner(
             build_app(state), handler_cancellation=True, shutdown_timeout=SHUTDOWN_GRACE_S, access_log=None
         )
@@ -135,6 +136,10 @@ class Node:
         finally:
             log.info("stopping the API")
             await runner.cleanup()
+
+    def _overlay_up(self) -> bool:
+        """The overlay runs (``GET /readyz``): started and none of its loops died."""
+        return self.overlay is not None and self.overlay.started and not self.overlay.failed.is_set()
 
     async def _watch_overlay(self) -> None:
         assert self.overlay is not None

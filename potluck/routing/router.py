@@ -61,6 +61,11 @@ class Router:
     def local_routes(self) -> list[ServedModelRoute]:
         return list(self._local.values())
 
+    @property
+    def loading(self) -> list[str]:
+        """Local models announced with :meth:`mark_loading` that are not served yet."""
+        return sorted(self._loading)
+
     def listings(self) -> list[ModelListing]:
         """Every model reachable from this node, local first, without duplicates."""
         seen: dict[str, ModelListing] = {m: ModelListing(m, "local") for m in self._local}
