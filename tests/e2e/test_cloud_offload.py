@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from potluck.privacy.guard import PrivacyGuard
 from potluck.privacy.provider import CloudRoute
 from potluck.routing.request import ChatMessage, GenerationRequest, SamplingParams
 from tests.e2e.procs import POTLUCK, NodeProcess, free_port, offline_env
+from tests.helpers import until
 
 pytestmark = pytest.mark.e2e
 
@@ -74,14 +74,13 @@ def cloud(tmp_path_factory, model_path):
         )
         try:
             proxy_url = f"http://127.0.0.1:{proxy_port}"
-            deadline = time.monotonic() + 30
-            while True:
-                try:
-                    urllib.request.urlopen(proxy_url + "/healthz", timeout=2).read()
-                    break
-                except OSError:
-                    assert proxy.poll() is None and time.monotonic() < deadline, "proxy did not start"
-                    time.sleep(0.2)
+
+            def proxy_up() -> bool:
+                assert proxy.poll() is None, "the recording proxy exited"
+                with urllib.request.urlopen(proxy_url + "/healthz", timeout=2) as resp:
+                    return resp.status == 200
+
+            until(proxy_up, 30, "the recording proxy", retry_on=(OSError,))
             with NodeProcess(
                 root / "a",
                 "--model",

@@ -11,12 +11,12 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from tests.e2e.procs import offline_env
+from tests.helpers import until
 
 IP = shutil.which("ip")
 pytestmark = [
@@ -100,18 +100,19 @@ def test_nodes_on_a_lan_find_each_other_without_bootstrap(lan, tmp_path, model_p
     try:
         for i, ns in enumerate(lan):
             procs.append(start_node(ns, tmp_path / f"n{i}", model_path("q4_0"), swarm))
-        deadline = time.monotonic() + 180
         views: dict[str, dict | None] = {}
-        while time.monotonic() < deadline:
+
+        def all_found() -> bool:
             for proc, log in procs:
                 assert proc.poll() is None, f"node exited:\n{log.read_text(errors='replace')}"
-            views = {ns: cluster(ns) for ns in lan}
-            if all(v is not None and len(v["peers"]) == N_NODES for v in views.values()):
-                break
-            time.sleep(1)
-        else:
+            views.update({ns: cluster(ns) for ns in lan})
+            return all(v is not None and len(v["peers"]) == N_NODES for v in views.values())
+
+        try:
+            until(all_found, 180, "the nodes to find each other", interval=1.0)
+        except AssertionError as exc:
             logs = "\n\n".join(log.read_text(errors="replace")[-3000:] for _, log in procs)
-            raise AssertionError(f"nodes did not find each other: {views}\n{logs}")
+            raise AssertionError(f"{exc}: {views}\n{logs}") from None
         ids = {v["peer_id"] for v in views.values() if v}
         for view in views.values():
             assert view is not None

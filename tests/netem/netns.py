@@ -8,6 +8,7 @@ without any interface in the caller's own namespace.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import os
@@ -16,9 +17,10 @@ import signal
 import socket
 import subprocess
 import threading
-import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
+
+from tests.helpers import until
 
 T = TypeVar("T")
 
@@ -78,10 +80,8 @@ def delete_namespace(name: str, kill_timeout: float = 5.0) -> None:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-    deadline = time.monotonic() + kill_timeout
-    while pids and time.monotonic() < deadline:
-        pids = [p for p in pids if _alive(p)]
-        time.sleep(0.05)
+    with contextlib.suppress(AssertionError):  # best effort: the namespace goes either way
+        until(lambda: not any(_alive(p) for p in pids), kill_timeout, f"the processes in {name} to die", interval=0.05)
     sh("ip", "netns", "del", name, check=False)
 
 

@@ -11,6 +11,7 @@ import pytest
 
 from potluck.errors import ClosedError, TransferError
 from potluck.overlay.bridge import TrioThread
+from tests.helpers import until_async
 
 
 def _overlay_threads() -> list[threading.Thread]:
@@ -35,17 +36,18 @@ async def test_call_returns_results_and_raises_errors():
 
 
 async def test_cancelling_the_asyncio_side_cancels_the_trio_task():
-    cancelled = threading.Event()
+    started, cancelled = threading.Event(), threading.Event()
     async with TrioThread("test-bridge") as bridge:
 
         async def forever() -> None:
+            started.set()
             try:
                 await anyio.sleep_forever()
             finally:
                 cancelled.set()
 
         task = asyncio.ensure_future(bridge.call(forever))
-        await asyncio.sleep(0.05)
+        await until_async(started.is_set, 10, "the trio task to start")
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
