@@ -236,7 +236,7 @@ async def _complete(
     echo: str = "",
 ) -> web.StreamResponse:
     state = request.app[API_STATE]
-    route = state.router.resolve(gen.model)
+    route = await state.router.resolve_async(gen.model)
     shaper = _Shaper(chat, route.model_id)
     metrics = state.metrics
     t0 = time.perf_counter()

@@ -104,7 +104,9 @@ class Node:
                 await self._stack.enter_async_context(self.tp)
                 self.overlay.tp = self.tp  # tp_join and tp-star streams reach it from now on
                 self._stack.callback(setattr, self.overlay, "tp", None)  # unregistered before it stops
-            self.router.add_provider(guard.wrap_provider(PeerRouteProvider(self.overlay)))
+            peers = PeerRouteProvider(self.overlay)
+            self.router.add_provider(guard.wrap_provider(peers))
+            self.router.add_discoverer(peers)  # DHT lookup of models the cluster state lacks
             self.tasks.start(self._watch_overlay(), "overlay-watch")
         if s.cloud_url:
             from potluck.privacy.provider import CloudProvider, cloud_config

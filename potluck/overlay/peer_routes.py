@@ -7,10 +7,16 @@ then measured RTT. If the chosen peer fails mid-stream (connection broke, stalle
 error), the route resumes on the next candidate of the same tier by replaying the prompt plus the
 text already produced (``continuation``), so the client sees one uninterrupted completion. A
 failed peer is excluded with capped exponential backoff (:meth:`OverlayService.record_failure`).
+
+A model that no peer in the cluster state serves is looked up in the DHT (provider records
+``/potluck/model/<id>``, :meth:`potluck.overlay.discovery.Discovery.find_model`) within
+``DHT_LOOKUP_DEADLINE_S``; the providers found are dialled, admitted and synced, so their signed
+records enter the state and the normal choice above applies (:meth:`PeerRouteProvider.discover`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
@@ -37,6 +43,7 @@ from potluck.routing.router import ModelListing
 log = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 4
+DHT_LOOKUP_DEADLINE_S = 10.0  # most time a request waits for a DHT lookup of an unknown model
 # Errors after which another peer may succeed (the peer, not the request, is at fault).
 _PEER_FAULTS = (NetworkError, GenerationError, Overloaded, ModelNotFound, ModelLoading)
 
@@ -170,6 +177,30 @@ class PeerRouteProvider:
             for m in r.record.models:
                 seen.setdefault(m.id, ModelListing(m.id, r.peer_id))
         return list(seen.values())
+
+    async def discover(self, model: str) -> bool:
+        """Find providers of ``model`` in the DHT and join them (``RouteDiscoverer``).
+
+        Returns:
+            True when a peer in the cluster state now serves ``model``. False when none does,
+            the overlay or its DHT is off, or the lookup failed or ran past
+            ``DHT_LOOKUP_DEADLINE_S`` (logged).
+        """
+        discovery = self.service.discovery
+        if discovery is None or not self.service.started:
+            return False
+        try:
+            async with asyncio.timeout(DHT_LOOKUP_DEADLINE_S):
+                found = await discovery.find_model(model)
+        except TimeoutError:
+            log.info("DHT lookup of %s ran past %.0f s", model, DHT_LOOKUP_DEADLINE_S)
+            return bool(self.service.peers_serving(model))
+        except NetworkError as exc:
+            log.info("DHT lookup of %s failed: %s", model, exc)
+            return False
+        if found:
+            log.info("found %s through the DHT at %s", model, ", ".join(found))
+        return bool(self.service.peers_serving(model))
 
     def route_for(self, model: str) -> Route | None:
         tiers = sorted({self.service.admission.trust_tier(r.peer_id) for r in self.service.peers_serving(model)})

@@ -1,7 +1,9 @@
 """The router: which :class:`~potluck.routing.route.Route` serves a request for a model name.
 
 Local models come first. Other sources of routes (peers in the swarm, the cloud) plug in as
-:class:`RouteProvider`s; they are asked in the order they were added.
+:class:`RouteProvider`s; they are asked in the order they were added. When none of them knows a
+model, :meth:`Router.resolve_async` asks each :class:`RouteDiscoverer` (the swarm's DHT lookup)
+to go and find it, then asks the providers again.
 """
 
 from __future__ import annotations
@@ -33,6 +35,17 @@ class RouteProvider(Protocol):
         ...
 
 
+class RouteDiscoverer(Protocol):
+    """Something that can learn of routes it does not know yet (e.g. by a DHT lookup)."""
+
+    async def discover(self, model: str) -> bool:
+        """Look for ``model``; True when a provider may now have a route for it.
+
+        Bounded in time by the implementation; never raises for "not found".
+        """
+        ...
+
+
 class Router:
     """Resolves model names to routes."""
 
@@ -40,6 +53,7 @@ class Router:
         self._local: dict[str, ServedModelRoute] = {}
         self._loading: set[str] = set()
         self._providers: list[RouteProvider] = []
+        self._discoverers: list[RouteDiscoverer] = []
 
     def mark_loading(self, model_id: str) -> None:
         """Announce a local model that is still loading (requests for it get HTTP 503)."""
@@ -57,6 +71,10 @@ class Router:
     def add_provider(self, provider: RouteProvider) -> None:
         self._providers.append(provider)
 
+    def add_discoverer(self, discoverer: RouteDiscoverer) -> None:
+        """Ask ``discoverer`` for models nothing else serves (see :meth:`resolve_async`)."""
+        self._discoverers.append(discoverer)
+
     @property
     def local_routes(self) -> list[ServedModelRoute]:
         return list(self._local.values())
@@ -73,6 +91,29 @@ class Router:
             for listing in provider.listings():
                 seen.setdefault(listing.id, listing)
         return list(seen.values())
+
+    async def resolve_async(self, model: str | None) -> Route:
+        """:meth:`resolve`, and when nothing knows ``model``, discover it first (the HTTP API's path).
+
+        Each discoverer bounds its own lookup; the providers are asked again after every one that
+        found something.
+
+        Raises:
+            ModelLoading: the model is loading on this node.
+            ModelNotFound: nothing serves it, even after discovery.
+        """
+        try:
+            return self.resolve(model)
+        except ModelNotFound:
+            if not model or not self._discoverers:
+                raise
+        for discoverer in self._discoverers:
+            if await discoverer.discover(model):
+                try:
+                    return self.resolve(model)
+                except ModelNotFound:
+                    continue
+        return self.resolve(model)
 
     def resolve(self, model: str | None) -> Route:
         """The route for ``model`` (``None`` or empty: this node's default model).
