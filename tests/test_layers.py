@@ -13,7 +13,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "potluck"
 
-CONTRACTS = {"config", "errors", "identity", "tasks", "routing", "retry", "openai_stream", "__init__"}
+CONTRACTS = {"config", "errors", "identity", "tasks", "routing", "retry", "openai_stream", "handshake", "__init__"}
 SUBSYSTEMS = {"inference", "overlay", "sharding", "privacy"}
 # What each top-level part of the package may import (besides itself). None: anything.
 ALLOWED: dict[str, set[str] | None] = {

@@ -1,7 +1,7 @@
 """Swarm admission: who may read or write our state and call our RPC.
 
 py-libp2p's private-network (pnet) mode is not wire-compatible with go/rust libp2p, so admission
-lives in our own protocol, ``/potluck/admit/1``, run once per connection after Noise has
+lives in our own protocol, ``/potluck/admit/2``, run once per connection after Noise has
 authenticated both peer IDs. It is a mutual challenge-response (ISO/IEC 9798-4 style, with HMAC as
 the keyed function, RFC 2104):
 
@@ -10,20 +10,21 @@ the keyed function, RFC 2104):
 3. dialer -> listener: ``AdmitProof(mac_d)``
 4. listener -> dialer: ``AdmitResult(ok)``
 
-``mac = HMAC-SHA256(K, "potluck-admit/1" | swarm | nonce | prover peer ID | verifier peer ID)``
-with ``K = SHA256("potluck-swarm/1" | swarm | secret)``. Binding both authenticated peer IDs and
-the direction stops replay and reflection; a fresh 32-byte nonce per challenge stops replay
-across connections. Without a secret the key is derived from the swarm name alone: that keeps
-swarms apart but proves nothing secret. An optional allowlist admits only listed peer IDs.
-Every refusal is logged and counted; security checks fail closed (any error = not admitted).
+``mac = prove(K, Label.ADMIT, swarm, nonce, prover peer ID, verifier peer ID)`` (HMAC-SHA256 over
+length-prefixed fields, :mod:`potluck.handshake`) with ``K = SHA256("potluck-swarm/1" | swarm |
+secret)``. Binding both authenticated peer IDs and the direction stops replay and reflection; a
+fresh 32-byte nonce per challenge stops replay across connections. Without a secret the key is
+derived from the swarm name alone: that keeps swarms apart but proves nothing secret. An optional
+allowlist admits only listed peer IDs. Every refusal is logged and counted; security checks fail
+closed (any error = not admitted). (Version 1 joined the fields with NUL bytes under the label
+``potluck-admit/1``; the protocol ID changed with the MAC, so a v1 peer fails to negotiate the
+protocol instead of failing its proof.)
 """
 
 from __future__ import annotations
 
 import hashlib
-import hmac
 import logging
-import secrets
 from collections.abc import Iterable
 from typing import TypeVar
 
@@ -31,13 +32,14 @@ import anyio
 
 from potluck.config import Settings
 from potluck.errors import PeerRefused, ProtocolViolation
+from potluck.handshake import Label, new_nonce, prove, verify
 from potluck.identity import PeerId, Tier
 from potluck.overlay.swarm_metrics import OverlayMetrics
 from potluck.overlay.wire import AdmitChallenge, AdmitProof, AdmitResult, FrameStream, WireModel
 
 log = logging.getLogger(__name__)
 
-PROTOCOL = "/potluck/admit/1"
+PROTOCOL = "/potluck/admit/2"
 F = TypeVar("F", bound=WireModel)
 ADMIT_TIMEOUT_S = 10.0
 _MAX_ADMIT_FRAME = 1024
@@ -74,14 +76,17 @@ class Admission:
 
     # ------------------------------------------------------------------ policy
     def mac(self, nonce: bytes, prover: str, verifier: str) -> bytes:
-        msg = b"\x00".join([b"potluck-admit/1", self.swarm.encode(), nonce, prover.encode(), verifier.encode()])
-        return hmac.new(self._key, msg, hashlib.sha256).digest()
+        """``prover``'s proof for ``verifier``'s challenge ``nonce`` (see the module docstring)."""
+        return prove(self._key, Label.ADMIT, *self._fields(nonce, prover, verifier))
+
+    def _fields(self, nonce: bytes, prover: str, verifier: str) -> tuple[bytes, ...]:
+        return (self.swarm.encode(), nonce, prover.encode(), verifier.encode())
 
     def check_proof(self, proof: AdmitProof, nonce: bytes, prover: PeerId) -> str | None:
         """Why ``prover``'s proof fails, or ``None`` when it is admitted."""
         if proof.swarm != self.swarm:
             return "foreign_swarm"
-        if not hmac.compare_digest(proof.mac, self.mac(nonce, prover, self.me)):
+        if not verify(self._key, Label.ADMIT, proof.mac, *self._fields(nonce, prover, self.me)):
             return "bad_secret"
         if self.allowlist_only and prover not in self.allowlist:
             return "not_allowlisted"
@@ -118,7 +123,7 @@ class Admission:
 
     # ------------------------------------------------------------------ protocol (trio thread)
     async def initiate(self, frames: FrameStream, remote: PeerId, deadline_s: float = ADMIT_TIMEOUT_S) -> None:
-        """Dialer side of the mutual handshake on a fresh ``/potluck/admit/1`` stream.
+        """Dialer side of the mutual handshake on a fresh ``/potluck/admit/2`` stream.
 
         Raises:
             PeerRefused: the remote refused us or failed its own proof.
@@ -126,7 +131,7 @@ class Admission:
             TimeoutError: past ``deadline_s`` seconds.
         """
         with anyio.fail_after(deadline_s):
-            nonce = secrets.token_bytes(32)
+            nonce = new_nonce()
             await frames.send(AdmitChallenge(swarm=self.swarm, nonce=nonce))
             their_proof = _expect(await frames.recv(), AdmitProof)
             reason = self.check_proof(their_proof, nonce, remote)
@@ -141,7 +146,7 @@ class Admission:
             self._admit(remote)
 
     async def respond(self, frames: FrameStream, remote: PeerId, deadline_s: float = ADMIT_TIMEOUT_S) -> None:
-        """Listener side of the handshake (the ``/potluck/admit/1`` stream handler).
+        """Listener side of the handshake (the ``/potluck/admit/2`` stream handler).
 
         Raises:
             PeerRefused: the remote failed its proof (we told it so) or refused ours.
@@ -152,7 +157,7 @@ class Admission:
                 await frames.send(AdmitResult(ok=False, reason="foreign_swarm"))
                 raise self.refuse(remote, "foreign_swarm")
             await frames.send(AdmitProof(swarm=self.swarm, mac=self.mac(challenge.nonce, self.me, remote)))
-            nonce = secrets.token_bytes(32)
+            nonce = new_nonce()
             await frames.send(AdmitChallenge(swarm=self.swarm, nonce=nonce))
             reply = await frames.recv()
             if isinstance(reply, AdmitResult):  # the remote rejected our proof

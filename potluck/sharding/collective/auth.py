@@ -6,19 +6,19 @@ initiator's claimed identity (the HELLO fields), with a distinct role label per 
 can be neither replayed nor reflected (the classic ISO/IEC 9798-4 three-pass mutual scheme)::
 
     initiator -> HELLO     {fields..., "nonce": Ni}
-    responder -> CHALLENGE {"nonce": Nr, "proof": HMAC(K, L | "responder" | Ni | Nr | ctx)}
-    initiator -> AUTH      {"proof": HMAC(K, L | "initiator" | Nr | Ni | ctx)}
+    responder -> CHALLENGE {"nonce": Nr, "proof": prove(K, TP_RESPONDER, Ni, Nr, ctx)}
+    initiator -> AUTH      {"proof": prove(K, TP_INITIATOR, Nr, Ni, ctx)}
     responder -> AUTH_OK   {}            (or REFUSED {"reason": str} at any step)
 
-``ctx`` is the canonical msgpack of the HELLO fields other than the nonce. Proofs are compared with
-:func:`hmac.compare_digest`. Every failure is fail-closed and raises :class:`~potluck.errors.PeerRefused`
-(wrong key, refused identity) or :class:`~potluck.errors.ProtocolViolation` (malformed handshake).
+``ctx`` is the canonical msgpack of the HELLO fields other than the nonce. ``prove`` and its
+constant-time check are :mod:`potluck.handshake`'s (HMAC-SHA256 over length-prefixed fields under
+a label per role, :class:`~potluck.handshake.Label`). Every failure is fail-closed and raises
+:class:`~potluck.errors.PeerRefused` (wrong key, refused identity) or
+:class:`~potluck.errors.ProtocolViolation` (malformed handshake).
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import logging
 import secrets
 import time
@@ -28,6 +28,7 @@ from typing import Any
 import msgpack
 
 from potluck.errors import PeerRefused, ProtocolViolation, TransferError
+from potluck.handshake import MAC_BYTES, NONCE_BYTES, Label, new_nonce, prove, verify
 from potluck.sharding.collective.channel import FrameChannel
 from potluck.sharding.collective.frames import Kind
 
@@ -36,9 +37,7 @@ __all__ = ["HANDSHAKE_MAX_FRAME", "KEY_BYTES", "check_key", "initiate", "new_ses
 log = logging.getLogger(__name__)
 
 KEY_BYTES = 32
-NONCE_BYTES = 32
 HANDSHAKE_MAX_FRAME = 4096
-_LABEL = b"potluck/sharding/auth/v1|"
 
 
 def new_session_key() -> bytes:
@@ -60,10 +59,6 @@ def check_key(key: bytes) -> bytes:
 def _context(hello: dict[str, Any]) -> bytes:
     fields = sorted((k, v) for k, v in hello.items() if k != "nonce")
     return msgpack.packb(fields, use_bin_type=True)
-
-
-def _proof(key: bytes, role: bytes, first: bytes, second: bytes, ctx: bytes) -> bytes:
-    return hmac.new(key, _LABEL + role + b"|" + first + second + ctx, hashlib.sha256).digest()
 
 
 def _bytes_field(header: dict[str, Any], name: str, size: int) -> bytes:
@@ -107,16 +102,15 @@ def initiate(channel: FrameChannel, key: bytes, hello: dict[str, Any], *, deadli
         TransferError: connection lost or deadline passed.
     """
     key = check_key(key)
-    nonce_i = secrets.token_bytes(NONCE_BYTES)
+    nonce_i = new_nonce()
     channel.send(Kind.HELLO, {**hello, "nonce": nonce_i}, deadline=deadline)
     challenge = _expect(channel, Kind.CHALLENGE, deadline)
     nonce_r = _bytes_field(challenge, "nonce", NONCE_BYTES)
     ctx = _context(hello)
-    want = _proof(key, b"responder", nonce_i, nonce_r, ctx)
-    if not hmac.compare_digest(want, _bytes_field(challenge, "proof", hashlib.sha256().digest_size)):
+    if not verify(key, Label.TP_RESPONDER, _bytes_field(challenge, "proof", MAC_BYTES), nonce_i, nonce_r, ctx):
         _refuse(channel, "authentication failed", deadline)
         raise PeerRefused(f"{channel.peer} failed authentication (wrong session key?)")
-    channel.send(Kind.AUTH, {"proof": _proof(key, b"initiator", nonce_r, nonce_i, ctx)}, deadline=deadline)
+    channel.send(Kind.AUTH, {"proof": prove(key, Label.TP_INITIATOR, nonce_r, nonce_i, ctx)}, deadline=deadline)
     _expect(channel, Kind.AUTH_OK, deadline)
 
 
@@ -153,13 +147,12 @@ def respond(
     except PeerRefused as exc:
         _refuse(channel, str(exc), deadline)
         raise
-    nonce_r = secrets.token_bytes(NONCE_BYTES)
+    nonce_r = new_nonce()
     ctx = _context(fields)
-    proof_r = _proof(key, b"responder", nonce_i, nonce_r, ctx)
+    proof_r = prove(key, Label.TP_RESPONDER, nonce_i, nonce_r, ctx)
     channel.send(Kind.CHALLENGE, {"nonce": nonce_r, "proof": proof_r}, deadline=deadline)
     auth = _expect(channel, Kind.AUTH, deadline)
-    want = _proof(key, b"initiator", nonce_r, nonce_i, ctx)
-    if not hmac.compare_digest(want, _bytes_field(auth, "proof", hashlib.sha256().digest_size)):
+    if not verify(key, Label.TP_INITIATOR, _bytes_field(auth, "proof", MAC_BYTES), nonce_r, nonce_i, ctx):
         _refuse(channel, "authentication failed", deadline)
         raise PeerRefused(f"{channel.peer} failed authentication (wrong session key?)")
     channel.send(Kind.AUTH_OK, None, deadline=deadline)
