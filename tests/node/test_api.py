@@ -147,17 +147,23 @@ async def test_queue_overflow_gives_429_with_retry_after(scripted_api):
                 return resp.status, (await resp.json())["choices"][0]["text"]
 
         busy = asyncio.create_task(complete())
-        await until_async(lambda: backend.held, 10, "the first generation to hold")
-        queued = asyncio.create_task(complete())
-        await until_async(lambda: api.runner.queue_depth == 1, 2, "the second request to queue")
-        assert api.metric("potluck_queue_depth") == 1
-        async with api.http.post("/v1/completions", json={"prompt": "x"}) as resp:
-            assert resp.status == 429
-            assert int(resp.headers["Retry-After"]) >= 1
-            err = (await resp.json())["error"]
-        assert err["type"] == "rate_limit_error" and err["code"] == "queue_full"
-        backend.release()
-        assert await busy == (200, "The q") and await queued == (200, "The q")
+        queued: asyncio.Task | None = None
+        try:
+            await until_async(lambda: backend.held, 10, "the first generation to hold")
+            queued = asyncio.create_task(complete())
+            await until_async(lambda: api.runner.queue_depth == 1, 2, "the second request to queue")
+            assert api.metric("potluck_queue_depth") == 1
+            async with api.http.post("/v1/completions", json={"prompt": "x"}) as resp:
+                assert resp.status == 429
+                assert int(resp.headers["Retry-After"]) >= 1
+                err = (await resp.json())["error"]
+            assert err["type"] == "rate_limit_error" and err["code"] == "queue_full"
+            backend.release()
+            assert await busy == (200, "The q") and await queued == (200, "The q")
+        finally:
+            backend.release()
+            # Collect the requests' outcomes so none is left as an unretrieved task exception.
+            await asyncio.gather(busy, *([queued] if queued else []), return_exceptions=True)
 
 
 @pytest.mark.parametrize("stream", [True, False])
