@@ -10,6 +10,10 @@ Routes::
                                 with ``{"status": "starting", "pending": ["model", "overlay"], ...}``
     GET  /metrics               Prometheus metrics
     GET  /api/node              peer ID, version, uptime, models, queue depth
+    GET  /, /api/events ...     the web dashboard (:mod:`potluck.node.dashboard`), when the node has one
+
+Completion responses carry ``X-Potluck-Route`` (and ``X-Potluck-Sanitized``, ``X-Potluck-Request-Id``):
+where the request ran and whether its text was sanitized (:mod:`potluck.node.dashboard.outbound`).
 
 Errors use OpenAI's shape ``{"error": {"message", "type", "param", "code"}}`` with status
 400 (malformed JSON, bad parameters), 404 (unknown model or path), 413 (body too large), 429
@@ -25,7 +29,7 @@ import time
 import uuid
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from contextlib import aclosing
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from aiohttp import web
@@ -45,6 +49,8 @@ from potluck.errors import (
     PrivacyError,
     RequestError,
 )
+from potluck.node.dashboard import Dashboard
+from potluck.node.dashboard.outbound import RouteObserver, SentLog
 from potluck.node.metrics import NodeMetrics
 from potluck.node.schemas import ChatCompletionRequest, CompletionRequest
 from potluck.routing.request import GenerationRequest
@@ -67,6 +73,8 @@ class ApiState:
     started_at: float  # time.monotonic()
     cluster: Callable[[], dict[str, Any]] | None = None  # the overlay's state view, when it runs
     overlay_up: Callable[[], bool] | None = None  # is the overlay up? (``None``: it is disabled)
+    sent: SentLog = field(default_factory=SentLog)  # text sent past the privacy guard (dashboard)
+    dashboard: Dashboard | None = None  # the web dashboard's routes (``/``, ``/api/events``...)
 
 
 API_STATE = web.AppKey("api_state", ApiState)
@@ -236,7 +244,8 @@ async def _complete(
     echo: str = "",
 ) -> web.StreamResponse:
     state = request.app[API_STATE]
-    route = await state.router.resolve_async(gen.model)
+    observer = RouteObserver(await state.router.resolve_async(gen.model), gen, state.sent, state.peer_id)
+    route = observer.route
     shaper = _Shaper(chat, route.model_id)
     metrics = state.metrics
     t0 = time.perf_counter()
@@ -249,7 +258,9 @@ async def _complete(
                     parts.append(event.text)
                 else:
                     done = event
-        return web.json_response(shaper.whole("".join(parts), done.finish_reason, _usage(done)))
+        return web.json_response(
+            shaper.whole("".join(parts), done.finish_reason, _usage(done)), headers=observer.headers()
+        )
 
     # Pull the first event before sending headers, so early errors (queue full, bad prompt)
     # still get their proper status code.
@@ -258,6 +269,7 @@ async def _complete(
         response = web.StreamResponse(
             headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
         )
+        response.headers.update(observer.headers())
         await response.prepare(request)
         try:
             await _send(response, shaper.chunk(echo if echo or chat else None, None, first=True))
@@ -384,4 +396,6 @@ def build_app(state: ApiState) -> web.Application:
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/api/node", node_info)
     app.router.add_get("/api/cluster", cluster_info)
+    if state.dashboard is not None:
+        state.dashboard.add_routes(app)
     return app

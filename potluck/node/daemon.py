@@ -28,6 +28,8 @@ from potluck.inference.route import LoadedModelRoute
 from potluck.inference.runner import ModelRunner
 from potluck.node.api import ApiState, build_app
 from potluck.node.backends import create_backend
+from potluck.node.dashboard import Dashboard
+from potluck.node.events import EventHub
 from potluck.node.metrics import NodeMetrics
 from potluck.node.progress import RichDownloadBar
 from potluck.routing.router import Router
@@ -62,6 +64,7 @@ class Node:
         self.metrics.track_queue_depth(self._queue_depth)
         self.url = ""
         self.tasks = TaskOwner("node")
+        self.events = EventHub()  # the dashboard's event stream; its poll loop is one of self.tasks
         self._stack = AsyncExitStack()
         self._model: ResolvedModel | None = None
         self._backend: Backend | None = None
@@ -90,6 +93,7 @@ class Node:
         self._stack.push_async_callback(self._unload_all)  # runs after the API has stopped
         await self._stack.enter_async_context(self.tasks)
         await self._stack.enter_async_context(self._http())
+        await self.tasks.start_ready(self.events.run, "dashboard-events")
         # Route providers and overlay services enter the stack here, after the API is up.
         # Every route of trust tier >= 2 (community peers, cloud) goes through the privacy guard.
         from potluck.privacy.audit import AuditLog
@@ -121,6 +125,17 @@ class Node:
         state = ApiState(s, self.router, self.metrics, self.identity.peer_id, time.monotonic())
         state.cluster = self.overlay.cluster_view if self.overlay is not None else None
         state.overlay_up = self._overlay_up if self.overlay is not None else None
+        state.dashboard = Dashboard(
+            s,
+            self.router,
+            self.metrics,
+            self.events,
+            peer_id=state.peer_id,
+            started_at=state.started_at,
+            overlay=self.overlay,
+            start_task=self.tasks.start,
+            sent=state.sent,
+        )
         runner = web.AppRunner(
             build_app(state), handler_cancellation=True, shutdown_timeout=SHUTDOWN_GRACE_S, access_log=None
         )
@@ -204,7 +219,7 @@ def _make_tensor_parallel(settings: Settings, overlay: OverlayService | None) ->
 
 def _banner(node: Node, console: Console) -> None:
     console.print(f"[bold]potluck node[/] peer ID [cyan]{node.identity.peer_id}[/]")
-    console.print(f"API: {node.url}/v1   metrics: {node.url}/metrics")
+    console.print(f"API: {node.url}/v1   metrics: {node.url}/metrics   dashboard: {node.url}/")
     if node.is_demo:
         console.print(
             "[bold yellow]warning:[/] no model configured and none cached: serving the built-in demo "
