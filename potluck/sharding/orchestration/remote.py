@@ -176,7 +176,7 @@ class WorkerSession:
         raise ConnectError(f"no direct TCP path to the master ({'; '.join(errors) or 'no addresses'})")
 
     def _load(self, worker: StarWorker) -> RankCompute:
-        from potluck.sharding.compute.engine import EngineOptions
+        from potluck.sharding.compute.engine import EngineOptions, RankCompute
 
         r = self.request
         cache_root = Path(self.settings.cache_dir) / "tp-cache"
