@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from potluck.routing.request import ChatMessage, SamplingParams
-from potluck.routing.route import ModelInfo
+from potluck.routing.route import ModelInfo, TokenLogprob
 
 if TYPE_CHECKING:
     from potluck.inference.gguf_file import GGUFSummary
@@ -32,6 +32,7 @@ class GeneratedToken:
 
     token_id: int
     text: str
+    logprob: TokenLogprob | None = None  # set when the request asked for ``logprobs``
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,12 @@ class SamplingParams:
         top_k: keep the k most likely tokens; 0 disables.
         seed: RNG seed; ``None`` draws one.
         stop: strings that end generation; they are not included in the output.
+        grammar: a GBNF grammar (llama.cpp's grammar format, ``grammars/README.md`` in llama.cpp)
+            the output must follow, e.g. from a JSON schema; ``None``: unconstrained. A route that
+            cannot apply it refuses the request (HTTP 400 naming the parameter).
+        logprobs: ``None``: no log-probabilities; ``k >= 0``: each generated token carries its own
+            natural-log probability under the model's unmodified distribution plus the ``k`` most
+            likely alternatives (OpenAI ``logprobs``/``top_logprobs``).
     """
 
     max_tokens: int = 256
@@ -40,6 +46,8 @@ class SamplingParams:
     top_k: int = 40
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    grammar: str | None = None
+    logprobs: int | None = None
 
 
 @dataclass(frozen=True)

@@ -45,11 +45,28 @@ class ModelInfo:
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """One token's log-probability (natural log, the model's distribution before sampling).
+
+    ``token`` is the token's text (possibly a partial UTF-8 character, decoded with replacement),
+    ``token_bytes`` its raw bytes, ``top`` the most likely alternatives at that position, most
+    likely first (empty unless requested). OpenAI's ``logprobs.content[i]`` shape.
+    """
+
+    token: str
+    logprob: float
+    token_bytes: bytes = b""
+    top: tuple[TokenLogprob, ...] = ()
+
+
+@dataclass(frozen=True)
 class TextDelta:
-    """New completion text and the number of tokens it came from."""
+    """New completion text, the number of tokens it came from, and their log-probabilities
+    (one entry per token when the request asked for ``logprobs``, else empty)."""
 
     text: str
     n_tokens: int
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass(frozen=True)
