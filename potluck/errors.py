@@ -12,6 +12,7 @@ Third-party exceptions are translated at the boundary where they enter potluck
     │   └── DownloadError           Hugging Face download failed
     ├── RequestError                bad request parameters (HTTP 400)
     ├── Overloaded                  bounded queue is full (HTTP 429)
+    ├── ScopeRefused                the caller's API key lacks a scope (HTTP 403; has ``scope``)
     ├── GenerationError             the backend failed mid-generation
     ├── ShardPlanError              no tensor-parallel plan fits (memory, speeds, geometry)
     ├── NetworkError
@@ -80,6 +81,18 @@ class GenerationError(PotluckError):
 
 class ShardPlanError(PotluckError):
     """No tensor-parallel shard plan fits the nodes, or a plan/shard file is inconsistent."""
+
+
+class ScopeRefused(PotluckError):
+    """The caller's API key lacks the scope this request needs (``cloud``, ``privacy-override``).
+
+    Attributes:
+        scope: the missing scope.
+    """
+
+    def __init__(self, message: str, scope: str) -> None:
+        super().__init__(message)
+        self.scope = scope
 
 
 class NetworkError(PotluckError):

@@ -37,6 +37,7 @@ from potluck.privacy.policy import PRIVACY_HEADER, Action, PrivacyLevel, decide,
 from potluck.routing.request import ChatMessage, GenerationRequest
 from potluck.routing.route import Finished, Route, RouteEvent, TextDelta
 from potluck.routing.router import ModelListing, RouteProvider
+from potluck.routing.scopes import require_route_scopes
 
 if TYPE_CHECKING:
     from potluck.privacy.sanitizer import Sanitized, Sanitizer
@@ -180,11 +181,14 @@ class GuardedRoute:
         level = parse_level(request.header(PRIVACY_HEADER), self.guard.default_level)
         destination = self.inner.model_id
         if decide(level, self.tier) is Action.SEND_RAW:
+            ScopeRefused: a cloud route without the ``cloud`` scope, or ``off`` without
+                ``privacy-override`` (:mod:`potluck.routing.scopes`); nothing was sent.
             if self.tier >= Tier.COMMUNITY:
                 self.guard.audit_raw(request, destination, self.tier, level)
             async with aclosing(self.inner.stream(request)) as events:
                 async for event in events:
                     yield event
+        require_route_scopes(self.tier, request.scopes, raw=level == "off", destination=destination)
             return
         outbound, result = await self.guard.prepare(request, level, self.tier, destination)
         restorer = result.restorer().stream()

@@ -71,3 +71,11 @@ class GenerationRequest:
         """Value of a request header (case-insensitive), or ``None``."""
         name = name.lower()
         return next((v for k, v in self.headers if k == name), None)
+    ``scopes`` are what the caller's API key allows beyond plain completions (``cloud``,
+    ``privacy-override``; :mod:`potluck.routing.scopes`); empty by default (fail closed). The HTTP
+    API sets them for every request (:mod:`potluck.node.auth`).
+    ``tools`` is the JSON text of OpenAI ``tools`` (an array of ``{"type": "function", "function":
+    {...}}``) rendered into a chat prompt through the model's template; ``None``: no tools. Which
+    call (if any) the model must make is expressed as ``params.grammar``.
+    scopes: frozenset[str] = frozenset()
+    tools: str | None = None

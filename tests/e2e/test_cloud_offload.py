@@ -22,6 +22,7 @@ from potluck.privacy.cloud import CloudClient, CloudConfig
 from potluck.privacy.guard import PrivacyGuard
 from potluck.privacy.provider import CloudRoute
 from potluck.routing.request import ChatMessage, GenerationRequest, SamplingParams
+from potluck.routing.scopes import CLOUD
 from tests.e2e.procs import POTLUCK, NodeProcess, free_port, offline_env
 from tests.helpers import until
 
@@ -208,7 +209,10 @@ async def test_sanitizer_failure_sends_nothing(cloud):
 
     guard = PrivacyGuard(audit=None, sanitizer_factory=broken_sanitizer)
     request = GenerationRequest(
-        model=f"cloud/{UPSTREAM_MODEL}", params=SamplingParams(max_tokens=4), messages=(ChatMessage("user", PROMPT),)
+        model=f"cloud/{UPSTREAM_MODEL}",
+        params=SamplingParams(max_tokens=4),
+        messages=(ChatMessage("user", PROMPT),),
+        scopes=frozenset({CLOUD}),
     )
     async with CloudClient(CloudConfig(proxy_url + "/v1", max_retries=0)) as client:
         route = guard.wrap(CloudRoute(client, UPSTREAM_MODEL))

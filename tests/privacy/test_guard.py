@@ -6,12 +6,13 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from potluck.errors import PolicyRefused, PrivacyError, RequestError
+from potluck.errors import PolicyRefused, PrivacyError, RequestError, ScopeRefused
 from potluck.privacy.audit import AuditLog
 from potluck.privacy.guard import GuardedRoute, PrivacyGuard
 from potluck.routing.request import ChatMessage, GenerationRequest, SamplingParams
 from potluck.routing.route import Finished, RouteEvent, TextDelta
 from potluck.routing.router import ModelListing
+from potluck.routing.scopes import ALL_SCOPES, CLOUD, PRIVACY_OVERRIDE
 
 PROMPT = "I am Henrike Vollmar, mail henrike.vollmar@example.com, card 5500 0000 0000 0004."
 
@@ -33,13 +34,14 @@ class EchoRoute:
         yield Finished("stop", 5, len(text) // 3)
 
 
-def _request(level: str | None = None) -> GenerationRequest:
+def _request(level: str | None = None, scopes: frozenset[str] = ALL_SCOPES) -> GenerationRequest:
     headers = (("x-potluck-privacy", level),) if level else ()
     return GenerationRequest(
         "dest/model",
         SamplingParams(max_tokens=8, stop=("Henrike Vollmar",)),
         messages=(ChatMessage("system", "Be kind to Henrike Vollmar."), ChatMessage("user", PROMPT)),
         headers=headers,
+        scopes=scopes,
     )
 
 
@@ -89,6 +91,7 @@ async def test_strict_refuses_and_sends_nothing(guard):
         SamplingParams(),
         messages=(ChatMessage("user", "hello there"),),
         headers=(("x-potluck-privacy", "strict"),),
+        scopes=ALL_SCOPES,
     )
     text, _ = await _run(guard.wrap(inner), clean)
     assert text == "Hello hello there"
@@ -142,3 +145,29 @@ async def test_wrap_provider(guard):
     assert wrapped.listings() == [ModelListing("dest/model", "peer")]
     assert isinstance(wrapped.route_for("dest/model"), GuardedRoute)
     assert wrapped.route_for("other") is None
+
+
+async def test_cloud_route_needs_the_cloud_scope(guard):
+    inner = EchoRoute(tier=3)
+    with pytest.raises(ScopeRefused, match="'cloud' scope") as info:
+        await _run(guard.wrap(inner), _request(scopes=frozenset()))
+    assert info.value.scope == CLOUD and inner.received == []
+    text, _ = await _run(guard.wrap(inner), _request(scopes=frozenset({CLOUD})))
+    assert "Henrike Vollmar" in text and len(inner.received) == 1
+
+
+async def test_community_route_needs_no_scope(guard):
+    inner = EchoRoute(tier=2)
+    await _run(guard.wrap(inner), _request(scopes=frozenset()))
+    assert len(inner.received) == 1
+
+
+@pytest.mark.parametrize("tier", [2, 3])
+async def test_privacy_off_needs_the_override_scope(guard, tier):
+    inner = EchoRoute(tier=tier)
+    with pytest.raises(ScopeRefused, match="privacy-override") as info:
+        await _run(guard.wrap(inner), _request("off", scopes=frozenset({CLOUD})))
+    assert info.value.scope == PRIVACY_OVERRIDE and inner.received == []
+    assert list(guard.audit.records()) == []  # refused before anything was audited or sent
+    await _run(guard.wrap(inner), _request("off", scopes=frozenset({CLOUD, PRIVACY_OVERRIDE})))
+    assert inner.received[0].messages[1].content == PROMPT
