@@ -75,14 +75,6 @@ class Overloaded(PotluckError):
         self.retry_after = retry_after
 
 
-class GenerationError(PotluckError):
-    """The inference backend failed while generating."""
-
-
-class ShardPlanError(PotluckError):
-    """No tensor-parallel shard plan fits the nodes, or a plan/shard file is inconsistent."""
-
-
 class ScopeRefused(PotluckError):
     """The caller's API key lacks the scope this request needs (``cloud``, ``privacy-override``).
 
@@ -93,6 +85,14 @@ class ScopeRefused(PotluckError):
     def __init__(self, message: str, scope: str) -> None:
         super().__init__(message)
         self.scope = scope
+
+
+class GenerationError(PotluckError):
+    """The inference backend failed while generating."""
+
+
+class ShardPlanError(PotluckError):
+    """No tensor-parallel shard plan fits the nodes, or a plan/shard file is inconsistent."""
 
 
 class NetworkError(PotluckError):

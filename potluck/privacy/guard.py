@@ -175,20 +175,20 @@ class GuardedRoute:
 
         Raises:
             RequestError: bad ``X-Potluck-Privacy`` value.
+            ScopeRefused: a cloud route without the ``cloud`` scope, or ``off`` without
+                ``privacy-override`` (:mod:`potluck.routing.scopes`); nothing was sent.
             PolicyRefused / PrivacyError: nothing was sent.
             Whatever the inner route raises.
         """
         level = parse_level(request.header(PRIVACY_HEADER), self.guard.default_level)
         destination = self.inner.model_id
+        require_route_scopes(self.tier, request.scopes, raw=level == "off", destination=destination)
         if decide(level, self.tier) is Action.SEND_RAW:
-            ScopeRefused: a cloud route without the ``cloud`` scope, or ``off`` without
-                ``privacy-override`` (:mod:`potluck.routing.scopes`); nothing was sent.
             if self.tier >= Tier.COMMUNITY:
                 self.guard.audit_raw(request, destination, self.tier, level)
             async with aclosing(self.inner.stream(request)) as events:
                 async for event in events:
                     yield event
-        require_route_scopes(self.tier, request.scopes, raw=level == "off", destination=destination)
             return
         outbound, result = await self.guard.prepare(request, level, self.tier, destination)
         restorer = result.restorer().stream()

@@ -58,6 +58,9 @@ class GenerationRequest:
     ``headers`` carries per-request options such as ``X-Potluck-Privacy`` (lower-cased keys).
     ``continuation`` is answer text another route already produced: a resumed request continues
     after it (appended to the rendered prompt; ARCHITECTURE.md, "Routing a request").
+    ``scopes`` are what the caller's API key allows beyond plain completions (``cloud``,
+    ``privacy-override``; :mod:`potluck.routing.scopes`); empty by default (fail closed). The HTTP
+    API sets them for every request (:mod:`potluck.node.auth`).
     """
 
     model: str
@@ -66,16 +69,9 @@ class GenerationRequest:
     messages: tuple[ChatMessage, ...] | None = None
     headers: tuple[tuple[str, str], ...] = ()
     continuation: str = ""
+    scopes: frozenset[str] = frozenset()
 
     def header(self, name: str) -> str | None:
         """Value of a request header (case-insensitive), or ``None``."""
         name = name.lower()
         return next((v for k, v in self.headers if k == name), None)
-    ``scopes`` are what the caller's API key allows beyond plain completions (``cloud``,
-    ``privacy-override``; :mod:`potluck.routing.scopes`); empty by default (fail closed). The HTTP
-    API sets them for every request (:mod:`potluck.node.auth`).
-    ``tools`` is the JSON text of OpenAI ``tools`` (an array of ``{"type": "function", "function":
-    {...}}``) rendered into a chat prompt through the model's template; ``None``: no tools. Which
-    call (if any) the model must make is expressed as ``params.grammar``.
-    scopes: frozenset[str] = frozenset()
-    tools: str | None = None
