@@ -60,7 +60,15 @@ class DownloadError(ModelError):
 
 
 class RequestError(PotluckError):
-    """A request carries invalid parameters."""
+    """A request carries invalid parameters.
+
+    Attributes:
+        param: the API parameter at fault (OpenAI's ``error.param``), when one is.
+    """
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 class Overloaded(PotluckError):

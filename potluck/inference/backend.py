@@ -79,6 +79,19 @@ def text_tokens(token_ids: Iterable[int], token_bytes: Callable[[int], bytes]) -
         yield GeneratedToken(-1, tail)
 
 
+#: ``SamplingParams.grammar`` is applied (constrained sampling).
+GRAMMAR = "grammar"
+#: ``SamplingParams.logprobs`` is filled in (``GeneratedToken.logprob``).
+LOGPROBS = "logprobs"
+
+
+def backend_features(backend: object) -> frozenset[str]:
+    """What optional sampling features ``backend`` implements: its ``features`` attribute
+    (a set of :data:`GRAMMAR`, :data:`LOGPROBS`), empty when it declares none."""
+    features: frozenset[str] = frozenset(getattr(backend, "features", ()))
+    return features
+
+
 @runtime_checkable
 class Backend(Protocol):
     """A loaded model that can tokenize, template chats and generate.
@@ -96,8 +109,9 @@ class Backend(Protocol):
     def tokenize(self, text: str, add_bos: bool = True) -> list[int]:
         """Token ids of ``text``."""
 
-    def render_chat(self, messages: Sequence[ChatMessage]) -> ChatPrompt:
-        """The prompt for a chat history, from the model's chat template (or a plain fallback)."""
+    def render_chat(self, messages: Sequence[ChatMessage], tools: str | None = None) -> ChatPrompt:
+        """The prompt for a chat history, from the model's chat template (or a plain fallback);
+        ``tools``: JSON text of OpenAI tool definitions (:meth:`potluck.inference.chat.ChatTemplate.render`)."""
 
     def generate(
         self, prompt: str | Sequence[int], params: SamplingParams, cancel: threading.Event

@@ -11,13 +11,24 @@ import logging
 import os
 import threading
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from potluck.errors import GenerationError, ModelError, ModelFileError, RequestError
-from potluck.inference.backend import ChatPrompt, GeneratedToken, model_info, seeded, text_tokens
+from potluck.inference.backend import (
+    GRAMMAR,
+    LOGPROBS,
+    ChatPrompt,
+    GeneratedToken,
+    model_info,
+    seeded,
+    text_tokens,
+)
 from potluck.inference.chat import ChatTemplate
 from potluck.inference.gguf_file import inspect_gguf
+from potluck.inference.grammar import checked_grammar
+from potluck.inference.logprobs import token_logprobs
 from potluck.routing.request import ChatMessage, SamplingParams
 from potluck.routing.route import ModelInfo
 
@@ -37,7 +48,7 @@ def build_has_amx() -> bool:
 
 
 class LlamaCppBackend:
-    """A GGUF model on llama.cpp.
+    """A GGUF model on llama.cpp (grammars and logprobs supported: ``features``).
 
     Args:
         path: GGUF file.
@@ -50,6 +61,7 @@ class LlamaCppBackend:
     def __init__(
         self, path: Path, model_id: str, n_ctx: int = 2048, n_threads: int | None = None, n_batch: int = 512
     ) -> None:
+        self.features = frozenset({GRAMMAR, LOGPROBS})
         self._path = path
         self._summary = inspect_gguf(path)
         ctx_cap = self._summary.context_length or n_ctx
@@ -123,8 +135,8 @@ class LlamaCppBackend:
             add_bos = False  # the chat template already wrote it
         return list(llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True))
 
-    def render_chat(self, messages: Sequence[ChatMessage]) -> ChatPrompt:
-        return self._chat.render(messages)
+    def render_chat(self, messages: Sequence[ChatMessage], tools: str | None = None) -> ChatPrompt:
+        return self._chat.render(messages, tools)
 
     def generate(
         self, prompt: str | Sequence[int], params: SamplingParams, cancel: threading.Event
@@ -135,23 +147,51 @@ class LlamaCppBackend:
             raise RequestError(f"prompt is {len(tokens)} tokens; the context holds {self._n_ctx}")
         params = seeded(params, min(params.max_tokens, self._n_ctx - len(tokens)))
         llm.set_seed(params.seed & 0xFFFFFFFF)  # type: ignore[operator]
+        grammar = checked_grammar(llm._model.vocab, params.grammar) if params.grammar is not None else None
+        logprobs: dict[int, Any] = {}  # position -> TokenLogprob, filled by _sample
         try:
-            yield from text_tokens(self._sample(llm, tokens, params, cancel), lambda t: llm.detokenize([t]))
+            for n, token in enumerate(
+                text_tokens(self._sample(llm, tokens, params, cancel, grammar, logprobs), lambda t: llm.detokenize([t]))
+            ):
+                yield replace(token, logprob=logprobs.pop(n, None)) if params.logprobs is not None else token
         except (RuntimeError, ValueError) as exc:
             raise GenerationError(f"llama.cpp failed while generating: {exc}") from exc
 
     @staticmethod
-    def _sample(llm: Any, tokens: list[int], params: SamplingParams, cancel: threading.Event) -> Iterator[int]:
-        """Token ids from ``Llama.generate`` until end-of-generation, ``cancel`` or the budget."""
+    def _sample(
+        llm: Any,
+        tokens: list[int],
+        params: SamplingParams,
+        cancel: threading.Event,
+        grammar: Any = None,
+        logprobs: dict[int, Any] | None = None,
+    ) -> Iterator[int]:
+        """Token ids from ``Llama.generate`` until end-of-generation, ``cancel`` or the budget.
+
+        With ``params.logprobs`` set, ``logprobs[i]`` receives the i-th token's
+        :class:`~potluck.routing.route.TokenLogprob`, from the logits row it was sampled from
+        (``llama_get_logits_ith(ctx, -1)``, still current when ``generate`` yields the token).
+        """
         import llama_cpp
+        import numpy as np
 
         vocab = llm._model.vocab
+        n_vocab = llm.n_vocab()
         stream = llm.generate(
-            tokens, temp=params.temperature, top_p=params.top_p, top_k=params.top_k, min_p=0.0, repeat_penalty=1.0
+            tokens,
+            temp=params.temperature,
+            top_p=params.top_p,
+            top_k=params.top_k,
+            min_p=0.0,
+            repeat_penalty=1.0,
+            grammar=grammar,
         )
         for n, token in enumerate(stream, start=1):
             if cancel.is_set() or llama_cpp.llama_vocab_is_eog(vocab, token):
                 return
+            if params.logprobs is not None and logprobs is not None:
+                row = np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(n_vocab,))  # (V,) float32
+                logprobs[n - 1] = token_logprobs(row, token, params.logprobs, lambda t: llm.detokenize([t]))
             yield token
             if n >= params.max_tokens:
                 return

@@ -6,6 +6,7 @@ from collections.abc import AsyncGenerator
 from dataclasses import replace
 
 from potluck.errors import RequestError
+from potluck.inference.backend import GRAMMAR, LOGPROBS, backend_features
 from potluck.inference.runner import ModelRunner
 from potluck.inference.stops import StopMatcher
 from potluck.routing.request import FinishReason, GenerationRequest
@@ -27,6 +28,32 @@ class LoadedModelRoute:
         return self.info.model_id
 
     @property
+    def features(self) -> frozenset[str]:
+        """Optional sampling features the backend applies (``grammar``, ``logprobs``)."""
+        return backend_features(self.runner.backend)
+
+    def check(self, request: GenerationRequest) -> None:
+        """Refuse what the backend cannot apply, naming it (never a silent drop).
+
+        Raises:
+            RequestError: ``grammar`` (``response_format``, or a required/named ``tool_choice``)
+                or ``logprobs`` on a backend without that feature.
+        """
+        have = self.features
+        name = self.info.extra.get("backend", type(self.runner.backend).__name__)
+        if request.params.grammar is not None and GRAMMAR not in have:
+            raise RequestError(
+                f"the {name} backend serving {self.model_id!r} cannot constrain output with a grammar "
+                "(response_format, or tool_choice 'required' / a named function)",
+                param="response_format",
+            )
+        if request.params.logprobs is not None and LOGPROBS not in have:
+            raise RequestError(
+                f"the {name} backend serving {self.model_id!r} does not report token log-probabilities",
+                param="logprobs",
+            )
+
+    @property
     def queue_depth(self) -> int:
         return self.runner.queue_depth
 
@@ -35,10 +62,13 @@ class LoadedModelRoute:
         return self.runner.active
 
     async def stream(self, request: GenerationRequest) -> AsyncGenerator[RouteEvent, None]:
+        self.check(request)
         backend = self.runner.backend
         params = request.params
+        if request.tools is not None and request.messages is None:
+            raise RequestError("tools need a chat request (messages)", param="tools")
         if request.messages is not None:
-            chat = backend.render_chat(request.messages)
+            chat = backend.render_chat(request.messages, request.tools)
             prompt, stops = chat.prompt, tuple(dict.fromkeys(params.stop + chat.stop))
         else:
             prompt, stops = request.prompt or "", params.stop
@@ -54,8 +84,9 @@ class LoadedModelRoute:
         async for batch in self.runner.stream(prompt_ids, params):  # tokenized once, above
             n_done += sum(1 for t in batch if t.token_id >= 0)
             text = matcher.feed("".join(t.text for t in batch))
-            if text:
-                yield TextDelta(text, len(batch))
+            logprobs = tuple(t.logprob for t in batch if t.logprob is not None)
+            if text or logprobs:
+                yield TextDelta(text, len(batch), logprobs)
             if matcher.stopped:
                 break
         tail = matcher.flush()

@@ -108,8 +108,8 @@ class ScriptedBackend:
     def tokenize(self, text: str, add_bos: bool = True) -> list[int]:
         return [BOS, *text.encode()] if add_bos else list(text.encode())
 
-    def render_chat(self, messages: Sequence[ChatMessage]) -> ChatPrompt:
-        return render_plain_chat(messages)
+    def render_chat(self, messages: Sequence[ChatMessage], tools: str | None = None) -> ChatPrompt:
+        return render_plain_chat(messages, tools)
 
     def generate(
         self, prompt: str | Sequence[int], params: SamplingParams, cancel: threading.Event

@@ -33,9 +33,10 @@ from potluck.errors import (
 )
 from potluck.identity import PeerId, Tier
 from potluck.overlay import rpc
+from potluck.overlay.generate_codec import logprobs_from_wire, message_to_wire, sampling_to_wire
 from potluck.overlay.service import OverlayService
 from potluck.overlay.state import SignedRecord
-from potluck.overlay.wire import FinishFrame, GenerateRequest, TokenFrame, WireMessage, WireSampling
+from potluck.overlay.wire import FinishFrame, GenerateRequest, TokenFrame
 from potluck.routing.request import GenerationRequest
 from potluck.routing.route import Finished, Route, RouteEvent, TextDelta
 from potluck.routing.router import ModelListing
@@ -53,20 +54,12 @@ def to_wire(request: GenerationRequest, continuation: str, tokens_done: int) -> 
     p = request.params
     return GenerateRequest(
         model=request.model,
-        params=WireSampling(
-            max_tokens=max(1, p.max_tokens - tokens_done),
-            temperature=float(p.temperature),
-            top_p=float(p.top_p),
-            top_k=p.top_k,
-            seed=p.seed,
-            stop=tuple(p.stop),
-        ),
+        params=sampling_to_wire(p, max(1, p.max_tokens - tokens_done)),
         prompt=request.prompt,
-        messages=tuple(WireMessage(role=m.role, content=m.content) for m in request.messages)
-        if request.messages is not None
-        else None,
+        messages=tuple(message_to_wire(m) for m in request.messages) if request.messages is not None else None,
         continuation=continuation,
         headers=tuple(request.headers),
+        tools=request.tools,
     )
 
 
@@ -120,13 +113,14 @@ class PeerRoute:
             try:
                 async with aclosing(self._forward(peer, wire)) as batches:
                     async for batch in batches:  # one delta per batch of frames
-                        texts = [f.text for f in batch if isinstance(f, TokenFrame)]
-                        if texts:
-                            n_tokens = sum(f.n_tokens for f in batch if isinstance(f, TokenFrame))
-                            text = "".join(texts)
+                        frames = [f for f in batch if isinstance(f, TokenFrame)]
+                        if frames:
+                            n_tokens = sum(f.n_tokens for f in frames)
+                            text = "".join(f.text for f in frames)
                             produced.append(text)
                             tokens_done += n_tokens
-                            yield TextDelta(text, n_tokens)
+                            lps = tuple(lp for f in frames for lp in logprobs_from_wire(f.logprobs))
+                            yield TextDelta(text, n_tokens, lps)
                         finish = batch[-1]
                         if isinstance(finish, FinishFrame):
                             self.service.record_success(peer)

@@ -25,10 +25,11 @@ from contextlib import aclosing, suppress
 import psutil
 
 from potluck.errors import ModelNotFound
+from potluck.overlay.generate_codec import logprobs_to_wire, message_from_wire, sampling_from_wire
 from potluck.overlay.state import Hardware, Load, ModelAd
 from potluck.overlay.wire import FinishFrame, GenerateRequest, TokenFrame
-from potluck.routing.request import ChatMessage, GenerationRequest, SamplingParams
-from potluck.routing.route import Finished, RouteEvent, ServedModelRoute, TextDelta
+from potluck.routing.request import GenerationRequest
+from potluck.routing.route import Finished, RouteEvent, ServedModelRoute, TextDelta, TokenLogprob
 from potluck.routing.router import Router
 from potluck.tasks import Failure
 
@@ -41,14 +42,14 @@ _PUMP_QUEUE = 512  # route events buffered between the model and the frames (bac
 
 def to_generation_request(req: GenerateRequest) -> GenerationRequest:
     """Wire request -> the node's request."""
-    p = req.params
     return GenerationRequest(
         model=req.model,
-        params=SamplingParams(p.max_tokens, p.temperature, p.top_p, p.top_k, p.seed, tuple(p.stop)),
+        params=sampling_from_wire(req.params),
         prompt=req.prompt,
-        messages=tuple(ChatMessage(m.role, m.content) for m in req.messages) if req.messages is not None else None,
+        messages=tuple(message_from_wire(m) for m in req.messages) if req.messages is not None else None,
         headers=tuple(req.headers),
         continuation=req.continuation,
+        tools=req.tools,
     )
 
 
@@ -153,6 +154,7 @@ class LocalServing:
         """Coalesce route events into frames: the first token at once, then every token generated
         during ``flush_interval_s`` in one ``TokenFrame``; the ``FinishFrame`` last."""
         texts: list[str] = []
+        lps: list[TokenLogprob] = []
         n_tokens = 0
         last_flush = -math.inf
         loop = asyncio.get_running_loop()
@@ -161,10 +163,11 @@ class LocalServing:
             while True:
                 if isinstance(item, TextDelta):
                     texts.append(item.text)
+                    lps.extend(item.logprobs)
                     n_tokens += item.n_tokens
                 elif isinstance(item, Finished):
                     if texts:
-                        yield TokenFrame(text="".join(texts), n_tokens=n_tokens)
+                        yield TokenFrame(text="".join(texts), n_tokens=n_tokens, logprobs=logprobs_to_wire(tuple(lps)))
                     yield FinishFrame(
                         finish_reason=item.finish_reason,
                         prompt_tokens=item.prompt_tokens,
@@ -173,7 +176,7 @@ class LocalServing:
                     return
                 elif isinstance(item, Failure):
                     if texts:
-                        yield TokenFrame(text="".join(texts), n_tokens=n_tokens)
+                        yield TokenFrame(text="".join(texts), n_tokens=n_tokens, logprobs=logprobs_to_wire(tuple(lps)))
                     item.reraise()
                 if n_tokens >= _MAX_FRAME_TOKENS:
                     break
@@ -192,5 +195,5 @@ class LocalServing:
                 except asyncio.QueueEmpty:
                     break
             last_flush = loop.time()
-            yield TokenFrame(text="".join(texts), n_tokens=n_tokens)
-            texts, n_tokens = [], 0
+            yield TokenFrame(text="".join(texts), n_tokens=n_tokens, logprobs=logprobs_to_wire(tuple(lps)))
+            texts, lps, n_tokens = [], [], 0

@@ -66,8 +66,20 @@ class CloudConfig:
 
 
 def request_body(request: GenerationRequest, upstream_model: str) -> tuple[str, dict[str, Any]]:
-    """The endpoint path and JSON body for ``request`` (OpenAI chat or text completion)."""
+    """The endpoint path and JSON body for ``request`` (OpenAI chat or text completion).
+
+    Raises:
+        RequestError: the request needs a feature this client does not forward upstream (a
+            grammar from ``response_format``/``tool_choice``, ``logprobs``, ``tools``), naming it.
+    """
     p = request.params
+    for param, present in (
+        ("response_format", p.grammar is not None),
+        ("logprobs", p.logprobs is not None),
+        ("tools", request.tools is not None or any(m.tool_calls for m in request.messages or ())),
+    ):
+        if present:
+            raise RequestError(f"'{param}' is not supported on the cloud route", param=param)
     body: dict[str, Any] = {
         "model": upstream_model,
         "stream": True,

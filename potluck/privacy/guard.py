@@ -34,7 +34,7 @@ from potluck.errors import PolicyRefused, PrivacyError
 from potluck.identity import Tier
 from potluck.privacy.audit import AuditLog, AuditRecord
 from potluck.privacy.policy import PRIVACY_HEADER, Action, PrivacyLevel, decide, enforce_strict, parse_level
-from potluck.routing.request import ChatMessage, GenerationRequest
+from potluck.routing.request import GenerationRequest
 from potluck.routing.route import Finished, Route, RouteEvent, TextDelta
 from potluck.routing.router import ModelListing, RouteProvider
 from potluck.routing.scopes import require_route_scopes
@@ -111,8 +111,14 @@ class PrivacyGuard:
             PolicyRefused: level ``strict`` and sensitive content detected.
             PrivacyError: sanitization or auditing failed (nothing may be sent).
         """
-        sanitizer = await self.sanitizer()
         messages = request.messages or ()
+        if request.tools is not None or any(m.tool_calls for m in messages):
+            # Tool definitions and call arguments are JSON the sanitizer does not rewrite: fail closed.
+            raise PolicyRefused(
+                f"tools and tool calls are not sanitized, so they are not sent to {destination} (tier {tier}); "
+                "use a trusted route or X-Potluck-Privacy: off"
+            )
+        sanitizer = await self.sanitizer()
         texts = [m.content for m in messages] + [request.prompt or ""] + list(request.params.stop)
         try:
             result = await asyncio.to_thread(sanitizer.sanitize, texts)
@@ -127,7 +133,7 @@ class PrivacyGuard:
         n = len(messages)
         outbound = replace(
             request,
-            messages=tuple(ChatMessage(m.role, t) for m, t in zip(messages, out[:n], strict=True))
+            messages=tuple(replace(m, content=t) for m, t in zip(messages, out[:n], strict=True))
             if request.messages is not None
             else None,
             prompt=out[n] if request.prompt is not None else None,

@@ -14,11 +14,30 @@ FinishReason = Literal["stop", "length", "cancelled"]
 
 
 @dataclass(frozen=True)
+class ToolCall:
+    """A function call an assistant message made (OpenAI ``tool_calls[i]``).
+
+    ``arguments`` is the JSON text of the arguments object, as the model wrote it.
+    """
+
+    id: str
+    name: str
+    arguments: str
+
+
+@dataclass(frozen=True)
 class ChatMessage:
-    """One message of a chat history."""
+    """One message of a chat history.
+
+    ``tool_calls``: the calls an ``assistant`` message made; ``tool_call_id``: the call a ``tool``
+    message answers; ``name``: the tool's name on a ``tool`` message (optional).
+    """
 
     role: Role
     content: str
+    tool_calls: tuple[ToolCall, ...] = ()
+    tool_call_id: str | None = None
+    name: str | None = None
 
 
 @dataclass(frozen=True)
@@ -61,6 +80,9 @@ class GenerationRequest:
     ``scopes`` are what the caller's API key allows beyond plain completions (``cloud``,
     ``privacy-override``; :mod:`potluck.routing.scopes`); empty by default (fail closed). The HTTP
     API sets them for every request (:mod:`potluck.node.auth`).
+    ``tools`` is the JSON text of OpenAI ``tools`` (an array of ``{"type": "function", "function":
+    {...}}``) rendered into a chat prompt through the model's template; ``None``: no tools. Which
+    call (if any) the model must make is expressed as ``params.grammar``.
     """
 
     model: str
@@ -70,6 +92,7 @@ class GenerationRequest:
     headers: tuple[tuple[str, str], ...] = ()
     continuation: str = ""
     scopes: frozenset[str] = frozenset()
+    tools: str | None = None
 
     def header(self, name: str) -> str | None:
         """Value of a request header (case-insensitive), or ``None``."""

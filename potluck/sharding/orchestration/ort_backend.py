@@ -63,8 +63,8 @@ class TPBackendBase:
     def tokenize(self, text: str, add_bos: bool = True) -> list[int]:
         return self._require()[1].tokenize(text, add_bos)
 
-    def render_chat(self, messages: Sequence[ChatMessage]) -> ChatPrompt:
-        return self._chat.render(messages)
+    def render_chat(self, messages: Sequence[ChatMessage], tools: str | None = None) -> ChatPrompt:
+        return self._chat.render(messages, tools)
 
     def generate(
         self, prompt: str | Sequence[int], params: SamplingParams, cancel: threading.Event
