@@ -10,12 +10,13 @@ environment at import time.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import platformdirs
-from pydantic import Field, SecretStr, ValidationError
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
+    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
@@ -59,12 +60,40 @@ class Settings(BaseSettings):
     max_queue: int = Field(16, ge=0, le=4096, description="Requests allowed to wait for the model before HTTP 429.")
     default_max_tokens: int = Field(256, ge=1, le=1 << 20, description="max_tokens when a request omits it.")
 
+    # --- client authentication (potluck.node.auth, potluck.node.keys) ------------------------
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list,
+        description="API keys clients must send as 'Authorization: Bearer KEY', each 'KEY [scopes=cloud,"
+        "privacy-override] [rate=60/min]' (env POTLUCK_API_KEYS: entries separated by ';').",
+    )
+    api_keys_file: Path | None = Field(
+        None, description="File of API keys, one entry a line like api_keys; re-read when it changes (mode 0600)."
+    )
+    no_auth: bool = Field(False, description="Serve a non-loopback address without API keys (anyone may call).")
+    api_rate_limit: str | None = Field(
+        None,
+        pattern=r"^\s*\d+(\.\d+)?\s*/\s*(s|sec|second|min|minute|h|hour)\s*$",
+        description="Requests per key without its own rate=, e.g. 60/min (unset: unlimited).",
+    )
+    api_key: SecretStr | None = Field(
+        None, description="Key the CLI (potluck chat/status/peers) sends to a node (env POTLUCK_API_KEY)."
+    )
+
     # --- inference ------------------------------------------------------------------------
     model: str | None = Field(
         None,
         description="GGUF path, or Hugging Face 'owner/repo:file.gguf'. Unset: cached default or demo model.",
     )
     model_name: str | None = Field(None, description="Model id shown in the API (default: the file stem).")
+    embedding_model: str | None = Field(
+        None,
+        description="GGUF (path or 'owner/repo:file.gguf') loaded for /v1/embeddings. Unset: no embeddings.",
+    )
+    aliases: dict[str, str] = Field(
+        default_factory=dict,
+        description='Other names for served models, e.g. {"gpt-4o-mini": "SmolLM2-135M-Instruct"} '
+        "(config table [aliases]; flag --alias NAME=MODEL).",
+    )
     backend: Literal["llama.cpp", "onnxruntime"] = Field("llama.cpp", description="Inference backend.")
     n_ctx: int = Field(2048, ge=16, le=1 << 20, description="Context length in tokens (capped by the model).")
     n_threads: int | None = Field(None, ge=1, le=1024, description="Compute threads (default: all cores).")
@@ -102,6 +131,14 @@ class Settings(BaseSettings):
         ge=0,
         le=1.0,
         description="Most seconds a token streamed to a peer waits to share a frame with later ones (0: per event).",
+    )
+
+    verify_interval_s: float = Field(
+        60.0,
+        ge=0,
+        le=86400,
+        description="Mean seconds between serving-quality checks of peers (challenges, Merkle proofs; "
+        "jittered +-20%); 0: never check peers, only answer their challenges.",
     )
 
     # --- NAT traversal (overlay/nat) -----------------------------------------------------
@@ -164,6 +201,14 @@ class Settings(BaseSettings):
     )
     cloud_total_timeout_s: float = Field(600.0, gt=0, le=86400, description="Upstream request deadline, seconds.")
     cloud_retries: int = Field(2, ge=0, le=10, description="Upstream retries before a stream starts.")
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_api_keys(cls, value: Any) -> Any:
+        """``POTLUCK_API_KEYS="k1 scopes=cloud; k2"`` -> two entries (a list passes unchanged)."""
+        if isinstance(value, str):
+            return [e.strip() for e in value.replace("\n", ";").split(";") if e.strip()]
+        return value
 
     @classmethod
     def settings_customise_sources(

