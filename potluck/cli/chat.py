@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from potluck.cli.common import ConfigOpt, UrlOpt, api_url, fail, out, settings_or_exit
+from potluck.cli.common import ApiKeyOpt, ConfigOpt, UrlOpt, api_url, client_api_key, fail, out, settings_or_exit
 
 
 def chat(
@@ -17,6 +17,7 @@ def chat(
     system: Annotated[str | None, typer.Option("--system", help="System message.")] = None,
     url: UrlOpt = None,
     config: ConfigOpt = None,
+    api_key: ApiKeyOpt = None,
 ) -> None:
     """Ask a running node and stream its answer."""
     from potluck.cli.client import ClientError, stream_chat
@@ -24,7 +25,8 @@ def chat(
     settings = settings_or_exit(config)
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
     try:
-        for piece in stream_chat(api_url(settings, url), messages, model, max_tokens, temperature):
+        key = client_api_key(settings, api_key)
+        for piece in stream_chat(api_url(settings, url), messages, model, max_tokens, temperature, key):
             out.print(piece, end="", markup=False, highlight=False, soft_wrap=True)
         out.print()
     except ClientError as exc:

@@ -18,6 +18,12 @@ class ClientError(PotluckError):
     """The node could not be reached or answered with an error."""
 
 
+def _authorize(req: urllib.request.Request, api_key: str | None) -> urllib.request.Request:
+    if api_key:
+        req.add_header("Authorization", f"Bearer {api_key}")
+    return req
+
+
 def _open(req: urllib.request.Request, timeout: float) -> Any:
     try:
         return urllib.request.urlopen(req, timeout=timeout)
@@ -34,13 +40,13 @@ def _open(req: urllib.request.Request, timeout: float) -> Any:
         ) from exc
 
 
-def get_json(url: str, timeout: float = 10.0) -> Any:
-    """GET ``url`` and decode its JSON body.
+def get_json(url: str, timeout: float = 10.0, api_key: str | None = None) -> Any:
+    """GET ``url`` and decode its JSON body (``api_key``: sent as ``Authorization: Bearer``).
 
     Raises:
         ClientError: unreachable, HTTP error, or not JSON.
     """
-    with _open(urllib.request.Request(url), timeout) as resp:
+    with _open(_authorize(urllib.request.Request(url), api_key), timeout) as resp:
         try:
             return json.loads(resp.read())
         except ValueError as exc:
@@ -48,9 +54,14 @@ def get_json(url: str, timeout: float = 10.0) -> Any:
 
 
 def stream_chat(
-    base_url: str, messages: list[dict[str, str]], model: str | None, max_tokens: int, temperature: float
+    base_url: str,
+    messages: list[dict[str, str]],
+    model: str | None,
+    max_tokens: int,
+    temperature: float,
+    api_key: str | None = None,
 ) -> Iterator[str]:
-    """Stream a chat completion; yields text pieces as they arrive.
+    """Stream a chat completion; yields text pieces as they arrive (``api_key``: sent as Bearer).
 
     Raises:
         ClientError: unreachable, HTTP error, a malformed stream or an error event mid-stream.
@@ -69,7 +80,7 @@ def stream_chat(
         headers={"Content-Type": "application/json"},
         method="POST",
     )
-    with _open(req, TIMEOUT_S) as resp:
+    with _open(_authorize(req, api_key), TIMEOUT_S) as resp:
         for raw in resp:
             try:
                 chunk = parse_line(raw)

@@ -57,14 +57,17 @@ def peers(
     url: Annotated[str | None, typer.Option("--url", help="Node API base URL (default: from settings).")] = None,
     config: Annotated[Path | None, typer.Option("--config", "-c", help="TOML config file.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the raw view as JSON.")] = False,
+    api_key: Annotated[
+        str | None, typer.Option("--api-key", help="Key to send (default: POTLUCK_API_KEY or config).")
+    ] = None,
 ) -> None:
     """List the peers in the swarm: peer ID, addrs, models, load, RTT, trust tier, last seen."""
     from potluck.cli.client import ClientError, get_json
-    from potluck.cli.common import api_url, fail, settings_or_exit
+    from potluck.cli.common import api_url, client_api_key, fail, settings_or_exit
 
     settings = settings_or_exit(config)
     try:
-        view = get_json(api_url(settings, url) + "/api/cluster")
+        view = get_json(api_url(settings, url) + "/api/cluster", api_key=client_api_key(settings, api_key))
     except ClientError as exc:
         raise fail(str(exc)) from exc
     if as_json:

@@ -19,6 +19,10 @@ Errors use OpenAI's shape ``{"error": {"message", "type", "param", "code"}}`` wi
 400 (malformed JSON, bad parameters), 404 (unknown model or path), 413 (body too large), 429
 (queue full, with ``Retry-After``), 503 (model loading, with ``Retry-After``). A failure after a
 stream has started is sent as a final ``data: {"error": ...}`` event.
+
+Every route except ``/healthz`` and ``/readyz`` (and ``/metrics`` from loopback) needs an API key
+when keys are configured: 401 without a valid one, 429 with ``Retry-After`` past its rate, 403
+when its scopes do not allow the request (:mod:`potluck.node.auth`, applied app-wide).
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import time
 import uuid
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from contextlib import aclosing
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from aiohttp import web
@@ -48,9 +52,12 @@ from potluck.errors import (
     PotluckError,
     PrivacyError,
     RequestError,
+    ScopeRefused,
 )
+from potluck.node.auth import Authenticator, caller_scopes
 from potluck.node.dashboard import Dashboard
 from potluck.node.dashboard.outbound import RouteObserver, SentLog
+from potluck.node.keys import KeyRing
 from potluck.node.metrics import NodeMetrics
 from potluck.node.schemas import ChatCompletionRequest, CompletionRequest
 from potluck.routing.request import GenerationRequest
@@ -75,6 +82,7 @@ class ApiState:
     overlay_up: Callable[[], bool] | None = None  # is the overlay up? (``None``: it is disabled)
     sent: SentLog = field(default_factory=SentLog)  # text sent past the privacy guard (dashboard)
     dashboard: Dashboard | None = None  # the web dashboard's routes (``/``, ``/api/events``...)
+    auth: Authenticator | None = None  # API keys (:mod:`potluck.node.auth`); ``None``: no keys, loopback callers
 
 
 API_STATE = web.AppKey("api_state", ApiState)
@@ -86,6 +94,7 @@ _ERROR_MAP: list[tuple[type[Exception], int, str, str | None]] = [
     (Overloaded, 429, "rate_limit_error", "queue_full"),
     (ModelLoading, 503, "service_unavailable", "model_loading"),
     (PolicyRefused, 403, "privacy_error", "policy_refused"),
+    (ScopeRefused, 403, "permission_error", "scope_required"),
     (PrivacyError, 500, "privacy_error", "sanitization_failed"),
     (NetworkError, 502, "upstream_error", None),
     (GenerationError, 500, "server_error", None),
@@ -244,6 +253,7 @@ async def _complete(
     echo: str = "",
 ) -> web.StreamResponse:
     state = request.app[API_STATE]
+    gen = replace(gen, scopes=caller_scopes(request))  # what the caller's API key allows (cloud, privacy)
     observer = RouteObserver(await state.router.resolve_async(gen.model), gen, state.sent, state.peer_id)
     route = observer.route
     shaper = _Shaper(chat, route.model_id)
@@ -386,7 +396,10 @@ async def cluster_info(request: web.Request) -> web.Response:
 
 def build_app(state: ApiState) -> web.Application:
     """The aiohttp application serving the API for ``state``."""
-    app = web.Application(client_max_size=state.settings.max_body_bytes, middlewares=[errors_middleware])
+    auth = state.auth or Authenticator(KeyRing())
+    app = web.Application(
+        client_max_size=state.settings.max_body_bytes, middlewares=[errors_middleware, auth.middleware]
+    )
     app[API_STATE] = state
     app.router.add_get("/v1/models", list_models)
     app.router.add_post("/v1/chat/completions", chat_completions)
