@@ -200,7 +200,7 @@ class Authenticator:
             )
         request[CALLER] = caller
         if via == "query" and path == "/" and request.method == "GET":
-            redirect = web.HTTPSeeOther("/")
+            redirect = web.Response(status=303, headers={"Location": "/"})  # the key leaves the address bar
             redirect.set_cookie(COOKIE, request.query[QUERY], httponly=True, samesite="Strict", path="/")
             return redirect
         return await handler(request)
