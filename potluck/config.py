@@ -96,8 +96,19 @@ class Settings(BaseSettings):
     )
     backend: Literal["llama.cpp", "onnxruntime"] = Field("llama.cpp", description="Inference backend.")
     n_ctx: int = Field(2048, ge=16, le=1 << 20, description="Context length in tokens (capped by the model).")
-    n_threads: int | None = Field(None, ge=1, le=1024, description="Compute threads (default: all cores).")
+    n_threads: int | None = Field(
+        None,
+        ge=1,
+        le=1024,
+        description="Compute threads (default: adaptive, the cores other processes leave free, checked each second).",
+    )
     n_batch: int = Field(512, ge=1, le=1 << 16, description="Prompt-processing batch size in tokens.")
+    parallel: int = Field(
+        4,
+        ge=1,
+        le=64,
+        description="Requests decoded together in one llama.cpp batch (slots; each gets n_ctx tokens of KV cache).",
+    )
 
     # --- overlay --------------------------------------------------------------------------
     p2p_enabled: bool = Field(True, description="Join a swarm (libp2p host, discovery, cluster state).")

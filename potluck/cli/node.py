@@ -47,6 +47,12 @@ def node_start(
     ] = None,
     n_ctx: Annotated[int | None, typer.Option("--ctx", help="Context length in tokens.")] = None,
     max_queue: Annotated[int | None, typer.Option("--max-queue", help="Queued requests before 429.")] = None,
+    parallel: Annotated[
+        int | None, typer.Option("--parallel", min=1, max=64, help="Requests decoded together in one batch.")
+    ] = None,
+    n_threads: Annotated[
+        int | None, typer.Option("--threads", min=1, help="Compute threads (default: the free cores, adaptive).")
+    ] = None,
     config: ConfigOpt = None,
     data_dir: DataDirOpt = None,
     log_level: Annotated[str | None, typer.Option("--log-level", help="debug, info, warning, error.")] = None,
@@ -111,6 +117,8 @@ def node_start(
         backend=backend,
         n_ctx=n_ctx,
         max_queue=max_queue,
+        parallel=parallel,
+        n_threads=n_threads,
         data_dir=data_dir,
         log_level=log_level,
         bootstrap=bootstrap or None,

@@ -92,12 +92,19 @@ def backend_features(backend: object) -> frozenset[str]:
     return features
 
 
+def backend_concurrency(backend: object) -> int:
+    """Generations ``backend`` runs at once: its ``max_concurrency`` attribute (batch slots),
+    1 when it declares none (single-sequence backends; the runner serializes them)."""
+    n = getattr(backend, "max_concurrency", 1)
+    return n if isinstance(n, int) and n >= 1 else 1
+
+
 @runtime_checkable
 class Backend(Protocol):
     """A loaded model that can tokenize, template chats and generate.
 
     ``load`` and ``generate`` block; callers run them off the event loop, one generation at a
-    time per instance.
+    time per instance unless it declares ``max_concurrency`` (:func:`backend_concurrency`).
     """
 
     @property

@@ -61,6 +61,12 @@ class LoadedModelRoute:
     def active(self) -> int:
         return self.runner.active
 
+    @property
+    def decode_tps(self) -> float:
+        """The backend's measured single-stream decode tokens/s (0 when it measures none)."""
+        tps = getattr(self.runner.backend, "decode_tps", 0.0)
+        return float(tps) if isinstance(tps, (int, float)) else 0.0
+
     async def stream(self, request: GenerationRequest) -> AsyncGenerator[RouteEvent, None]:
         self.check(request)
         backend = self.runner.backend

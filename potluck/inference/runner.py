@@ -1,12 +1,15 @@
 """Run a blocking :class:`~potluck.inference.backend.Backend` from asyncio.
 
-One generation at a time per model: a request waits its turn behind a bounded queue
-(:class:`~potluck.errors.Overloaded` past ``max_queue`` waiters). The generation loop runs in a
-dedicated worker thread and hands tokens to the event loop through an asyncio queue with
+Up to ``backend_concurrency(backend)`` generations at once per model (1 for single-sequence
+backends such as tensor parallelism; the batch slots of
+:class:`~potluck.inference.batched_backend.BatchedLlamaCppBackend`): a request waits its turn
+behind a bounded queue (:class:`~potluck.errors.Overloaded` past ``max_queue`` waiters). Each
+generation loop runs in a worker thread and hands tokens to the event loop through an asyncio queue with
 ``call_soon_threadsafe``; the consumer drains whatever has arrived in one go, so a fast model
 costs one event-loop wake-up per batch, not per token. Leaving the ``async for`` early (client
 disconnect, task cancelled) sets the cancel event, and the runner waits for the worker to stop
-before the next request may start.
+before its slot goes to the next request. Tokenizing and chat rendering run on a thread of
+their own, so a request is counted in the queue while generations hold every slot.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from contextlib import suppress
 from typing import Any, TypeVar
 
 from potluck.errors import GenerationError, Overloaded, PotluckError
-from potluck.inference.backend import Backend, GeneratedToken
+from potluck.inference.backend import Backend, GeneratedToken, backend_concurrency
 from potluck.routing.request import SamplingParams
 from potluck.tasks import Failure
 
@@ -28,34 +31,37 @@ T = TypeVar("T")
 
 
 class ModelRunner:
-    """Serializes generations on one backend and streams their tokens to asyncio.
+    """Runs at most ``backend_concurrency(backend)`` generations at once and streams their tokens.
 
     Args:
         backend: a loaded backend.
-        max_queue: requests allowed to wait while one generates; more raise ``Overloaded``.
+        max_queue: requests allowed to wait while every slot generates; more raise ``Overloaded``.
     """
 
     def __init__(self, backend: Backend, max_queue: int) -> None:
         self.backend = backend
+        self.slots = backend_concurrency(backend)
         self._max_queue = max_queue
-        self._lock = asyncio.Lock()
+        self._free_slots = asyncio.Semaphore(self.slots)
         self._waiting = 0
         self._active = 0
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="potluck-gen")
+        self._executor = ThreadPoolExecutor(max_workers=self.slots, thread_name_prefix="potluck-gen")
+        self._prep = ThreadPoolExecutor(max_workers=1, thread_name_prefix="potluck-prep")
 
     @property
     def queue_depth(self) -> int:
-        """Requests waiting for the model (not counting the one generating)."""
+        """Requests waiting for a slot (not counting those generating)."""
         return self._waiting
 
     @property
     def active(self) -> int:
-        """Generations in progress (0 or 1)."""
+        """Generations in progress (0 to ``slots``)."""
         return self._active
 
     async def run_blocking(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run a blocking backend call (tokenize, render) on the worker thread."""
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        """Run a blocking backend call (tokenize, render) on the preparation thread (never
+        behind a running generation)."""
+        return await asyncio.get_running_loop().run_in_executor(self._prep, fn, *args)
 
     async def stream(
         self, prompt: str | Sequence[int], params: SamplingParams
@@ -66,11 +72,11 @@ class ModelRunner:
             Overloaded: ``max_queue`` requests are already waiting.
             GenerationError: the backend failed.
         """
-        if self._lock.locked() and self._waiting >= self._max_queue:
+        if self._free_slots.locked() and self._waiting >= self._max_queue:
             raise Overloaded(f"{self._waiting} requests already queued for this model", retry_after=1.0)
         self._waiting += 1
         try:
-            await self._lock.acquire()
+            await self._free_slots.acquire()
         finally:
             self._waiting -= 1
         self._active += 1
@@ -79,7 +85,7 @@ class ModelRunner:
                 yield batch
         finally:
             self._active -= 1
-            self._lock.release()
+            self._free_slots.release()
 
     async def _stream_locked(
         self, prompt: str | Sequence[int], params: SamplingParams
@@ -120,11 +126,12 @@ class ModelRunner:
         finally:
             cancel.set()
             # The worker checks ``cancel`` after every token; wait so the next request never
-            # overlaps this one on the backend, even if we are being cancelled.
+            # overlaps this one in its slot, even if we are being cancelled.
             with suppress(Exception):
                 await asyncio.shield(worker)
 
     def close(self) -> None:
-        """Stop the worker thread (after any running generation) and free the model."""
+        """Stop the worker threads (after any running generation) and free the model."""
+        self._prep.shutdown(wait=True)
         self._executor.shutdown(wait=True)
         self.backend.close()

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 from potluck.config import Settings
 from potluck.inference.backend import Backend
-from potluck.inference.llamacpp import LlamaCppBackend
+from potluck.inference.batched_backend import BatchedLlamaCppBackend
 
 if TYPE_CHECKING:
     from potluck.sharding.orchestration.remote import TensorParallelService
@@ -43,10 +43,11 @@ def create_backend(settings: Settings, path: Path, tp: TensorParallelService | N
         return OnnxRuntimeBackend(
             path, served_model_name(settings, path), n_ctx=settings.n_ctx, n_threads=settings.n_threads
         )
-    return LlamaCppBackend(
+    return BatchedLlamaCppBackend(
         path,
         served_model_name(settings, path),
         n_ctx=settings.n_ctx,
         n_threads=settings.n_threads,
         n_batch=settings.n_batch,
+        n_slots=settings.parallel,
     )

@@ -68,10 +68,17 @@ class LocalServing:
         self.router = router
         self.rate_limit_tps = rate_limit_tps
         self.flush_interval_s = flush_interval_s
-        self.decode_tps = 0.0  # exponential moving average over served generations
+        self.served_tps = 0.0  # exponential moving average over generations served to peers
 
     def _routes(self) -> list[ServedModelRoute]:
         return self.router.local_routes
+
+    @property
+    def decode_tps(self) -> float:
+        """Decode tokens/s to publish (``Hardware.decode_tps``): the engines' own single-stream
+        measurement (the fastest local model's), else the rate of generations served to peers."""
+        measured = max((r.decode_tps for r in self._routes()), default=0.0)
+        return measured or self.served_tps
 
     def model_ads(self) -> list[ModelAd]:
         return [
@@ -142,7 +149,7 @@ class LocalServing:
                     elapsed = time.perf_counter() - t0
                     if n >= 8 and elapsed > 0:
                         tps = n / elapsed
-                        self.decode_tps = tps if self.decode_tps == 0 else 0.8 * self.decode_tps + 0.2 * tps
+                        self.served_tps = tps if self.served_tps == 0 else 0.8 * self.served_tps + 0.2 * tps
                 await events.put(event)
         except Exception as exc:  # handed to the frame side, which raises it after the tokens before it
             await events.put(Failure(exc))

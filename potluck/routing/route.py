@@ -115,5 +115,10 @@ class ServedModelRoute(Route, Protocol):
 
     @property
     def active(self) -> int:
-        """Generations running now (0 or 1)."""
+        """Generations running now (up to the backend's batch slots)."""
+        ...
+
+    @property
+    def decode_tps(self) -> float:
+        """Single-stream decode tokens/s the engine measured (0: not measured)."""
         ...

@@ -132,11 +132,6 @@ async def test_concurrent_requests_each_get_their_own_answer(scripted_api):
     assert api.metric("potluck_requests_total", {"endpoint": "/v1/completions", "status": "200"}) == 8
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="LoadedModelRoute tokenizes on the runner's single worker thread, so a request that arrives while a "
-    "generation runs waits there, uncounted, instead of in the bounded queue: max_queue is not enforced",
-)
 async def test_queue_overflow_gives_429_with_retry_after(scripted_api):
     backend = ScriptedBackend()
     backend.hold(after=1)  # the first request generates one token, then keeps the model busy
