@@ -22,6 +22,7 @@ IP_ADDRESS = "IP_ADDRESS"
 MAC_ADDRESS = "MAC_ADDRESS"
 CRYPTO = "CRYPTO"
 PASSPORT = "PASSPORT"
+ID_NUMBER = "ID_NUMBER"  # driver's licence, national/tax/member ID... after an explicit cue
 SECRET = "SECRET"
 
 

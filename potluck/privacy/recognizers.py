@@ -1,4 +1,5 @@
-"""Our own presidio recognizers: secrets and keys, phone numbers, passports, crypto, card/IBAN shapes.
+"""Our own presidio recognizers: secrets and keys, phone numbers, passports, ID numbers after a cue,
+crypto, card/IBAN shapes.
 
 Every recognizer here is a presidio :class:`~presidio_analyzer.EntityRecognizer` (patterns plus
 a validation check, as presidio declares them) so it runs inside the same ``AnalyzerEngine`` as
@@ -305,6 +306,45 @@ OTHER_RULES = (
     ),
 )
 
+# --- ID numbers that follow an explicit cue --------------------------------------------------------
+
+# The cue names the document ("driver's license number is", "tax ID:", "member no."); the number
+# itself has no checksum or shape of its own (US licence formats alone differ per state: AAMVA DL/ID
+# card design standard, annex D), so the cue is what makes it sensitive. Passports have their own
+# rule above (type PASSPORT).
+_ID_CUE = (
+    r"(?:(?:driver'?s?|driving)\s+licen[cs]e|licen[cs]e|DL|"
+    r"(?:national|tax|taxpayer|personal|member(?:ship)?|customer|patient|employee|student|voter|"
+    r"social\s+(?:security|insurance)|(?:health\s+)?insurance|policy|identity\s+card|identification|ID)"
+    r"(?:\s+(?:ID|identification))?)"
+)
+_ID_NOUN = r"(?:\s+(?:card\s+)?(?:number|num|no\.?|nr\.?|\#|ID))"
+_ID_VALUE = r"(?P<v>[A-Z0-9](?:[A-Z0-9]|[-./](?=[A-Z0-9])|\s(?=\d{2,}))*)"
+
+
+def _id_value_ok(value: str) -> bool:
+    """At least three digits, 4-30 letters and digits: a number, not a word or a year."""
+    alnum = sum(c.isalnum() for c in value)
+    return sum(c.isdigit() for c in value) >= 3 and 4 <= alnum <= 30
+
+
+ID_RULES = (
+    # "driver's license: S530-4127-8365", "license number is D123-4567", "tax ID 12-3456789",
+    # "national ID number: 123 456 789", "member no. A1234567" (a bare "licence"/"ID" needs its noun)
+    Rule(
+        re.compile(
+            rf"(?i)\b(?:(?:driver'?s?|driving)\s+licen[cs]e(?:{_ID_NOUN})?|{_ID_CUE}{_ID_NOUN}|"
+            r"(?:national|tax|taxpayer)\s+ID)"
+            rf"(?:\s*(?:is|was|reads|:|=|\#|-)\s*|\s+){{1,3}}[\"'“]?{_ID_VALUE}"
+        ),
+        E.ID_NUMBER,
+        0.85,
+        "v",
+        _id_value_ok,
+        needles=("licen", "id", "number", "no.", "no ", "nr", "#", "num"),
+    ),
+)
+
 # --- card and IBAN shapes (presidio's checksum recognizers run beside these) -----------------------
 
 
@@ -535,6 +575,7 @@ def own_recognizers() -> list[EntityRecognizer]:
     return [
         RegexRecognizer("PotluckSecretRecognizer", SECRET_RULES),
         RegexRecognizer("PotluckIdentifierRecognizer", OTHER_RULES),
+        RegexRecognizer("PotluckIdNumberRecognizer", ID_RULES, _has_digit, needs_digit=True),
         RegexRecognizer("PotluckNumberShapeRecognizer", SHAPE_RULES, _has_digit, needs_digit=True),
         PotluckPhoneRecognizer(),
         OfflineEmailRecognizer(),

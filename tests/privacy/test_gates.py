@@ -187,6 +187,7 @@ def test_needs_digit_marks_only_digit_patterns(sanitizer):
         "GatedUsSsnRecognizer",
         "GatedCryptoRecognizer",
         "PotluckNumberShapeRecognizer",
+        "PotluckIdNumberRecognizer",
         "PotluckPhoneRecognizer",
         "PotluckAddresses",
     }
