@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import platformdirs
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -41,6 +41,15 @@ def default_data_dir() -> Path:
 def default_cache_dir() -> Path:
     """Directory for downloaded and generated models."""
     return Path(platformdirs.user_cache_dir(APP_NAME))
+
+
+class CloudPrice(BaseModel):
+    """A cloud model's price per 1,000,000 tokens (``input``: prompt, ``output``: generated)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    input: float = Field(ge=0)
+    output: float = Field(ge=0)
 
 
 class Settings(BaseSettings):
@@ -212,6 +221,34 @@ class Settings(BaseSettings):
     )
     cloud_total_timeout_s: float = Field(600.0, gt=0, le=86400, description="Upstream request deadline, seconds.")
     cloud_retries: int = Field(2, ge=0, le=10, description="Upstream retries before a stream starts.")
+    cloud_prices: dict[str, CloudPrice] = Field(
+        default_factory=dict,
+        description='Per-token prices of cloud models per 1M tokens, e.g. [cloud_prices] "cloud/x" = '
+        "{input = 0.15, output = 0.6} (a model without one is free).",
+    )
+    cloud_fallback: bool = Field(
+        False,
+        description="Cloud models are route candidates for requests naming any model (failover when the swarm fails).",
+    )
+
+    # --- routing (routing/: constraints, then score) --------------------------------------
+    route_max_cost: float = Field(
+        0.0, ge=0, description="Most predicted cost of one request (cloud_prices' currency); 0: no cap."
+    )
+    route_min_reputation: float = Field(
+        0.0, ge=0, le=1, description="Peers whose reputation (0..1) is below this are not routed to."
+    )
+    route_cost_weight_s: float = Field(
+        1000.0, ge=0, description="Seconds of predicted latency one unit of cost is worth when ranking routes."
+    )
+
+    @field_validator("cloud_prices")
+    @classmethod
+    def _cloud_price_names(cls, value: dict[str, CloudPrice]) -> dict[str, CloudPrice]:
+        bad = [k for k in value if not k.startswith("cloud/")]
+        if bad:
+            raise ValueError(f"cloud_prices keys name cloud models as 'cloud/<name>', not {', '.join(bad)}")
+        return value
 
     @field_validator("api_keys", mode="before")
     @classmethod

@@ -19,6 +19,7 @@ from potluck.cli.models import models_app
 from potluck.cli.node import node_app, status
 from potluck.cli.peers import peers_app
 from potluck.cli.privacy import privacy_app
+from potluck.cli.route import route_app
 from potluck.cli.shard import shard_app
 
 app = typer.Typer(help="potluck: run LLMs on the devices you already own, together.", no_args_is_help=True)
@@ -27,6 +28,7 @@ app.add_typer(models_app, name="models")
 app.add_typer(peers_app, name="peers")
 app.add_typer(shard_app, name="shard")
 app.add_typer(privacy_app, name="privacy")
+app.add_typer(route_app, name="route")
 app.command()(chat)
 app.command()(status)
 

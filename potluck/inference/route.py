@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from collections.abc import AsyncGenerator
 from dataclasses import replace
+from typing import Literal
 
 from potluck.errors import RequestError
+from potluck.identity import Tier
 from potluck.inference.backend import GRAMMAR, LOGPROBS, backend_features
 from potluck.inference.runner import ModelRunner
 from potluck.inference.stops import StopMatcher
@@ -26,6 +28,13 @@ class LoadedModelRoute:
     @property
     def model_id(self) -> str:
         return self.info.model_id
+
+    tier = Tier.LOCAL
+
+    @property
+    def kind(self) -> Literal["local", "tp"]:
+        """``tp`` when the backend is a tensor-parallel group this node leads."""
+        return "tp" if getattr(self.runner.backend, "group", None) is not None else "local"
 
     @property
     def features(self) -> frozenset[str]:

@@ -10,6 +10,7 @@ Routes::
                                 with ``{"status": "starting", "pending": ["model", "overlay"], ...}``
     GET  /metrics               Prometheus metrics
     GET  /api/node              peer ID, version, uptime, models, queue depth
+    GET  /api/route/explain     the router's ranked candidates for ?model=M (:mod:`potluck.node.route_api`)
     GET  /, /api/events ...     the web dashboard (:mod:`potluck.node.dashboard`), when the node has one
 
 Completion responses carry ``X-Potluck-Route`` (and ``X-Potluck-Sanitized``, ``X-Potluck-Request-Id``):
@@ -55,6 +56,7 @@ from potluck.errors import (
     ScopeRefused,
 )
 from potluck.node.auth import Authenticator, caller_scopes
+from potluck.node import route_api
 from potluck.node.dashboard import Dashboard
 from potluck.node.dashboard.outbound import RouteObserver, SentLog
 from potluck.node.keys import KeyRing
@@ -66,7 +68,7 @@ from potluck.routing.router import Router
 
 log = logging.getLogger(__name__)
 
-FORWARDED_HEADERS = ("x-potluck-privacy",)
+FORWARDED_HEADERS = ("x-potluck-privacy", "x-potluck-route-pin")
 
 
 @dataclass
@@ -254,7 +256,7 @@ async def _complete(
 ) -> web.StreamResponse:
     state = request.app[API_STATE]
     gen = replace(gen, scopes=caller_scopes(request))  # what the caller's API key allows (cloud, privacy)
-    observer = RouteObserver(await state.router.resolve_async(gen.model), gen, state.sent, state.peer_id)
+    observer = RouteObserver(await state.router.route(gen), gen, state.sent, state.peer_id)
     route = observer.route
     shaper = _Shaper(chat, route.model_id)
     metrics = state.metrics
@@ -409,6 +411,7 @@ def build_app(state: ApiState) -> web.Application:
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/api/node", node_info)
     app.router.add_get("/api/cluster", cluster_info)
+    route_api.add_routes(app, state.router, lambda: state.settings.default_max_tokens)
     if state.dashboard is not None:
         state.dashboard.add_routes(app)
     return app

@@ -104,11 +104,15 @@ class Node:
         await self._stack.enter_async_context(self._http())
         await self.tasks.start_ready(self.events.run, "dashboard-events")
         # Route providers and overlay services enter the stack here, after the API is up.
-        # Every route of trust tier >= 2 (community peers, cloud) goes through the privacy guard.
+        # Every route of trust tier >= 2 (community peers, cloud) goes through the privacy guard:
+        # the router applies it to each such candidate (node/route_wiring.py).
+        from potluck.node.route_wiring import cloud_prices, wire_router
         from potluck.privacy.audit import AuditLog
         from potluck.privacy.guard import PrivacyGuard
 
         guard = PrivacyGuard(AuditLog.in_data_dir(s.data_dir), s.privacy)
+        reputation = self.verifier.reputation if self.verifier is not None else None
+        wire_router(self.router, s, self.identity.peer_id, guard, reputation)
         if self.overlay is not None:
             from potluck.overlay.peer_routes import PeerRouteProvider
 
@@ -118,7 +122,7 @@ class Node:
                 self.overlay.tp = self.tp  # tp_join and tp-star streams reach it from now on
                 self._stack.callback(setattr, self.overlay, "tp", None)  # unregistered before it stops
             peers = PeerRouteProvider(self.overlay)
-            self.router.add_provider(guard.wrap_provider(peers))
+            self.router.add_provider(peers)
             self.router.add_discoverer(peers)  # DHT lookup of models the cluster state lacks
             self.tasks.start(self._watch_overlay(), "overlay-watch")
             if self.verifier is not None:
@@ -128,7 +132,8 @@ class Node:
         if s.cloud_url:
             from potluck.privacy.provider import CloudProvider, cloud_config
 
-            cloud = await self._stack.enter_async_context(CloudProvider(cloud_config(s), guard, s.cloud_model))
+            provider = CloudProvider(cloud_config(s), s.cloud_model, cloud_prices(s), s.cloud_fallback)
+            cloud = await self._stack.enter_async_context(provider)
             self.router.add_provider(cloud)
         self.tasks.start(self._load(self._backend), "load-model")
         if self._embedder is not None:

@@ -1,17 +1,18 @@
-"""Routes to peers: forward a completion over RPC ``generate`` and resume it elsewhere on failure.
+"""Routes to peers: one candidate per peer that serves a model, forwarded over RPC ``generate``.
 
-Candidate choice (IslandRun's "forward to a peer that serves the model"): peers whose signed
-record announces the model, of the most trusted tier available (``Tier.OWN`` before
-``Tier.COMMUNITY``), not excluded by backoff, ordered by load (queue depth + active requests),
-then measured RTT. If the chosen peer fails mid-stream (connection broke, stalled past its deadline, generation
-error), the route resumes on the next candidate of the same tier by replaying the prompt plus the
-text already produced (``continuation``), so the client sees one uninterrupted completion. A
-failed peer is excluded with capped exponential backoff (:meth:`OverlayService.record_failure`).
+:class:`PeerRouteProvider` gives the router (:mod:`potluck.routing.router`) one
+:class:`~potluck.routing.candidates.Candidate` per peer whose signed record announces the model,
+with what the score needs: the peer's advertised decode speed (``Hardware.decode_tps``), its queue
+(``Load``), the measured RTT and its trust tier; peers in backoff after a failure or that failed
+verification are included with the reason, so ``potluck route explain`` shows them. Choosing among
+them, and resuming a broken stream on the next candidate (replaying the prompt plus the text
+already produced as ``continuation``), is the router's (:mod:`potluck.routing.plan`). A failed peer
+is excluded with capped exponential backoff (:meth:`OverlayService.record_failure`).
 
 A model that no peer in the cluster state serves is looked up in the DHT (provider records
 ``/potluck/model/<id>``, :meth:`potluck.overlay.discovery.Discovery.find_model`) within
 ``DHT_LOOKUP_DEADLINE_S``; the providers found are dialled, admitted and synced, so their signed
-records enter the state and the normal choice above applies (:meth:`PeerRouteProvider.discover`).
+records enter the state (:meth:`PeerRouteProvider.discover`).
 """
 
 from __future__ import annotations
@@ -28,22 +29,19 @@ from potluck.errors import (
     ModelNotFound,
     NetworkError,
     Overloaded,
-    PeerRefused,
-    RequestError,
 )
 from potluck.identity import PeerId, Tier
 from potluck.overlay import rpc
 from potluck.overlay.generate_codec import logprobs_from_wire, message_to_wire, sampling_to_wire
 from potluck.overlay.service import OverlayService
-from potluck.overlay.state import SignedRecord
 from potluck.overlay.wire import FinishFrame, GenerateRequest, TokenFrame
+from potluck.routing.candidates import Candidate
 from potluck.routing.request import GenerationRequest
 from potluck.routing.route import Finished, Route, RouteEvent, TextDelta
 from potluck.routing.router import ModelListing
 
 log = logging.getLogger(__name__)
 
-MAX_ATTEMPTS = 4
 DHT_LOOKUP_DEADLINE_S = 10.0  # most time a request waits for a DHT lookup of an unknown model
 # Errors after which another peer may succeed (the peer, not the request, is at fault).
 _PEER_FAULTS = (NetworkError, GenerationError, Overloaded, ModelNotFound, ModelLoading)
@@ -64,86 +62,52 @@ def to_wire(request: GenerationRequest, continuation: str, tokens_done: int) -> 
 
 
 class PeerRoute:
-    """A model served by peers of one trust tier.
+    """A model served by one peer (a candidate of the router: one per peer).
+
+    Failover across peers (and tiers) is the router's (:class:`potluck.routing.plan.PlannedRoute`);
+    this route records each outcome in the overlay's per-peer backoff (:meth:`OverlayService.record_failure`).
 
     Attributes:
         model_id: the model.
-        tier: trust tier of every peer this route may use (``OWN`` or ``COMMUNITY``).
+        peer: the peer that serves it.
+        tier: the peer's trust tier (``OWN`` or ``COMMUNITY``) as this node places it.
     """
 
-    def __init__(self, service: OverlayService, model_id: str, tier: Tier) -> None:
+    def __init__(self, service: OverlayService, model_id: str, peer: PeerId, tier: Tier) -> None:
         self.service = service
         self.model_id = model_id
+        self.peer = peer
         self.tier = tier
 
-    def candidates(self) -> list[PeerId]:
-        """Peers to try, best first: least loaded, then lowest RTT."""
-        s = self.service
-
-        def score(r: SignedRecord) -> tuple[int, float]:
-            link = s.links.get(r.peer_id)
-            rtt = link.rtt_s if link is not None and link.rtt_s is not None else 1.0
-            return (r.record.load.queue_depth + r.record.load.active, rtt)
-
-        records = [r for r in s.peers_serving(self.model_id) if s.admission.trust_tier(r.peer_id) == self.tier]
-        return [r.peer_id for r in sorted(records, key=score)]
-
     async def stream(self, request: GenerationRequest) -> AsyncGenerator[RouteEvent, None]:
-        """Forward ``request``; yield its deltas and one ``Finished`` (resuming on failure).
+        """Forward ``request`` (resumed after ``request.continuation``); yield its deltas and one ``Finished``.
 
         Raises:
-            ModelNotFound: no peer of this tier serves the model (any more).
-            RequestError: the request itself is bad (not retried).
-            NetworkError / GenerationError: every candidate failed (the last error).
+            RequestError: the request itself is bad (the peer is not blamed).
+            NetworkError / GenerationError / Overloaded / ModelNotFound / ModelLoading: the peer
+                failed (it is excluded with backoff).
         """
-        produced: list[str] = []
-        tokens_done = 0
-        tried: set[PeerId] = set()
-        last_error: Exception | None = None
-        for _ in range(MAX_ATTEMPTS):
-            peer = next((p for p in self.candidates() if p not in tried), None)
-            if peer is None:
-                break
-            tried.add(peer)
-            if produced:
-                self.service.metrics.forward_resumes.inc()
-                log.warning("resuming %s on peer %s after %d tokens", self.model_id, peer, tokens_done)
-            wire = to_wire(request, "".join(produced), tokens_done)
-            tokens_before = tokens_done
-            try:
-                async with aclosing(self._forward(peer, wire)) as batches:
-                    async for batch in batches:  # one delta per batch of frames
-                        frames = [f for f in batch if isinstance(f, TokenFrame)]
-                        if frames:
-                            n_tokens = sum(f.n_tokens for f in frames)
-                            text = "".join(f.text for f in frames)
-                            produced.append(text)
-                            tokens_done += n_tokens
-                            lps = tuple(lp for f in frames for lp in logprobs_from_wire(f.logprobs))
-                            yield TextDelta(text, n_tokens, lps)
-                        finish = batch[-1]
-                        if isinstance(finish, FinishFrame):
-                            self.service.record_success(peer)
-                            # A resumed peer counted the replayed text as prompt; report the original.
-                            yield Finished(
-                                finish.finish_reason,
-                                max(0, finish.prompt_tokens - tokens_before),
-                                tokens_before + finish.completion_tokens,
-                            )
-                            return
-                raise GenerationError(f"peer {peer} ended the stream without finishing")
-            except RequestError:
-                raise
-            except PeerRefused as exc:
-                last_error = exc
-                self.service.record_failure(peer)
-            except _PEER_FAULTS as exc:
-                last_error = exc
-                self.service.record_failure(peer)
-                log.warning("peer %s failed serving %s: %s", peer, self.model_id, exc)
-        if last_error is not None:
-            raise last_error
-        raise ModelNotFound(f"no reachable peer serves {self.model_id!r}")
+        peer = self.peer
+        if request.continuation:
+            self.service.metrics.forward_resumes.inc()
+        wire = to_wire(request, request.continuation, 0)
+        try:
+            async with aclosing(self._forward(peer, wire)) as batches:
+                async for batch in batches:  # one delta per batch of frames
+                    frames = [f for f in batch if isinstance(f, TokenFrame)]
+                    if frames:
+                        lps = tuple(lp for f in frames for lp in logprobs_from_wire(f.logprobs))
+                        yield TextDelta("".join(f.text for f in frames), sum(f.n_tokens for f in frames), lps)
+                    finish = batch[-1]
+                    if isinstance(finish, FinishFrame):
+                        self.service.record_success(peer)
+                        yield Finished(finish.finish_reason, finish.prompt_tokens, finish.completion_tokens)
+                        return
+            raise GenerationError(f"peer {peer} ended the stream without finishing")
+        except _PEER_FAULTS as exc:
+            self.service.record_failure(peer)
+            log.warning("peer %s failed serving %s: %s", peer, self.model_id, exc)
+            raise
 
     async def _forward(
         self, peer: PeerId, wire: GenerateRequest
@@ -196,8 +160,42 @@ class PeerRouteProvider:
             log.info("found %s through the DHT at %s", model, ", ".join(found))
         return bool(self.service.peers_serving(model))
 
+    def candidates(self, model: str) -> list[Candidate]:
+        """One candidate per peer whose signed record announces ``model`` (``RouteProvider``):
+        its advertised decode speed, queue (depth + active), measured RTT and trust tier. A peer
+        in backoff after a failure, or one that failed verification, is included with the reason."""
+        s = self.service
+        verified = getattr(s, "verification", None)
+        out = []
+        for r in s.state.records():
+            if r.peer_id == s.peer_id or not any(m.id == model for m in r.record.models):
+                continue
+            link = s.links.get(r.peer_id)
+            excluded = None
+            if s.is_excluded(r.peer_id):
+                assert link is not None
+                excluded = f"in backoff after {link.failures} failure(s)"
+            elif verified is not None and (why := verified.excluded(r.peer_id)) is not None:
+                excluded = f"failed verification: {why}"
+            tier = s.admission.trust_tier(r.peer_id)
+            load = r.record.load
+            out.append(
+                Candidate(
+                    key=f"peer:{r.peer_id}",
+                    kind="peer",
+                    target=r.peer_id,
+                    route=PeerRoute(s, model, r.peer_id, tier),
+                    decode_tps=r.record.hardware.decode_tps or None,
+                    queue=load.queue_depth + load.active,
+                    rtt_s=None if link is None else link.rtt_s,
+                    peer=r.peer_id,
+                    excluded=excluded,
+                )
+            )
+        return out
+
     def route_for(self, model: str) -> Route | None:
-        tiers = sorted({self.service.admission.trust_tier(r.peer_id) for r in self.service.peers_serving(model)})
-        if not tiers:
-            return None
-        return PeerRoute(self.service, model, tiers[0])
+        """The best-placed peer's route for ``model`` (least loaded, then lowest RTT), or ``None``."""
+        usable = [c for c in self.candidates(model) if c.excluded is None]
+        usable.sort(key=lambda c: (c.tier, c.queue, c.rtt_s if c.rtt_s is not None else 1.0))
+        return usable[0].route if usable else None

@@ -76,9 +76,10 @@ class LocalServing:
     @property
     def decode_tps(self) -> float:
         """Decode tokens/s to publish (``Hardware.decode_tps``): the engines' own single-stream
-        measurement (the fastest local model's), else the rate of generations served to peers."""
-        measured = max((r.decode_tps for r in self._routes()), default=0.0)
-        return measured or self.served_tps
+        measurement (the fastest local model's), else the rate of generations served to peers;
+        never above ``rate_limit_tps``, the most peers get (routers predict latency from it)."""
+        measured = max((r.decode_tps for r in self._routes()), default=0.0) or self.served_tps
+        return min(measured, self.rate_limit_tps) if self.rate_limit_tps > 0 and measured else measured
 
     def model_ads(self) -> list[ModelAd]:
         return [

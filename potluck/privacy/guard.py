@@ -1,24 +1,25 @@
 """The privacy guard: every route to tier >= 2 goes through it.
 
-:class:`PrivacyGuard` wraps a :class:`~potluck.routing.route.Route` (or a whole
-:class:`~potluck.routing.router.RouteProvider`) whose ``tier`` attribute is 2 (community peers) or 3
-(cloud). Per request it
+:class:`PrivacyGuard` wraps a :class:`~potluck.routing.route.Route` whose ``tier`` is 2 (community
+peers) or 3 (cloud). Per request it
 
 1. reads the privacy level (``X-Potluck-Privacy`` header, else the node's ``privacy`` setting);
-2. sanitizes every message (and the prompt and stop strings) with one placeholder mapping,
-   in a worker thread; ``strict`` refuses if anything sensitive was found;
+2. sanitizes every message (and the prompt, the stop strings and the ``continuation`` of a resumed
+   request) with one placeholder mapping, in a worker thread; ``strict`` refuses if anything
+   sensitive was found;
 3. writes the audit record, then sends the sanitized request to the inner route;
 4. restores placeholders in the streamed reply (:class:`~potluck.privacy.restore.StreamRestorer`).
 
 Fail closed: if the sanitizer cannot be built, detection raises, or the audit record cannot be
 written, the inner route is never called and the client gets :class:`~potluck.errors.PrivacyError`.
-A route without a ``tier`` attribute is treated as tier 3.
 
-Usage (the node does this; the overlay's peer routes carry ``tier``)::
+It is applied in one place: the node hands it to the router as its
+:class:`~potluck.routing.constraints.RoutePolicy`, and the router's planned route wraps every
+candidate of tier >= 2 (:mod:`potluck.routing.plan`); :meth:`PrivacyGuard.refusal` is the policy's
+hard constraint, asked before any candidate is ranked::
 
     guard = PrivacyGuard(AuditLog.in_data_dir(settings.data_dir), settings.privacy)
-    router.add_provider(guard.wrap_provider(PeerRouteProvider(overlay)))   # tier-2 peers guarded
-    route = guard.wrap(some_route)                                          # or one route
+    router.planner.policy = guard
 """
 
 from __future__ import annotations
@@ -35,8 +36,7 @@ from potluck.identity import Tier
 from potluck.privacy.audit import AuditLog, AuditRecord
 from potluck.privacy.policy import PRIVACY_HEADER, Action, PrivacyLevel, decide, enforce_strict, parse_level
 from potluck.routing.request import GenerationRequest
-from potluck.routing.route import Finished, Route, RouteEvent, TextDelta
-from potluck.routing.router import ModelListing, RouteProvider
+from potluck.routing.route import Finished, Route, RouteEvent, TextDelta, TokenLogprob
 from potluck.routing.scopes import require_route_scopes
 
 if TYPE_CHECKING:
@@ -49,12 +49,6 @@ def _default_sanitizer() -> Sanitizer:
     from potluck.privacy.sanitizer import Sanitizer  # presidio and the word lists load here, once
 
     return Sanitizer()
-
-
-def route_tier(route: object) -> int:
-    """The trust tier a route declares; routes that declare none count as cloud (fail closed)."""
-    tier = getattr(route, "tier", Tier.CLOUD)
-    return int(tier) if isinstance(tier, int) else int(Tier.CLOUD)
 
 
 class PrivacyGuard:
@@ -96,11 +90,38 @@ class PrivacyGuard:
 
     def wrap(self, route: Route) -> Route:
         """``route`` itself if its tier is <= 1, else a guarded route."""
-        return route if route_tier(route) <= Tier.OWN else GuardedRoute(route, self)
+        return route if route.tier <= Tier.OWN else GuardedRoute(route, self)
 
-    def wrap_provider(self, provider: RouteProvider) -> RouteProvider:
-        """A provider whose routes of tier >= 2 are guarded."""
-        return GuardedProvider(provider, self)
+    async def refusal(self, request: GenerationRequest, tier: Tier) -> str | None:
+        """Why ``request`` may not go to ``tier`` at all, or ``None`` (the router's hard constraint,
+        :class:`~potluck.routing.constraints.RoutePolicy`).
+
+        Level ``strict`` with sensitive content (detected here, in a worker thread), and tools (their
+        JSON is not sanitized) unless the level is ``off``, keep a request on tiers 0-1.
+
+        Raises:
+            RequestError: a bad ``X-Potluck-Privacy`` value.
+            PrivacyError: detection failed (fail closed).
+        """
+        level = parse_level(request.header(PRIVACY_HEADER), self.default_level)
+        if decide(level, tier) is Action.SEND_RAW:
+            return None
+        if request.tools is not None or any(m.tool_calls for m in request.messages or ()):
+            return "tools and tool calls are not sanitized, so they stay on tiers 0-1"
+        if level != "strict":
+            return None
+        sanitizer = await self.sanitizer()
+        try:
+            result = await asyncio.to_thread(sanitizer.sanitize, _texts(request))
+        except PrivacyError:
+            raise
+        except Exception as exc:
+            log.error("sanitization failed: %s", type(exc).__name__)
+            raise PrivacyError(f"sanitization failed ({type(exc).__name__}); nothing was sent") from exc
+        n_found = sum(result.entity_counts().values())
+        if n_found:
+            return f"privacy level 'strict': {n_found} sensitive value(s) may not leave your own devices"
+        return None
 
     async def prepare(
         self, request: GenerationRequest, level: PrivacyLevel, tier: int, destination: str
@@ -119,7 +140,7 @@ class PrivacyGuard:
                 "use a trusted route or X-Potluck-Privacy: off"
             )
         sanitizer = await self.sanitizer()
-        texts = [m.content for m in messages] + [request.prompt or ""] + list(request.params.stop)
+        texts = _texts(request)
         try:
             result = await asyncio.to_thread(sanitizer.sanitize, texts)
         except PrivacyError:
@@ -137,7 +158,8 @@ class PrivacyGuard:
             if request.messages is not None
             else None,
             prompt=out[n] if request.prompt is not None else None,
-            params=replace(request.params, stop=tuple(out[n + 1 :])),
+            params=replace(request.params, stop=tuple(out[n + 1 : -1])),
+            continuation=out[-1],
         )
         self._audit(
             destination, tier, level, Action.SANITIZE, result.entity_counts(), result.digest(), sum(len(t) for t in out)
@@ -170,7 +192,7 @@ class GuardedRoute:
     def __init__(self, inner: Route, guard: PrivacyGuard) -> None:
         self.inner = inner
         self.guard = guard
-        self.tier = route_tier(inner)
+        self.tier: Tier = inner.tier
 
     @property
     def model_id(self) -> str:
@@ -199,35 +221,28 @@ class GuardedRoute:
         outbound, result = await self.guard.prepare(request, level, self.tier, destination)
         restorer = result.restorer().stream()
         held_tokens = 0
+        held_lps: list[TokenLogprob] = []  # tokens of the sanitized text, as the model saw them
         async with aclosing(self.inner.stream(outbound)) as events:
             async for event in events:
                 if isinstance(event, TextDelta):
                     text = restorer.feed(event.text)
                     held_tokens += event.n_tokens
+                    held_lps.extend(event.logprobs)
                     if text:
-                        yield TextDelta(text, held_tokens)
-                        held_tokens = 0
+                        yield TextDelta(text, held_tokens, tuple(held_lps))
+                        held_tokens, held_lps = 0, []
                 elif isinstance(event, Finished):
                     tail = restorer.flush()
-                    if tail:
-                        yield TextDelta(tail, held_tokens)
+                    if tail or held_lps:
+                        yield TextDelta(tail, held_tokens, tuple(held_lps))
                     yield event
                     return
 
 
-class GuardedProvider:
-    """A :class:`RouteProvider` whose tier >= 2 routes go through the guard."""
-
-    def __init__(self, inner: RouteProvider, guard: PrivacyGuard) -> None:
-        self.inner = inner
-        self.guard = guard
-
-    def listings(self) -> list[ModelListing]:
-        return self.inner.listings()
-
-    def route_for(self, model: str) -> Route | None:
-        route = self.inner.route_for(model)
-        return None if route is None else self.guard.wrap(route)
+def _texts(request: GenerationRequest) -> list[str]:
+    """What the sanitizer sees, in order: messages, prompt, stop strings, continuation."""
+    messages = [m.content for m in request.messages or ()]
+    return [*messages, request.prompt or "", *request.params.stop, request.continuation]
 
 
-__all__ = ["GuardedProvider", "GuardedRoute", "PolicyRefused", "PrivacyGuard", "route_tier"]
+__all__ = ["GuardedRoute", "PolicyRefused", "PrivacyGuard"]

@@ -4,20 +4,27 @@
 manager (it owns the :class:`~potluck.privacy.cloud.CloudClient` session). On entry it learns the
 model names: the configured ``cloud_model``, or else the upstream's ``GET /models`` (bounded by
 the client's deadlines; an unreachable upstream is logged and lists nothing).
+
+Its candidates (:meth:`CloudProvider.candidates`) carry the per-token prices of the
+``cloud_prices`` setting. A request for ``cloud/<name>`` has that one candidate; with
+``cloud_fallback`` on, every cloud model is also a candidate for requests naming any other model
+(scored like the rest, and the failover target when the swarm's candidates die). The router puts
+every cloud route behind the privacy guard (tier 3).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Mapping, Sequence
+from dataclasses import replace
 from types import TracebackType
 
 from potluck.config import Settings
 from potluck.errors import NetworkError, ProtocolViolation, RequestError
 from potluck.identity import Tier
 from potluck.privacy.cloud import CloudClient, CloudConfig
-from potluck.privacy.guard import PrivacyGuard
-from potluck.routing.request import GenerationRequest
+from potluck.routing.candidates import Candidate, Price
+from potluck.routing.request import ChatMessage, GenerationRequest
 from potluck.routing.route import Route, RouteEvent
 from potluck.routing.router import ModelListing
 
@@ -27,9 +34,14 @@ PREFIX = "cloud/"
 
 
 class CloudRoute:
-    """One upstream model (tier 3). Use it only through :meth:`PrivacyGuard.wrap`."""
+    """One upstream model (tier 3). Use it only through :meth:`PrivacyGuard.wrap` (the router does).
 
-    tier = int(Tier.CLOUD)
+    A resumed request (``continuation`` set) is sent with the text already produced as a trailing
+    ``assistant`` message (chat) or appended to the prompt (text completion): OpenAI's API has no
+    continuation field, so a chat upstream continues after that message.
+    """
+
+    tier = Tier.CLOUD
 
     def __init__(self, client: CloudClient, upstream_model: str) -> None:
         self.client = client
@@ -37,6 +49,12 @@ class CloudRoute:
         self.model_id = PREFIX + upstream_model
 
     def stream(self, request: GenerationRequest) -> AsyncGenerator[RouteEvent, None]:
+        if request.continuation:
+            if request.messages is not None:
+                messages = (*request.messages, ChatMessage("assistant", request.continuation))
+                request = replace(request, messages=messages, continuation="")
+            else:
+                request = replace(request, prompt=(request.prompt or "") + request.continuation, continuation="")
         return self.client.stream(request, self.upstream_model)
 
 
@@ -59,14 +77,22 @@ class CloudProvider:
 
     Args:
         config: the upstream.
-        guard: the privacy guard every cloud route goes through.
         models: upstream model names to offer; empty: ask the upstream on entry.
+        prices: per-token prices by ``cloud/<name>`` (``cloud_prices``); a model without one is free.
+        fallback: cloud models are candidates for requests naming any model (``cloud_fallback``).
     """
 
-    def __init__(self, config: CloudConfig, guard: PrivacyGuard, models: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        config: CloudConfig,
+        models: Sequence[str] = (),
+        prices: Mapping[str, Price] | None = None,
+        fallback: bool = False,
+    ) -> None:
         self.client = CloudClient(config)
-        self.guard = guard
         self.models = list(models)
+        self.prices = dict(prices or {})
+        self.fallback = fallback
 
     async def __aenter__(self) -> CloudProvider:
         await self.client.__aenter__()
@@ -76,6 +102,8 @@ class CloudProvider:
             except (NetworkError, ProtocolViolation, RequestError) as exc:
                 log.warning("cloud upstream %s lists no models: %s", self.client.config.base_url, exc)
         log.info("cloud models: %s", ", ".join(PREFIX + m for m in self.models) or "none")
+        for unknown in sorted(set(self.prices) - {PREFIX + m for m in self.models}):
+            log.warning("cloud_prices names %s, which the upstream does not offer", unknown)
         return self
 
     async def __aexit__(
@@ -87,6 +115,26 @@ class CloudProvider:
         return [ModelListing(PREFIX + m, "cloud") for m in self.models]
 
     def route_for(self, model: str) -> Route | None:
+        """The (unguarded) route of ``cloud/<name>``, or ``None``."""
         if not model.startswith(PREFIX) or model[len(PREFIX) :] not in self.models:
             return None
-        return self.guard.wrap(CloudRoute(self.client, model[len(PREFIX) :]))
+        return CloudRoute(self.client, model[len(PREFIX) :])
+
+    def candidates(self, model: str) -> list[Candidate]:
+        """``cloud/<name>`` itself, or with ``fallback`` every cloud model for any other model."""
+        if model.startswith(PREFIX):
+            names = [model[len(PREFIX) :]] if model[len(PREFIX) :] in self.models else []
+        else:
+            names = list(self.models) if self.fallback else []
+        return [
+            Candidate(
+                key=f"cloud:{name}",
+                kind="cloud",
+                target=PREFIX + name,
+                route=CloudRoute(self.client, name),
+                decode_tps=None,
+                rtt_s=None,
+                price=self.prices.get(PREFIX + name),
+            )
+            for name in names
+        ]

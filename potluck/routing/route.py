@@ -11,8 +11,9 @@ from __future__ import annotations
 
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Literal, Protocol
 
+from potluck.identity import Tier
 from potluck.routing.request import FinishReason, GenerationRequest
 
 
@@ -89,6 +90,12 @@ class Route(Protocol):
         """The model this route serves."""
         ...
 
+    @property
+    def tier(self) -> Tier:
+        """The trust tier of where it runs (0 this device .. 3 cloud); tier >= 2 goes through the
+        privacy guard (:mod:`potluck.routing.plan`)."""
+        ...
+
     def stream(self, request: GenerationRequest) -> AsyncGenerator[RouteEvent, None]:
         """Yield text deltas, then one ``Finished``.
 
@@ -121,4 +128,9 @@ class ServedModelRoute(Route, Protocol):
     @property
     def decode_tps(self) -> float:
         """Single-stream decode tokens/s the engine measured (0: not measured)."""
+        ...
+
+    @property
+    def kind(self) -> Literal["local", "tp"]:
+        """``local``: a model loaded here; ``tp``: a tensor-parallel group this node leads."""
         ...

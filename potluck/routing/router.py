@@ -173,7 +173,8 @@ class Router:
         found: list[Candidate] = []
         local = self._local.get(model)
         if local is not None:
-            found.append(Candidate(local.kind, local.kind, self.peer_id, local, queue=local.queue_depth + local.active))
+            queue = local.queue_depth + local.active
+            found.append(Candidate(local.kind, local.kind, self.peer_id, local, local.decode_tps or None, queue))
         for provider in self._providers:
             found.extend(provider.candidates(model))
         return found
@@ -233,4 +234,3 @@ def _no_route(plan: RoutePlan) -> Exception:
     if kinds == {"pin"}:
         return RequestError(f"X-Potluck-Route-Pin names no candidate of {plan.model!r} ({reasons})", param=PIN_HEADER)
     return ModelNotFound(f"no usable route for {plan.model!r} now ({reasons})")
-

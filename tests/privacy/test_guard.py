@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 import pytest
 
 from potluck.errors import PolicyRefused, PrivacyError, RequestError, ScopeRefused
+from potluck.identity import Tier
 from potluck.privacy.audit import AuditLog
 from potluck.privacy.guard import GuardedRoute, PrivacyGuard
 from potluck.routing.request import ChatMessage, GenerationRequest, SamplingParams
 from potluck.routing.route import Finished, RouteEvent, TextDelta
-from potluck.routing.router import ModelListing
 from potluck.routing.scopes import ALL_SCOPES, CLOUD, PRIVACY_OVERRIDE
 
 PROMPT = "I am Henrike Vollmar, mail henrike.vollmar@example.com, card 5500 0000 0000 0004."
@@ -76,9 +77,29 @@ async def test_trusted_tiers_are_not_wrapped(guard):
     assert guard.wrap(inner) is inner
 
 
-async def test_route_without_tier_counts_as_cloud(guard):
-    route = guard.wrap(EchoRoute(tier=None))
-    assert isinstance(route, GuardedRoute) and route.tier == 3
+async def test_guarded_route_keeps_the_inner_tier(guard):
+    assert guard.wrap(EchoRoute(tier=Tier.COMMUNITY)).tier == Tier.COMMUNITY
+    assert guard.wrap(EchoRoute(tier=Tier.CLOUD)).tier == Tier.CLOUD
+    own = EchoRoute(tier=Tier.OWN)
+    assert guard.wrap(own) is own
+
+
+async def test_a_resumed_requests_continuation_is_sanitized(guard):
+    """The router resumes a broken stream elsewhere with the text already produced (restored, so
+    holding real values): that continuation leaves sanitized too."""
+    inner = EchoRoute(tier=3)
+    request = replace(_request(), continuation="As you said, Henrike Vollmar, ")
+    await _run(guard.wrap(inner), request)
+    sent = inner.received[0]
+    assert "Henrike Vollmar" not in sent.continuation and "<PERSON_1>" in sent.continuation
+
+
+async def test_refusal_is_the_routers_hard_constraint(guard):
+    assert await guard.refusal(_request("strict"), Tier.COMMUNITY) is not None
+    assert await guard.refusal(_request("strict"), Tier.OWN) is None
+    assert await guard.refusal(_request("standard"), Tier.CLOUD) is None
+    clean = replace(_request("strict"), messages=(ChatMessage("user", "hello there"),), params=SamplingParams())
+    assert await guard.refusal(clean, Tier.CLOUD) is None
 
 
 async def test_strict_refuses_and_sends_nothing(guard):
@@ -131,20 +152,6 @@ async def test_audit_failure_sends_nothing(sanitizer, tmp_path):
     with pytest.raises(PrivacyError, match="audit"):
         await _run(guard.wrap(inner), _request())
     assert inner.received == []
-
-
-async def test_wrap_provider(guard):
-    class Provider:
-        def listings(self):
-            return [ModelListing("dest/model", "peer")]
-
-        def route_for(self, model):
-            return EchoRoute(tier=2) if model == "dest/model" else None
-
-    wrapped = guard.wrap_provider(Provider())
-    assert wrapped.listings() == [ModelListing("dest/model", "peer")]
-    assert isinstance(wrapped.route_for("dest/model"), GuardedRoute)
-    assert wrapped.route_for("other") is None
 
 
 async def test_cloud_route_needs_the_cloud_scope(guard):

@@ -2,16 +2,19 @@
 
 The API sets, on every completion response::
 
-    X-Potluck-Route: local; target=<this peer ID>        a model loaded here
-    X-Potluck-Route: tp; target=<N> ranks                 a tensor-parallel group this node leads
-    X-Potluck-Route: peer; target=<peer ID>               forwarded to a swarm peer
-    X-Potluck-Route: cloud; target=cloud/<model>          the cloud upstream
+    X-Potluck-Route: <kind>; target=<whom>; key=<candidate>; why="<reason>"
     X-Potluck-Sanitized: yes | no                         whether the privacy guard rewrote the text
     X-Potluck-Request-Id: <hex>                           (routes past the guard) key of what was sent
 
-For a route behind the privacy guard (tier >= 2) the request that reaches the guarded route is the
-request that leaves: :class:`RouteObserver` wraps that inner route so it records the request it is
-handed into a :class:`SentLog`, a small bounded in-memory ring readable at
+``X-Potluck-Route`` comes from the router, the source of truth
+(:meth:`potluck.routing.plan.PlannedRoute.route_header`): ``kind`` is ``local`` (target: this peer
+ID), ``tp`` (a tensor-parallel group this node leads), ``peer`` (target: the peer ID) or ``cloud``
+(target: ``cloud/<model>``), for the candidate that produced the first token, and ``why`` its
+score, rank and any candidates that failed before it.
+
+For a candidate behind the privacy guard (tier >= 2) the request that reaches the guarded route is the
+request that leaves: :class:`RouteObserver` has the router wrap each such inner route so it records
+the request it is handed into a :class:`SentLog`, a small bounded in-memory ring readable at
 ``GET /api/requests/<id>/sanitized`` (loopback clients only). Nothing is written to disk and the
 placeholder mapping never enters it: only the sanitized text, as sent.
 """
@@ -25,6 +28,9 @@ from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Any
 
+from potluck.identity import Tier
+from potluck.routing.candidates import Candidate
+from potluck.routing.plan import PlannedRoute
 from potluck.routing.request import GenerationRequest
 from potluck.routing.route import Route, RouteEvent
 
@@ -79,7 +85,7 @@ class _Recording:
 
     def __init__(self, inner: Route, log: SentLog, request_id: str, sanitized: bool) -> None:
         self.inner = inner
-        self.tier = getattr(inner, "tier", 3)
+        self.tier = inner.tier
         self._log = log
         self._id = request_id
         self._sanitized = sanitized
@@ -100,57 +106,46 @@ class RouteObserver:
     """The route to run (recording what leaves, when it is guarded) and its response headers.
 
     Args:
-        route: what the router resolved.
+        route: what the router planned (:class:`~potluck.routing.plan.PlannedRoute`).
         request: the client's request (its ``X-Potluck-Privacy`` header decides sanitization).
         log: where outbound requests are recorded.
-        peer_id: this node's peer ID (the target of a local route).
+        peer_id: this node's peer ID.
 
     Raises:
-        RequestError: a bad ``X-Potluck-Privacy`` value on a guarded route.
+        RequestError: a bad ``X-Potluck-Privacy`` value.
     """
 
-    def __init__(self, route: Route, request: GenerationRequest, log: SentLog, peer_id: str) -> None:
-        from potluck.privacy.guard import GuardedRoute
-        from potluck.privacy.policy import PRIVACY_HEADER, Action, decide, parse_level
+    def __init__(self, route: PlannedRoute, request: GenerationRequest, log: SentLog, peer_id: str) -> None:
+        from potluck.privacy.guard import PrivacyGuard
+        from potluck.privacy.policy import PRIVACY_HEADER, parse_level
 
-        self._original = route
+        policy = route.policy
+        default = policy.default_level if isinstance(policy, PrivacyGuard) else "standard"
+        self._level = parse_level(request.header(PRIVACY_HEADER), default)
+        self._log = log
         self._peer_id = peer_id
-        self.request_id: str | None = None
-        self.sanitized = False
-        self.route: Route = route
-        if isinstance(route, GuardedRoute):
-            level = parse_level(request.header(PRIVACY_HEADER), route.guard.default_level)
-            self.sanitized = decide(level, route.tier) is not Action.SEND_RAW
-            self.request_id = secrets.token_hex(12)
-            self.route = GuardedRoute(_Recording(route.inner, log, self.request_id, self.sanitized), route.guard)
+        self._ids: dict[str, str] = {}  # candidate key -> request id of what was sent to it
+        self.route: PlannedRoute = route
+        route.observe = self._record
+
+    def _record(self, candidate: Candidate, inner: Route) -> Route:
+        """Record what the router sends to a guarded (tier >= 2) candidate."""
+        from potluck.privacy.policy import Action, decide
+
+        if candidate.tier < Tier.COMMUNITY:
+            return inner
+        request_id = self._ids[candidate.key] = secrets.token_hex(12)
+        return _Recording(inner, self._log, request_id, decide(self._level, candidate.tier) is not Action.SEND_RAW)
 
     def headers(self) -> dict[str, str]:
-        """``X-Potluck-Route`` (+ sanitized, request id); call once the route has started (a peer
-        route picks its peer when it starts)."""
-        kind, target = describe_route(self._original, self._peer_id)
-        headers = {
-            "X-Potluck-Route": f"{kind}; target={target}",
-            "X-Potluck-Sanitized": "yes" if self.sanitized else "no",
-        }
-        if self.request_id is not None:
-            headers["X-Potluck-Request-Id"] = self.request_id
+        """``X-Potluck-Route`` (+ sanitized, request id); call once the route has started (the
+        candidate that produced the first event is the one reported)."""
+        from potluck.privacy.policy import Action, decide
+
+        chosen = (self.route.chosen or self.route.plan.allowed[0]).candidate
+        guarded = chosen.tier >= Tier.COMMUNITY
+        sanitized = guarded and decide(self._level, chosen.tier) is not Action.SEND_RAW
+        headers = {"X-Potluck-Route": self.route.route_header(), "X-Potluck-Sanitized": "yes" if sanitized else "no"}
+        if guarded and chosen.key in self._ids:
+            headers["X-Potluck-Request-Id"] = self._ids[chosen.key]
         return headers
-
-
-def describe_route(route: Route, peer_id: str) -> tuple[str, str]:
-    """``(kind, target)`` of a route: ``local``/``tp``/``peer``/``cloud`` and whom it runs on."""
-    from potluck.privacy.guard import GuardedRoute
-    from potluck.privacy.provider import CloudRoute
-
-    inner = route.inner if isinstance(route, GuardedRoute) else route
-    if isinstance(inner, CloudRoute):
-        return "cloud", inner.model_id
-    candidates = getattr(inner, "candidates", None)
-    if callable(candidates):  # overlay.peer_routes.PeerRoute: the peer it streams from ranks first
-        peers = candidates()
-        return "peer", str(peers[0]) if peers else "none"
-    backend = getattr(getattr(inner, "runner", None), "backend", None)
-    group = getattr(backend, "group", None)
-    if group is not None:
-        return "tp", f"{group.world_size} ranks"
-    return "local", peer_id
