@@ -30,10 +30,21 @@ def _fmt_path(conn: dict[str, Any] | None, is_self: bool) -> str:
     return str(conn["kind"])
 
 
+def _fmt_verification(v: dict[str, Any] | None, is_self: bool) -> str:
+    """Serving-quality standing (issue 14): EXCLUDED and why, or the reputation and last verdict."""
+    if is_self or not v:
+        return "-"
+    if v.get("excluded"):
+        return f"EXCLUDED: {v['excluded']}"
+    last = v.get("last")
+    head = f"rep {v['reputation']:.2f} ({v['passes']} pass, {v['fails']} fail)"
+    return head if not last else f"{head}; last {last['method']} {last['verdict']}"
+
+
 def peers_table(view: dict[str, Any]) -> Table:
     """A rich table of ``GET /api/cluster``: peer ID, addrs, models, load, RTT, tier, last seen."""
     table = Table(title=f"swarm {view['swarm']!r} seen from {view['peer_id']}")
-    for col in ("peer ID", "addrs", "models", "load", "RTT", "path", "trust tier", "last seen"):
+    for col in ("peer ID", "addrs", "models", "load", "RTT", "path", "trust tier", "verification", "last seen"):
         table.add_column(col, overflow="fold")
     for p in view["peers"]:
         load = p["load"]
@@ -47,6 +58,7 @@ def peers_table(view: dict[str, Any]) -> Table:
             rtt,
             _fmt_path(p.get("connection"), p["self"]),
             str(p["trust_tier"]),
+            _fmt_verification(p.get("verification"), p["self"]),
             seen,
         )
     return table
@@ -61,7 +73,7 @@ def peers(
         str | None, typer.Option("--api-key", help="Key to send (default: POTLUCK_API_KEY or config).")
     ] = None,
 ) -> None:
-    """List the peers in the swarm: peer ID, addrs, models, load, RTT, trust tier, last seen."""
+    """List the peers in the swarm: peer ID, addrs, models, load, RTT, trust tier, verification, last seen."""
     from potluck.cli.client import ClientError, get_json
     from potluck.cli.common import api_url, client_api_key, fail, settings_or_exit
 

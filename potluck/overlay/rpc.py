@@ -4,7 +4,8 @@ Methods: ``ping`` (one ``Pong`` back; the caller measures the round trip), ``sta
 (anti-entropy: digest + records in, newer records out) and ``generate`` (a stream of
 ``TokenFrame`` ending with one ``FinishFrame``, or an ``ErrorFrame`` at any point) and
 ``tp_join`` (be a worker of a tensor-parallel group; the request and reply are opaque, size-bounded
-payloads whose schema the tensor-parallel side owns: :mod:`potluck.overlay.tp_port`).
+payloads whose schema the tensor-parallel side owns: :mod:`potluck.overlay.tp_port`), ``challenge``
+and ``possession`` (serving-quality checks: :mod:`potluck.overlay.verification`).
 
 The server runs in the overlay's trio thread and hands the work to the node's asyncio loop
 through the bridge (:class:`RpcApp`). Every request is refused unless the remote peer passed
@@ -39,12 +40,16 @@ from potluck.overlay.bridge import TrioThread
 from potluck.overlay.host import Libp2pHost
 from potluck.overlay.swarm_metrics import OverlayMetrics
 from potluck.overlay.wire import (
+    ChallengeAnswer,
+    ChallengeRequest,
     ErrorFrame,
     FinishFrame,
     FrameStream,
     GenerateRequest,
     PingRequest,
     Pong,
+    PossessionProof,
+    PossessionRequest,
     StateSyncRequest,
     StateSyncResponse,
     TokenFrame,
@@ -59,6 +64,7 @@ PROTOCOL = "/potluck/rpc/1"
 REQUEST_TIMEOUT_S = 10.0  # to receive the request frame, and for ping / state_sync replies
 FIRST_TOKEN_TIMEOUT_S = 120.0  # a queued generation may wait for the model
 TOKEN_IDLE_TIMEOUT_S = 30.0  # between two frames of a running generation
+CHALLENGE_TIMEOUT_S = 60.0  # a challenge waits for the peer's model like a queued generation
 _MAX_BATCH_FRAMES = 64  # frames handed over together by generate()
 
 _ERROR_CODES: list[tuple[type[PotluckError], str]] = [
@@ -90,6 +96,10 @@ class RpcApp(Protocol):
     def generate(self, peer: PeerId, request: GenerateRequest) -> AsyncIterator[TokenFrame | FinishFrame]: ...
 
     async def tp_join(self, peer: PeerId, request: TpJoinFrame) -> TpJoinReplyFrame: ...
+
+    async def challenge(self, peer: PeerId, request: ChallengeRequest) -> ChallengeAnswer: ...
+
+    async def possession(self, peer: PeerId, request: PossessionRequest) -> PossessionProof: ...
 
 
 class RpcServer:
@@ -158,6 +168,10 @@ class RpcServer:
                 await events.aclose()  # type: ignore[attr-defined]
         elif isinstance(request, TpJoinFrame):
             await frames.send(await self.bridge.call_asyncio(self.app.tp_join, peer, request))
+        elif isinstance(request, ChallengeRequest):
+            await frames.send(await self.bridge.call_asyncio(self.app.challenge, peer, request))
+        elif isinstance(request, PossessionRequest):
+            await frames.send(await self.bridge.call_asyncio(self.app.possession, peer, request))
         else:
             self.metrics.frames_rejected.inc()
             raise ProtocolViolation(f"{type(request).__name__} is not an RPC request")
@@ -290,6 +304,41 @@ async def tp_join(host: Libp2pHost, peer: PeerId, request: TpJoinFrame) -> TpJoi
         resp = await _reply(frames, peer, REQUEST_TIMEOUT_S)
         if not isinstance(resp, TpJoinReplyFrame):
             raise ProtocolViolation(f"peer {peer} answered tp_join with {type(resp).__name__}")
+        return resp
+    finally:
+        await _closing(frames)
+
+
+async def challenge(host: Libp2pHost, peer: PeerId, request: ChallengeRequest) -> ChallengeAnswer:
+    """Send a verification challenge; the answer within ``CHALLENGE_TIMEOUT_S``.
+
+    Raises:
+        ConnectError, TransferError (no answer in time), ModelNotFound (the peer lacks the model),
+        PeerRefused, ProtocolViolation (wrong frame or nonce).
+    """
+    frames = await _open(host, peer)
+    try:
+        await frames.send(request)
+        resp = await _reply(frames, peer, CHALLENGE_TIMEOUT_S)
+        if not isinstance(resp, ChallengeAnswer) or resp.nonce != request.nonce:
+            raise ProtocolViolation(f"peer {peer} answered a challenge with {type(resp).__name__} or another nonce")
+        return resp
+    finally:
+        await _closing(frames)
+
+
+async def possession(host: Libp2pHost, peer: PeerId, request: PossessionRequest) -> PossessionProof:
+    """Ask for chunks of a model file with their Merkle proofs; the reply within ``REQUEST_TIMEOUT_S``.
+
+    Raises:
+        ConnectError, TransferError, ModelNotFound, PeerRefused, ProtocolViolation.
+    """
+    frames = await _open(host, peer)
+    try:
+        await frames.send(request)
+        resp = await _reply(frames, peer, REQUEST_TIMEOUT_S)
+        if not isinstance(resp, PossessionProof) or resp.nonce != request.nonce:
+            raise ProtocolViolation(f"peer {peer} answered a possession request with {type(resp).__name__}")
         return resp
     finally:
         await _closing(frames)

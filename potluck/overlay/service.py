@@ -37,9 +37,14 @@ from potluck.overlay.state import ClusterState, PeerRecord, SignedRecord, sign_r
 from potluck.overlay.swarm_metrics import OverlayMetrics
 from potluck.overlay.tp_port import TensorParallelPort
 from potluck.overlay.tp_stream import Libp2pByteStream, StarStreamServer
+from potluck.overlay.verification.verifier import Verifier
 from potluck.overlay.wire import (
+    ChallengeAnswer,
+    ChallengeRequest,
     FinishFrame,
     GenerateRequest,
+    PossessionProof,
+    PossessionRequest,
     StateSyncRequest,
     StateSyncResponse,
     TokenFrame,
@@ -123,6 +128,8 @@ class OverlayService:
         # Tensor parallelism: set by the node (sharding's TensorParallelService implements the port);
         # ``None`` refuses tp_join and tp-star streams.
         self.tp: TensorParallelPort | None = None
+        # Serving-quality checks (issue 14): set by the node; ``None`` refuses challenge/possession.
+        self.verification: Verifier | None = None
 
     # ------------------------------------------------------------------ lifecycle
     async def __aenter__(self) -> OverlayService:
@@ -285,6 +292,7 @@ class OverlayService:
             version=self.version,
             seq=self._seq,
             expires_at=now + s.state_ttl_s,
+            attestations=self.verification.attestations() if self.verification is not None else (),
         )
 
     async def publish_own_record(self) -> SignedRecord:
@@ -438,6 +446,7 @@ class OverlayService:
                     "last_seen_s": None if not link.last_seen else round(now - link.last_seen, 1),
                     "admitted": rec.peer_id in self.admission.admitted,
                     "connection": self.nat.connection(rec.peer_id) if self.nat is not None else None,
+                    "verification": self.verification.view(rec.peer_id) if self.verification is not None else None,
                 }
             )
         view: dict[str, Any] = {"peer_id": self.peer_id, "swarm": self.settings.swarm, "addrs": self.addrs}
@@ -445,6 +454,37 @@ class OverlayService:
         if self.nat is not None:
             view["nat"] = self.nat.status()
         return view
+
+    # ------------------------------------------------------------------ verification (issue 14)
+    def signed_records(self) -> list[SignedRecord]:
+        return self.state.records()
+
+    def is_admitted(self, peer: PeerId) -> bool:
+        return self.admission.is_admitted(peer)
+
+    async def call_challenge(self, peer: PeerId, request: ChallengeRequest) -> ChallengeAnswer:
+        """Send a verification challenge to ``peer`` (:func:`rpc.challenge`, its deadline)."""
+        assert self.p2p is not None
+        await self.bridge.call(self.ensure_admitted, peer)
+        return await self.bridge.call(rpc.challenge, self.p2p, peer, request)
+
+    async def call_possession(self, peer: PeerId, request: PossessionRequest) -> PossessionProof:
+        """Ask ``peer`` for chunks of a model file with Merkle proofs (:func:`rpc.possession`)."""
+        assert self.p2p is not None
+        await self.bridge.call(self.ensure_admitted, peer)
+        return await self.bridge.call(rpc.possession, self.p2p, peer, request)
+
+    async def challenge(self, peer: PeerId, request: ChallengeRequest) -> ChallengeAnswer:
+        """RPC ``challenge``. Raises ModelNotFound (no such file here), Overloaded, PeerRefused."""
+        if self.verification is None:
+            raise PeerRefused("this node answers no verification challenges")
+        return await self.verification.answer_challenge(request)
+
+    async def possession(self, peer: PeerId, request: PossessionRequest) -> PossessionProof:
+        """RPC ``possession``. Raises ModelNotFound (no such file here), RequestError, PeerRefused."""
+        if self.verification is None:
+            raise PeerRefused("this node answers no verification challenges")
+        return await self.verification.answer_possession(request)
 
     # ------------------------------------------------------------------ RPC app (asyncio side)
     async def generate(self, peer: PeerId, request: GenerateRequest) -> AsyncIterator[TokenFrame | FinishFrame]:

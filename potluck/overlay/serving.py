@@ -19,7 +19,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import aclosing, suppress
 
 import psutil
@@ -27,6 +27,7 @@ import psutil
 from potluck.errors import ModelNotFound
 from potluck.overlay.generate_codec import logprobs_to_wire, message_from_wire, sampling_from_wire
 from potluck.overlay.state import Hardware, Load, ModelAd
+from potluck.overlay.verification.fileid import FileIdentity
 from potluck.overlay.wire import FinishFrame, GenerateRequest, TokenFrame
 from potluck.routing.request import GenerationRequest
 from potluck.routing.route import Finished, RouteEvent, ServedModelRoute, TextDelta, TokenLogprob
@@ -53,6 +54,13 @@ def to_generation_request(req: GenerateRequest) -> GenerationRequest:
     )
 
 
+def _content_fields(file: FileIdentity | None) -> dict[str, object]:
+    """A ModelAd's content-address fields (none while the file is not hashed yet)."""
+    if file is None:
+        return {}
+    return {"sha256": file.sha256, "merkle_root": file.merkle_root, "size_bytes": file.size}
+
+
 class LocalServing:
     """The node's own models, seen from the overlay.
 
@@ -69,6 +77,8 @@ class LocalServing:
         self.rate_limit_tps = rate_limit_tps
         self.flush_interval_s = flush_interval_s
         self.served_tps = 0.0  # exponential moving average over generations served to peers
+        # model id -> its file's content address, once hashed (set by the node: Verifier.content_id)
+        self.content_id: Callable[[str], FileIdentity | None] = lambda model_id: None
 
     def _routes(self) -> list[ServedModelRoute]:
         return self.router.local_routes
@@ -83,13 +93,13 @@ class LocalServing:
 
     def model_ads(self) -> list[ModelAd]:
         return [
-            ModelAd(
+            ModelAd(  # the content address joins once the file is hashed
                 id=r.info.model_id,
                 quantization=r.info.quantization[:32],
                 n_ctx=r.info.n_ctx,
                 n_layers=r.info.n_layers,
                 n_params=r.info.n_params,
-            )
+            ).model_copy(update=_content_fields(self.content_id(r.info.model_id)))
             for r in self._routes()
         ]
 

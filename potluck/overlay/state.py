@@ -11,7 +11,8 @@ tombstones: a record past its ``expires_at`` is dropped from the view, and a liv
 record with a higher sequence number before its previous one expires.
 
 Records are rejected (and counted) when they are oversized, malformed, unsigned, forged (bad
-signature or a signer that is not the described peer), expired, too far in the future, from
+signature, a signer that is not the described peer, or an attestation inside it not signed by
+that peer), expired, too far in the future, from
 another swarm, or stale (not newer than what the view holds).
 """
 
@@ -27,6 +28,8 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 
 from potluck.identity import NodeIdentity, PeerId, Tier, verify
 from potluck.overlay.swarm_metrics import OverlayMetrics
+from potluck.overlay.verification.attestations import MAX_ATTESTATIONS, Attestation
+from potluck.overlay.verification.attestations import problem as attestation_problem
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +53,11 @@ class ModelAd(_Strict):
     n_ctx: int = Field(ge=0, le=1 << 24)
     n_layers: int = Field(ge=0, le=4096)
     n_params: int = Field(ge=0, le=1 << 50)
+    # Content address (issue 14): the GGUF's SHA-256 and the RFC 6962 root over its 256 KiB chunks
+    # (potluck.overlay.verification.merkle); None while the node is still hashing, or no file.
+    sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
+    merkle_root: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
+    size_bytes: int = Field(default=0, ge=0, le=1 << 50)
 
 
 class Hardware(_Strict):
@@ -92,6 +100,8 @@ class PeerRecord(_Strict):
     version: str = Field(max_length=64)
     seq: int = Field(ge=0, lt=1 << 63)
     expires_at: float = Field(ge=0.0)
+    # This peer's own signed verdicts on other peers (potluck.overlay.verification.attestations).
+    attestations: tuple[Attestation, ...] = Field((), max_length=MAX_ATTESTATIONS)
 
 
 @dataclass(frozen=True)
@@ -163,6 +173,10 @@ def parse_record(raw: bytes, swarm: str, now: float) -> SignedRecord:
         raise RecordRejected("malformed", str(exc).splitlines()[0]) from exc
     if not verify(record.peer_id, _SIG_CONTEXT + body, sig):
         raise RecordRejected("forged", f"signature does not match peer {record.peer_id}")
+    for attestation in record.attestations:
+        why = attestation_problem(attestation, record.peer_id)
+        if why is not None:
+            raise RecordRejected("forged", why)
     if record.swarm != swarm:
         raise RecordRejected("foreign_swarm", f"record of swarm {record.swarm!r}")
     if record.expires_at <= now:

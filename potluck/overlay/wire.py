@@ -169,6 +169,54 @@ class TpStreamAck(WireModel):
     session: str = Field(min_length=32, max_length=32, pattern=_HEX)
 
 
+# ------------------------------------------------------------------ verification (issue 14)
+_SHA256_HEX = r"^[0-9a-f]{64}$"
+MAX_CHALLENGE_TOKENS = 64
+MAX_POSSESSION_CHUNKS = 3  # chunks of 256 KiB per proof frame: three fit one 1 MiB frame
+
+
+class ChallengeRequest(WireModel):
+    """RPC ``challenge``: the greedy ``n_tokens`` after ``prompt`` on the model whose GGUF has
+    SHA-256 ``model_sha256`` (:mod:`potluck.overlay.verification.challenge`)."""
+
+    t: Literal["challenge"] = "challenge"
+    model_sha256: str = Field(pattern=_SHA256_HEX)
+    nonce: bytes = Field(min_length=16, max_length=16)
+    prompt: str = Field(min_length=1, max_length=1024)
+    n_tokens: int = Field(ge=1, le=MAX_CHALLENGE_TOKENS)
+
+
+class ChallengeAnswer(WireModel):
+    """The answer: each token's bytes, natural-log probability and best-vs-runner-up gap."""
+
+    t: Literal["challenge_answer"] = "challenge_answer"
+    nonce: bytes = Field(min_length=16, max_length=16)
+    tokens: tuple[Annotated[bytes, Field(max_length=128)], ...] = Field(max_length=MAX_CHALLENGE_TOKENS)
+    logprobs: tuple[Annotated[float, Field(ge=-1e4, le=0.0)], ...] = Field(max_length=MAX_CHALLENGE_TOKENS)
+    gaps: tuple[Annotated[float, Field(ge=0.0, le=1e4)], ...] = Field(max_length=MAX_CHALLENGE_TOKENS)
+
+
+class PossessionRequest(WireModel):
+    """RPC ``possession``: chunks ``indices`` of the GGUF ``model_sha256``, with Merkle proofs."""
+
+    t: Literal["possession"] = "possession"
+    model_sha256: str = Field(pattern=_SHA256_HEX)
+    nonce: bytes = Field(min_length=16, max_length=16)
+    indices: tuple[Annotated[int, Field(ge=0, lt=1 << 40)], ...] = Field(min_length=1, max_length=MAX_POSSESSION_CHUNKS)
+
+
+_AuditPath = Annotated[tuple[Annotated[bytes, Field(min_length=32, max_length=32)], ...], Field(max_length=64)]
+
+
+class PossessionProof(WireModel):
+    """The chunks (256 KiB each, the last one shorter) and each one's audit path (RFC 6962)."""
+
+    t: Literal["possession_proof"] = "possession_proof"
+    nonce: bytes = Field(min_length=16, max_length=16)
+    chunks: tuple[Annotated[bytes, Field(max_length=256 << 10)], ...] = Field(max_length=MAX_POSSESSION_CHUNKS)
+    paths: tuple[_AuditPath, ...] = Field(max_length=MAX_POSSESSION_CHUNKS)
+
+
 Frame = Annotated[
     AdmitChallenge
     | AdmitProof
@@ -184,7 +232,11 @@ Frame = Annotated[
     | TpJoinFrame
     | TpJoinReplyFrame
     | TpStreamHello
-    | TpStreamAck,
+    | TpStreamAck
+    | ChallengeRequest
+    | ChallengeAnswer
+    | PossessionRequest
+    | PossessionProof,
     Field(discriminator="t"),
 ]
 _FRAME = TypeAdapter(Frame)

@@ -80,6 +80,7 @@ function devices() {
     ramTotal: p.hardware.ram_total, ramUsed: p.hardware.ram_total - p.hardware.ram_free, cores: p.hardware.cores,
     tps: p.hardware.decode_tps, queue: p.load.queue_depth, active: p.load.active, tier: p.trust_tier,
     admitted: p.self || p.admitted, rtt: p.rtt_ms, conn: p.connection, expires: p.expires_in_s,
+    verification: p.verification,
   }));
   if (n && !list.some((d) => d.self)) {
     list.unshift({ id: n.peer_id, self: true, models: n.models, ramTotal: n.ram_total, ramUsed: n.ram_used, cores: n.cores,
@@ -98,6 +99,14 @@ function pathOf(d) {
   if (!c) return { kind: "direct", text: "direct" };  // connected without NAT traversal data
   if (c.kind === "relayed") return { kind: "relayed", text: `relayed via ${short(c.relay)}` };
   return { kind: c.kind, text: c.kind };
+}
+// Serving-quality standing (issue 14): why a peer is excluded, else its reputation and last verdict.
+function verificationText(d) {
+  const v = d.verification;
+  if (d.self || !v) return "—";
+  if (v.excluded) return el("span", { class: "verification-excluded", style: "color:#b91c1c", text: `excluded: ${v.excluded}` });
+  const last = v.last ? ` · last ${v.last.method} ${v.last.verdict}` : "";
+  return `rep ${v.reputation.toFixed(2)} (${v.passes}✓ ${v.fails}✗)${last}`;
 }
 const rttText = (d) => (d.rtt == null ? "RTT …" : `${d.rtt < 10 ? d.rtt.toFixed(2) : d.rtt.toFixed(0)} ms`);
 
@@ -149,7 +158,7 @@ function renderSwarm() {
     d.self ? "—" : `${pathOf(d).text} · ${rttText(d)}`,
     el("div", {}, bar(d.ramTotal ? d.ramUsed / d.ramTotal : 0, "RAM used"), `${gib(d.ramUsed)} / ${gib(d.ramTotal)} GiB`),
     String(d.cores), `${d.queue} / ${d.active}`, d.models.join(", ") || "—", d.tps ? d.tps.toFixed(1) : "–",
-    tierName(d.tier), d.admitted ? "yes" : "refused",
+    tierName(d.tier), d.admitted ? "yes" : "refused", verificationText(d),
   ]));
   const refused = Object.entries(state.cluster?.refused ?? {}).map(([k, v]) => `${k} ×${v}`).join(", ");
   $("#swarm-note").textContent = !state.node?.p2p ? "This node runs without the swarm (p2p disabled)." :
