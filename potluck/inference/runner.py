@@ -114,6 +114,8 @@ class ModelRunner:
                             yield batch
                         return
                     if isinstance(item, Failure):
+                        if batch:  # the tokens produced before the failure still reach the client
+                            yield batch
                         if isinstance(item.exc, PotluckError):
                             item.reraise()
                         raise GenerationError(f"backend failed: {item.exc}") from item.exc
