@@ -86,9 +86,12 @@ def schema_grammar(schema: Any, param: str, prop_order: list[str] | None = None)
     from llama_cpp.llama_grammar import json_schema_to_gbnf
 
     try:
-        return json_schema_to_gbnf(json.dumps(schema), prop_order=prop_order)
+        gbnf = json_schema_to_gbnf(json.dumps(schema), prop_order=prop_order)
     except (AssertionError, ValueError, KeyError, TypeError, AttributeError, IndexError, RecursionError) as exc:
         raise RequestError(f"invalid JSON schema in '{param}': {exc}", param=param) from exc
+    # llama-cpp-python 0.3.36's port lets a string hold raw control characters (``[^"\\]``), which
+    # is not JSON; llama.cpp's current converter excludes them, as RFC 8259 section 7 requires.
+    return gbnf.replace('char ::= [^"\\\\]', 'char ::= [^"\\\\\\x7F\\x00-\\x1F]')
 
 
 def response_format_grammar(fmt: ResponseFormat | None, param: str = "response_format") -> str | None:

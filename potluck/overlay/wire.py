@@ -61,9 +61,20 @@ class Pong(WireModel):
     nonce: int = Field(ge=0, lt=1 << 63)
 
 
+class WireToolCall(WireModel):
+    """A tool call an assistant message made (``potluck.routing.request.ToolCall``)."""
+
+    id: str = Field(max_length=256)
+    name: str = Field(max_length=256)
+    arguments: str = Field(max_length=_MAX_TEXT)
+
+
 class WireMessage(WireModel):
     role: Literal["system", "user", "assistant", "tool"]
     content: str = Field(max_length=_MAX_TEXT)
+    tool_calls: tuple[WireToolCall, ...] = Field((), max_length=64)
+    tool_call_id: str | None = Field(None, max_length=256)
+    name: str | None = Field(None, max_length=256)
 
 
 class WireSampling(WireModel):
@@ -73,6 +84,8 @@ class WireSampling(WireModel):
     top_k: int = Field(ge=0, le=1 << 20)
     seed: int | None = Field(None, ge=0, lt=1 << 63)
     stop: tuple[Annotated[str, Field(max_length=256)], ...] = Field((), max_length=16)
+    grammar: str | None = Field(None, max_length=_MAX_TEXT)  # GBNF; the serving backend compiles and checks it
+    logprobs: int | None = Field(None, ge=0, le=20)
 
 
 class GenerateRequest(WireModel):
@@ -89,12 +102,26 @@ class GenerateRequest(WireModel):
     messages: tuple[WireMessage, ...] | None = Field(None, max_length=1024)
     continuation: str = Field("", max_length=_MAX_TEXT)
     headers: tuple[tuple[str, str], ...] = Field((), max_length=64)
+    tools: str | None = Field(None, max_length=_MAX_TEXT)  # JSON text of OpenAI tool definitions
+
+
+class WireTopLogprob(WireModel):
+    token: str = Field(max_length=1024)
+    logprob: float = Field(le=0.0)
+    token_bytes: bytes = Field(b"", max_length=1024)
+
+
+class WireLogprob(WireTopLogprob):
+    """One generated token's log-probability and its top alternatives (``TokenLogprob``)."""
+
+    top: tuple[WireTopLogprob, ...] = Field((), max_length=20)
 
 
 class TokenFrame(WireModel):
     t: Literal["tokens"] = "tokens"
     text: str = Field(max_length=_MAX_TEXT)
     n_tokens: int = Field(ge=0, le=1 << 20)
+    logprobs: tuple[WireLogprob, ...] = Field((), max_length=1024)
 
 
 class FinishFrame(WireModel):
