@@ -88,8 +88,10 @@ def _stamp(path: Path) -> dict[str, object]:
 
 
 def save_cached(data_dir: Path, path: Path, ident: FileIdentity) -> None:
-    """Write ``ident`` as the cached identity of ``path`` (stamped with its size and mtime now)."""
+    """Write ``ident`` as the cached identity of ``path``, stamped with the file's size and mtime
+    now (the identity's own size is kept apart: the cache is what this node will advertise)."""
     entry = _stamp(path) | {
+        "content_size": ident.size,
         "sha256": ident.sha256,
         "merkle_root": ident.merkle_root,
         "leaves": base64.b64encode(b"".join(ident.leaves)).decode(),
@@ -110,9 +112,10 @@ def load_cached(data_dir: Path, path: Path) -> FileIdentity | None:
             return None
         blob = base64.b64decode(entry["leaves"], validate=True)
         leaves = tuple(blob[i : i + merkle.HASH_SIZE] for i in range(0, len(blob), merkle.HASH_SIZE))
-        if len(leaves) != merkle.n_chunks(int(entry["size"])) or merkle.root(leaves).hex() != entry["merkle_root"]:
+        size = int(entry["content_size"])
+        if len(leaves) != merkle.n_chunks(size) or merkle.root(leaves).hex() != entry["merkle_root"]:
             return None
-        return FileIdentity(path, int(entry["size"]), str(entry["sha256"]), str(entry["merkle_root"]), leaves)
+        return FileIdentity(path, size, str(entry["sha256"]), str(entry["merkle_root"]), leaves)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         log.debug("no usable model-id cache for %s: %s", path, exc)
         return None
