@@ -18,7 +18,9 @@ def test_identity_of_a_fixture_matches_its_published_checksum(model_path, shared
     assert ident.merkle_root == merkle.root(ident.leaves).hex()
     i = len(ident.leaves) - 1
     chunk = ident.read_chunk(i)
-    assert merkle.verify(bytes.fromhex(ident.merkle_root), i, len(ident.leaves), merkle.leaf_hash(chunk), ident.proof(i))
+    assert merkle.verify(
+        bytes.fromhex(ident.merkle_root), i, len(ident.leaves), merkle.leaf_hash(chunk), ident.proof(i)
+    )
 
 
 def test_cache_is_used_until_the_file_changes(tmp_path, model_path):
