@@ -182,3 +182,17 @@ async def test_a_q4_file_sold_as_f16_is_detected_and_excluded(runners, model_pat
     )
     assert c.excluded(cheat_id) is not None
     assert all(v.verdict == "pass" for v in seen if v.subject != cheat_id), [v.detail for v in seen]
+
+
+async def test_a_peer_that_advertises_a_model_but_refuses_the_challenge_fails(runners, model_path):
+    f16 = hash_file(model_path("f16"))
+    swarm = MemorySwarm()
+    a, liar = swarm.node(make_identity()), swarm.node(make_identity())
+    a.add_model(MODEL, f16, model(runners["a"]))
+    liar.add_model(MODEL, f16, model(runners["b"]))
+    for v in (a, liar):
+        await v.port.publish_own_record()  # type: ignore[attr-defined]
+    liar.held.clear()  # it keeps advertising the hash but answers "not found"
+    (verdict,) = await a.check_next()
+    assert verdict.verdict == "fail" and verdict.detail.startswith("refused the challenge")
+    assert a.excluded(liar.identity.peer_id) is not None

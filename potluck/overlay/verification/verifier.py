@@ -29,7 +29,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from potluck.errors import ModelNotFound, NetworkError, Overloaded, PotluckError, ProtocolViolation, RequestError
+from potluck.errors import (
+    ModelFileError,
+    ModelNotFound,
+    NetworkError,
+    Overloaded,
+    PotluckError,
+    ProtocolViolation,
+    RequestError,
+)
 from potluck.identity import NodeIdentity, PeerId
 from potluck.overlay.state import ModelAd, SignedRecord
 from potluck.overlay.verification import merkle
@@ -132,6 +140,7 @@ class Verifier:
 
         Raises:
             ModelNotFound: this node does not hold that file. RequestError: no such chunk.
+            ModelFileError: the file cannot be read any more.
         """
         held = self.held.get(request.model_sha256)
         if held is None:
@@ -141,6 +150,8 @@ class Verifier:
             paths = [held.file.proof(i) for i in request.indices]
         except IndexError as exc:
             raise RequestError(f"possession request: {exc}") from exc
+        except OSError as exc:
+            raise ModelFileError(f"cannot read the model file {held.file.path}: {exc}") from exc
         return PossessionProof(nonce=request.nonce, chunks=tuple(chunks), paths=tuple(paths))
 
     # ------------------------------------------------------------------ standings
