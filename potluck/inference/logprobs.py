@@ -52,7 +52,12 @@ def token_logprobs(logits: npt.ArrayLike, token_id: int, k: int, detok: Callable
         raise ValueError(f"top logprobs k={k} is outside 0..{MAX_TOP_LOGPROBS}")
     top: tuple[TokenLogprob, ...] = ()
     if k:
-        idx = np.argpartition(-lp, min(k, lp.shape[0] - 1))[:k]  # k best, unordered
+        n = lp.shape[0]
+        k_eff = min(k, n)
+        kth = float(np.partition(lp, n - k_eff)[n - k_eff])  # the k-th largest logprob
+        above = np.flatnonzero(lp > kth)  # fewer than k, all kept
+        tied = np.flatnonzero(lp == kth)[: k_eff - above.size]  # ties at the cut: lowest ids
+        idx = np.concatenate((above, tied))
         idx = idx[np.lexsort((idx, -lp[idx]))]  # by logprob desc, then id
         top = tuple(_entry(int(i), float(lp[i]), detok) for i in idx)
     return _entry(token_id, float(lp[token_id]), detok, top)
