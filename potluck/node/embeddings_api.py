@@ -1,7 +1,7 @@
 """``POST /v1/embeddings``: OpenAI's embeddings endpoint on the node's embedding model.
 
 Body (https://platform.openai.com/docs/api-reference/embeddings/create): ``input`` (a string, a
-list of strings, a token array ``list[int]`` or a list of token arrays), ``model`` (the embedding
+token array ``list[int]``, or a list of strings and token arrays), ``model`` (the embedding
 model's id or an alias of it; empty: the node's embedding model), ``encoding_format`` (``float``,
 or ``base64``: the little-endian float32 bytes, as OpenAI's client decodes them), ``dimensions``
 (refused with 400 unless it equals the model's size: potluck does not truncate vectors), ``user``.
@@ -35,12 +35,7 @@ class EmbeddingRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    input: (
-        str
-        | Annotated[list[str], Field(min_length=1, max_length=MAX_INPUTS)]
-        | _Tokens
-        | Annotated[list[_Tokens], Field(min_length=1, max_length=MAX_INPUTS)]
-    )
+    input: str | _Tokens | Annotated[list[str | _Tokens], Field(min_length=1, max_length=MAX_INPUTS)]
     model: str | None = None
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: Annotated[int, Field(ge=1)] | None = None
@@ -50,9 +45,9 @@ class EmbeddingRequest(BaseModel):
         """The inputs as a list: one string or token array per vector to return."""
         if isinstance(self.input, str):
             return [self.input]
-        if self.input and isinstance(self.input[0], int):
-            return [list(self.input)]
-        return list(self.input)  # type: ignore[arg-type]
+        if isinstance(self.input[0], int):
+            return [[t for t in self.input if isinstance(t, int)]]
+        return [x for x in self.input if not isinstance(x, int)]
 
 
 @dataclass

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
+from pydantic import ValidationError
+
+from potluck.node.embeddings_api import EmbeddingRequest
 from potluck.routing.router import Router
 
 
@@ -45,3 +49,23 @@ async def test_embeddings_unknown_parameter_is_named(scripted_api):
         resp = await api.http.post("/v1/embeddings", json={"input": "hello", "truncate": True})
         assert resp.status == 400
         assert "'truncate'" in (await resp.json())["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    ("body", "inputs"),
+    [
+        ({"input": "a"}, ["a"]),
+        ({"input": [1, 2]}, [[1, 2]]),
+        ({"input": ["a", "b"]}, ["a", "b"]),
+        ({"input": [[1], [2, 3]]}, [[1], [2, 3]]),
+        ({"input": ["a", [1, 2]]}, ["a", [1, 2]]),  # mixed lists, as llama-server accepts them
+    ],
+)
+def test_embedding_request_inputs(body, inputs):
+    assert EmbeddingRequest.model_validate(body).inputs() == inputs
+
+
+@pytest.mark.parametrize("bad", [[], [[]], [1, "a"], {"content": "x"}, None])
+def test_embedding_request_refuses_other_inputs(bad):
+    with pytest.raises(ValidationError):
+        EmbeddingRequest.model_validate({"input": bad})
