@@ -101,7 +101,7 @@ class Settings(BaseSettings):
     aliases: dict[str, str] = Field(
         default_factory=dict,
         description='Other names for served models, e.g. {"gpt-4o-mini": "SmolLM2-135M-Instruct"} '
-        "(config table [aliases]; flag --alias NAME=MODEL).",
+        "(config table [aliases]; --alias NAME=MODEL adds to it).",
     )
     backend: Literal["llama.cpp", "onnxruntime"] = Field("llama.cpp", description="Inference backend.")
     n_ctx: int = Field(2048, ge=16, le=1 << 20, description="Context length in tokens (capped by the model).")
