@@ -55,6 +55,8 @@ def parse_tool_calls(text: str, names: Collection[str]) -> tuple[ToolCall, ...] 
     """
     stripped = text.strip()
     if _OPEN in stripped:
+        if _BLOCK.sub("", stripped).strip():  # text around the blocks: a reply, not (only) calls
+            return None
         try:
             objs = [json.loads(m) for m in _BLOCK.findall(stripped)]
         except ValueError:
