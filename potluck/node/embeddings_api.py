@@ -16,13 +16,14 @@ import asyncio
 import base64
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from potluck.errors import ModelLoading, ModelNotFound, RequestError
+from potluck.errors import ModelLoading, ModelNotFound, Overloaded, RequestError
 from potluck.inference.embeddings import EmbeddingEngine
 
 MAX_INPUTS = 2048  # OpenAI's limit on inputs per request
@@ -52,18 +53,35 @@ class EmbeddingRequest(BaseModel):
 
 @dataclass
 class EmbeddingsState:
-    """What the handler needs: the engine (``None``: the node has none) and the alias lookup."""
+    """What the handler needs: the engine (``None``: the node has none), the alias lookup, and
+    the one worker thread the engine runs on (requests past ``max_queue`` waiting for it: 429)."""
 
     engine: EmbeddingEngine | None
     canonical: Callable[[str], str]  # model name or alias -> served model name
+    max_queue: int = 16
+    executor: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(max_workers=1, thread_name_prefix="potluck-embed")
+    )
+    waiting: int = 0  # requests submitted and not finished, the running one included
 
 
 EMBEDDINGS = web.AppKey("embeddings", EmbeddingsState)
 
 
-def add_routes(app: web.Application, engine: EmbeddingEngine | None, canonical: Callable[[str], str]) -> None:
-    """Serve ``POST /v1/embeddings`` on ``app`` from ``engine`` (``canonical``: alias resolution)."""
-    app[EMBEDDINGS] = EmbeddingsState(engine, canonical)
+def add_routes(
+    app: web.Application, engine: EmbeddingEngine | None, canonical: Callable[[str], str], max_queue: int = 16
+) -> None:
+    """Serve ``POST /v1/embeddings`` on ``app`` from ``engine`` (``canonical``: alias resolution).
+
+    The worker thread belongs to ``app`` and is shut down on its cleanup.
+    """
+    state = EmbeddingsState(engine, canonical, max_queue)
+    app[EMBEDDINGS] = state
+
+    async def _shutdown(_: web.Application) -> None:
+        await asyncio.to_thread(state.executor.shutdown, wait=True, cancel_futures=True)
+
+    app.on_cleanup.append(_shutdown)
     app.router.add_post("/v1/embeddings", embeddings)
 
 
@@ -112,7 +130,14 @@ async def embeddings(request: web.Request) -> web.Response:
             f"invalid parameter 'dimensions': {engine.model_id} returns {engine.n_embd}-dimensional vectors "
             f"and potluck does not shorten them; omit 'dimensions' or pass {engine.n_embd}"
         )
-    result = await asyncio.to_thread(engine.embed, body.inputs())
+    state = request.app[EMBEDDINGS]
+    if state.waiting > state.max_queue:
+        raise Overloaded(f"{state.waiting} embedding requests are waiting; retry shortly", retry_after=1.0)
+    state.waiting += 1
+    try:
+        result = await asyncio.get_running_loop().run_in_executor(state.executor, engine.embed, body.inputs())
+    finally:
+        state.waiting -= 1
     data: list[dict[str, Any]] = [
         {"object": "embedding", "index": i, "embedding": _encode(v, body.encoding_format)}
         for i, v in enumerate(result.vectors)
