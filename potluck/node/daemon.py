@@ -124,6 +124,7 @@ class Node:
             peers = PeerRouteProvider(self.overlay)
             self.router.add_provider(peers)
             self.router.add_discoverer(peers)  # DHT lookup of models the cluster state lacks
+            self.router.add_refresher(peers)  # a state sync before a failing request gives up
             self.tasks.start(self._watch_overlay(), "overlay-watch")
             if self.verifier is not None:
                 from potluck.node.verification import start_checks

@@ -43,6 +43,7 @@ from potluck.routing.router import ModelListing
 log = logging.getLogger(__name__)
 
 DHT_LOOKUP_DEADLINE_S = 10.0  # most time a request waits for a DHT lookup of an unknown model
+REFRESH_DEADLINE_S = 3.0  # most time a failing request waits for a state sync before giving up
 # Errors after which another peer may succeed (the peer, not the request, is at fault).
 _PEER_FAULTS = (NetworkError, GenerationError, Overloaded, ModelNotFound, ModelLoading)
 
@@ -159,6 +160,34 @@ class PeerRouteProvider:
         if found:
             log.info("found %s through the DHT at %s", model, ", ".join(found))
         return bool(self.service.peers_serving(model))
+
+    async def refresh(self, model: str) -> None:
+        """Bring the view up to date before the router gives up on ``model``: one anti-entropy
+        round with every admitted peer, concurrently, within ``REFRESH_DEADLINE_S``
+        (``RouteRefresher``).
+
+        Why: a peer's record reaches us by gossip; a peer that restarted announces its model when
+        the load finishes, and if that gossip has not arrived (its mesh is still forming) our view
+        still holds its model-less first record, so the peer that is alive and could resume a
+        broken stream is no candidate. Failures are logged; it never raises.
+        """
+        s = self.service
+        if not s.started:
+            return
+        peers = sorted(s.admission.admitted)
+
+        async def one(peer: PeerId) -> None:
+            try:
+                await s.sync_with(peer)
+            except (NetworkError, TimeoutError) as exc:
+                log.info("refresh: anti-entropy with %s failed: %s", peer, exc)
+
+        try:
+            async with asyncio.timeout(REFRESH_DEADLINE_S), asyncio.TaskGroup() as tg:
+                for peer in peers:
+                    tg.create_task(one(peer))
+        except TimeoutError:
+            log.info("refresh of the view for %s ran past %.0f s", model, REFRESH_DEADLINE_S)
 
     def candidates(self, model: str) -> list[Candidate]:
         """One candidate per peer whose signed record announces ``model`` (``RouteProvider``):

@@ -9,6 +9,10 @@ was overloaded, or the privacy guard refused at send time), the next allowed can
 same answer, across tiers where the policy allowed them (a dead peer -> the next peer -> the cloud,
 sanitized): the request is replayed with the text already produced as ``continuation`` and the
 remaining ``max_tokens``, so the client sees one completion (ARCHITECTURE.md, "Routing a request").
+When every candidate of the plan has failed, the route asks for a fresh plan (the router first
+refreshes its view of the swarm, e.g. a state sync, so a peer that is alive but whose record had
+not reached us yet becomes a candidate) and goes on with candidates not tried yet, at most
+``MAX_REPLANS`` times; only then does the client see an error.
 Candidates of tier >= 2 always run behind the privacy guard (:meth:`RoutePolicy.wrap`): this is
 the one place it is applied.
 """
@@ -17,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from contextlib import aclosing
 from dataclasses import dataclass, replace
 from typing import Any
@@ -43,6 +47,7 @@ from potluck.routing.scoring import Prediction, RouteStats
 log = logging.getLogger(__name__)
 
 ROUTE_HEADER = "X-Potluck-Route"
+MAX_REPLANS = 2  # fresh plans (after a view refresh) a failing request may take before it gives up
 # Failures after which another candidate may succeed (the destination, not the request, is at fault).
 _ROUTE_FAULTS = (NetworkError, GenerationError, Overloaded, ModelNotFound, ModelLoading, PrivacyError)
 
@@ -115,6 +120,7 @@ class PlannedRoute:
         plan: the ranked candidates; at least one allowed.
         policy: the privacy guard, applied to every candidate of tier >= 2.
         stats: where measured decode speeds are recorded.
+        replan: a fresh plan of the same request after a view refresh (``None``: none).
 
     Attributes:
         observe: set by the caller before streaming to wrap each candidate's unguarded route
@@ -123,14 +129,22 @@ class PlannedRoute:
         failures: ``(candidate key, error)`` of the candidates that failed, in order.
     """
 
-    def __init__(self, plan: RoutePlan, policy: RoutePolicy | None, stats: RouteStats) -> None:
+    def __init__(
+        self,
+        plan: RoutePlan,
+        policy: RoutePolicy | None,
+        stats: RouteStats,
+        replan: Callable[[], Awaitable[RoutePlan]] | None = None,
+    ) -> None:
         assert plan.allowed, "a planned route needs an allowed candidate"
         self.plan = plan
         self.policy = policy
         self.stats = stats
+        self.replan = replan
         self.observe: Callable[[Candidate, Route], Route] | None = None
         self.chosen: Ranked | None = None
         self.failures: list[tuple[str, str]] = []
+        self._why = ""
 
     @property
     def model_id(self) -> str:
@@ -141,14 +155,15 @@ class PlannedRoute:
         """Tier of the candidate streaming now (before the start: the best allowed one)."""
         return (self.chosen or self.plan.allowed[0]).candidate.tier
 
-    def route_header(self) -> str:
-        """``X-Potluck-Route``: ``<kind>; target=<whom>; key=<candidate>; why="<reason>"``."""
+    def route_header(self, local_target: str = "") -> str:
+        """``X-Potluck-Route``: ``<kind>; target=<whom>; key=<candidate>; why="<reason>"`` (a local
+        candidate without a target shows ``local_target``, this node's peer ID)."""
         ranked = self.chosen or self.plan.allowed[0]
         c = ranked.candidate
-        why = self.plan.why(ranked)
+        why = self._why or self.plan.why(ranked)
         if self.failures:
             why += "; after " + ", ".join(f"{k} failed" for k, _ in self.failures)
-        return f'{c.kind}; target={c.target}; key={c.key}; why="{why}"'
+        return f'{c.kind}; target={c.target or local_target}; key={c.key}; why="{why}"'
 
     def _route(self, c: Candidate) -> Route:
         route = c.route if self.observe is None else self.observe(c, c.route)
@@ -172,8 +187,22 @@ class PlannedRoute:
         tokens_done = 0
         last: Exception | None = None
         refused: RequestError | None = None
-        for ranked in self.plan.allowed:
+        tried: set[str] = set()
+        replans = 0
+        while True:
+            ranked = next((r for r in self.plan.allowed if r.candidate.key not in tried), None)
+            if ranked is None:
+                if self.replan is None or replans >= MAX_REPLANS:
+                    break
+                replans += 1
+                try:
+                    self.plan = await self.replan()
+                except (ModelNotFound, ModelLoading) as exc:
+                    log.info("no fresh plan for %s: %s", self.model_id, exc)
+                    break
+                continue
             c = ranked.candidate
+            tried.add(c.key)
             if tokens_done >= request.params.max_tokens:  # the answer was complete; only Finished was lost
                 yield Finished("length", 0, tokens_done)
                 return
@@ -189,7 +218,7 @@ class PlannedRoute:
                 async with aclosing(self._route(c).stream(sub)) as events:
                     async for event in events:
                         if self.chosen is None:
-                            self.chosen = ranked
+                            self.chosen, self._why = ranked, self.plan.why(ranked)
                         if isinstance(event, TextDelta):
                             if t_first == 0.0:
                                 t_first = time.perf_counter()

@@ -58,6 +58,14 @@ class RouteDiscoverer(Protocol):
         ...
 
 
+class RouteRefresher(Protocol):
+    """Something that can bring the router's view up to date (e.g. a state sync with the swarm)."""
+
+    async def refresh(self, model: str) -> None:
+        """Refresh what is known about ``model``'s routes; bounded in time, never raises."""
+        ...
+
+
 class Router:
     """Resolves model names to routes.
 
@@ -74,6 +82,7 @@ class Router:
         self._loading: set[str] = set()
         self._providers: list[RouteProvider] = []
         self._discoverers: list[RouteDiscoverer] = []
+        self._refreshers: list[RouteRefresher] = []
 
     def mark_loading(self, model_id: str) -> None:
         """Announce a local model that is still loading (requests for it get HTTP 503)."""
@@ -94,6 +103,10 @@ class Router:
     def add_discoverer(self, discoverer: RouteDiscoverer) -> None:
         """Ask ``discoverer`` for models nothing else serves (see :meth:`resolve_async`)."""
         self._discoverers.append(discoverer)
+
+    def add_refresher(self, refresher: RouteRefresher) -> None:
+        """Ask ``refresher`` to update the view before a failing request gives up (see :meth:`route`)."""
+        self._refreshers.append(refresher)
 
     @property
     def local_routes(self) -> list[ServedModelRoute]:
@@ -218,7 +231,13 @@ class Router:
         plan = await self.plan(request)
         if not plan.allowed:
             raise _no_route(plan)
-        return PlannedRoute(plan, self.planner.policy, self.planner.stats)
+
+        async def replan() -> RoutePlan:  # every candidate failed: refresh the view, plan again
+            for refresher in self._refreshers:
+                await refresher.refresh(plan.model)
+            return await self.plan(request)
+
+        return PlannedRoute(plan, self.planner.policy, self.planner.stats, replan)
 
 
 def _no_route(plan: RoutePlan) -> Exception:

@@ -8,7 +8,7 @@ constraints. Here every term is in seconds, lower is better::
     prefill_s   = share * prompt_tokens / (tps * PREFILL_SPEEDUP)   a prompt is evaluated in batches
     ttft_s      = rtt_s + prefill_s + per_token_s
     latency_s   = ttft_s + (max_tokens - 1) * per_token_s
-    score       = latency_s + cost_weight_s * cost + tier_s * tier + distrust_s * (1 - reputation)
+    score       = latency_s * (1 + distrust * (1 - reputation)) + cost_weight_s * cost + tier_s * tier
 
 ``tps`` is what this node measured itself on that route (first token to last, EWMA), else what the
 destination advertises (a peer's signed ``Hardware.decode_tps``), else a prior (the mean of the
@@ -40,13 +40,16 @@ class Weights:
 
     Attributes:
         cost_s: seconds of latency one unit of cost (``cloud_prices``' currency) is worth.
-        tier_s: seconds added per trust tier (0 this device .. 3 cloud).
-        distrust_s: seconds added to a peer of reputation 0 (scaled by ``1 - reputation``).
+        tier_s: seconds added per trust tier (0 this device .. 3 cloud): data that stays closer is
+            worth waiting a little for.
+        distrust: how much a peer's predicted latency is inflated at reputation 0 (a fraction,
+            scaled by ``1 - reputation``; the verification subsystem gives 0.5 without evidence).
+            Peers that fail verification are excluded outright, not scored.
     """
 
     cost_s: float = 1000.0
-    tier_s: float = 0.05
-    distrust_s: float = 5.0
+    tier_s: float = 0.5
+    distrust: float = 0.2
 
 
 @dataclass(frozen=True)
@@ -104,7 +107,8 @@ def predict(
     ttft = rtt + prefill + per_token
     latency = ttft + (max_tokens - 1) * per_token
     cost = c.price.cost(prompt_tokens, max_tokens) if c.price is not None else 0.0
-    trust = weights.tier_s * int(c.tier) + weights.distrust_s * (1.0 - min(1.0, max(0.0, reputation)))
+    distrust = weights.distrust * (1.0 - min(1.0, max(0.0, reputation)))
+    trust = latency * distrust + weights.tier_s * int(c.tier)
     score = latency + weights.cost_s * cost + trust
     return Prediction(tps, source, ttft, latency, cost, trust, score)
 

@@ -145,7 +145,10 @@ class RouteObserver:
         chosen = (self.route.chosen or self.route.plan.allowed[0]).candidate
         guarded = chosen.tier >= Tier.COMMUNITY
         sanitized = guarded and decide(self._level, chosen.tier) is not Action.SEND_RAW
-        headers = {"X-Potluck-Route": self.route.route_header(), "X-Potluck-Sanitized": "yes" if sanitized else "no"}
+        headers = {
+            "X-Potluck-Route": self.route.route_header(self._peer_id),
+            "X-Potluck-Sanitized": "yes" if sanitized else "no",
+        }
         if guarded and chosen.key in self._ids:
             headers["X-Potluck-Request-Id"] = self._ids[chosen.key]
         return headers
