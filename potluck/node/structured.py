@@ -77,16 +77,40 @@ class NamedToolChoice(_Strict):
 ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
 
 
+_LITERAL_ESCAPES = {"\r": "\\r", "\n": "\\n", '"': '\\"', "\\": "\\\\"}
+
+
+def _schema_to_gbnf(schema: Any, prop_order: list[str] | None) -> str:
+    """llama-cpp-python's ``json_schema_to_gbnf``, with each JSON literal (``const``, ``enum``,
+    property names) matched as the exact JSON text: non-ASCII characters raw, as llama.cpp's own
+    converter writes them (``common/json-schema-to-grammar.cpp``), and backslashes escaped for GBNF.
+    The 0.3.36 port leaves backslashes unescaped, so a string holding ``"`` or ``\\`` became a
+    grammar llama.cpp cannot parse, and one holding a newline asked for a raw (invalid JSON) one."""
+    from llama_cpp.llama_grammar import SchemaConverter
+
+    class _Converter(SchemaConverter):
+        def _format_literal(self, literal: str) -> str:
+            try:  # JSON text of a constant (else one plain character, from ``not_literal``)
+                literal = json.dumps(json.loads(literal), ensure_ascii=False)
+            except ValueError:
+                pass
+            return '"' + "".join(_LITERAL_ESCAPES.get(c, c) for c in literal) + '"'
+
+    order = {name: i for i, name in enumerate(prop_order or [])}
+    converter = _Converter(prop_order=order, allow_fetch=False, dotall=False, raw_pattern=False)
+    converter.visit(converter.resolve_refs(json.loads(json.dumps(schema)), "stdin"), "")
+    gbnf: str = converter.format_grammar()
+    return gbnf
+
+
 def schema_grammar(schema: Any, param: str, prop_order: list[str] | None = None) -> str:
     """GBNF for a JSON schema.
 
     Raises:
         RequestError: the converter rejects the schema (``param`` names where it came from).
     """
-    from llama_cpp.llama_grammar import json_schema_to_gbnf
-
     try:
-        gbnf = json_schema_to_gbnf(json.dumps(schema), prop_order=prop_order)
+        gbnf = _schema_to_gbnf(schema, prop_order)
     except (AssertionError, ValueError, KeyError, TypeError, AttributeError, IndexError, RecursionError) as exc:
         raise RequestError(f"invalid JSON schema in '{param}': {exc}", param=param) from exc
     # llama-cpp-python 0.3.36's port lets a string hold raw control characters (``[^"\\]``), which
