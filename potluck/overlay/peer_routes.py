@@ -109,6 +109,9 @@ class PeerRoute:
             self.service.record_failure(peer)
             log.warning("peer %s failed serving %s: %s", peer, self.model_id, exc)
             raise
+        except TimeoutError as exc:  # admission with the peer ran past its deadline
+            self.service.record_failure(peer)
+            raise ConnectError(f"peer {peer} did not complete admission in time") from exc
 
     async def _forward(
         self, peer: PeerId, wire: GenerateRequest

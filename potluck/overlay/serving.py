@@ -150,12 +150,15 @@ class LocalServing:
     ) -> None:
         """Run ``gen`` on ``route`` into ``events`` (rate limit and decode speed accounted here)."""
         t0, n = time.perf_counter(), 0
+        paced_from: float | None = None  # the cap paces tokens from the first one: a slow first token earns no burst
         try:
             async for event in route.stream(gen):
                 if isinstance(event, TextDelta):
                     n += event.n_tokens
                     if self.rate_limit_tps > 0:
-                        await asyncio.sleep(max(0.0, t0 + n / self.rate_limit_tps - time.perf_counter()))
+                        if paced_from is None:
+                            paced_from = time.perf_counter() - event.n_tokens / self.rate_limit_tps
+                        await asyncio.sleep(max(0.0, paced_from + n / self.rate_limit_tps - time.perf_counter()))
                 elif isinstance(event, Finished):
                     elapsed = time.perf_counter() - t0
                     if n >= 8 and elapsed > 0:
