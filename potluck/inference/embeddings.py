@@ -167,7 +167,8 @@ class EmbeddingEngine:
             raise RequestError(f"invalid parameter '{where}': an input must not be empty")
         if len(tokens) > self.n_ctx:
             raise RequestError(
-                f"invalid parameter '{where}': {len(tokens)} tokens; the embedding context holds {self.n_ctx}"
+                f"invalid parameter '{where}': input is too large: {len(tokens)} tokens; "
+                f"the embedding context holds {self.n_ctx}"
             )
         n_vocab = llm.n_vocab()
         bad = next((t for t in tokens if not 0 <= t < n_vocab), None)
