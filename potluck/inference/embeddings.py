@@ -164,17 +164,19 @@ class EmbeddingEngine:
         where = f"input[{i}]"
         tokens = self.tokenize(item) if isinstance(item, str) else list(item)
         if not tokens:
-            raise RequestError(f"invalid parameter '{where}': an input must not be empty")
+            raise RequestError(f"invalid parameter '{where}': an input must not be empty", param="input")
         if len(tokens) > self.n_ctx:
             raise RequestError(
                 f"invalid parameter '{where}': input is too large: {len(tokens)} tokens; "
-                f"the embedding context holds {self.n_ctx}"
+                f"the embedding context holds {self.n_ctx}",
+                param="input",
             )
         n_vocab = llm.n_vocab()
         bad = next((t for t in tokens if not 0 <= t < n_vocab), None)
         if bad is not None:
             raise RequestError(
-                f"invalid parameter '{where}': token id {bad} is outside the vocabulary (0..{n_vocab - 1})"
+                f"invalid parameter '{where}': token id {bad} is outside the vocabulary (0..{n_vocab - 1})",
+                param="input",
             )
         return tokens
 

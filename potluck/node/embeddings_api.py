@@ -96,8 +96,10 @@ async def _parse(request: web.Request) -> EmbeddingRequest:
         # A union's errors carry the member type in the path (input.str, input.list[int].0); keep the field.
         where = loc[0] if loc else "body"
         if first["type"] == "extra_forbidden":
-            raise RequestError(f"unsupported parameter '{where}': /v1/embeddings does not implement it") from exc
-        raise RequestError(f"invalid parameter '{where}': {first['msg']}") from exc
+            raise RequestError(
+                f"unsupported parameter '{where}': /v1/embeddings does not implement it", param=where
+            ) from exc
+        raise RequestError(f"invalid parameter '{where}': {first['msg']}", param=where) from exc
 
 
 def _engine_for(state: EmbeddingsState, model: str | None) -> EmbeddingEngine:
@@ -128,7 +130,8 @@ async def embeddings(request: web.Request) -> web.Response:
     if body.dimensions is not None and body.dimensions != engine.n_embd:
         raise RequestError(
             f"invalid parameter 'dimensions': {engine.model_id} returns {engine.n_embd}-dimensional vectors "
-            f"and potluck does not shorten them; omit 'dimensions' or pass {engine.n_embd}"
+            f"and potluck does not shorten them; omit 'dimensions' or pass {engine.n_embd}",
+            param="dimensions",
         )
     state = request.app[EMBEDDINGS]
     if state.waiting > state.max_queue:
