@@ -298,7 +298,9 @@ def decode_payload(payload: bytes) -> WireModel:
     try:
         return _FRAME.validate_python(_lists_to_tuples(obj))
     except ValidationError as exc:
-        raise ProtocolViolation(f"invalid frame: {exc.error_count()} schema errors: {exc.errors()[0]['msg']}") from exc
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])  # the frame type tag, then the field path
+        raise ProtocolViolation(f"invalid frame: {exc.error_count()} schema errors: {where}: {first['msg']}") from exc
 
 
 def _lists_to_tuples(obj: Any) -> Any:
