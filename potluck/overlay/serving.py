@@ -61,6 +61,17 @@ def _content_fields(file: FileIdentity | None) -> dict[str, object]:
     return {"sha256": file.sha256, "merkle_root": file.merkle_root, "size_bytes": file.size}
 
 
+def _per_token(delta: TextDelta) -> list[TextDelta]:
+    """``delta`` as one delta per token, for pacing: the text is cut into ``n_tokens`` nearly equal
+    pieces (the model hands over several tokens at once when the consumer is slower than it). A
+    delta with log-probabilities, or of at most one token, stays whole."""
+    n = delta.n_tokens
+    if n <= 1 or delta.logprobs or len(delta.text) < n:
+        return [delta]
+    cuts = [round(i * len(delta.text) / n) for i in range(n + 1)]
+    return [TextDelta(delta.text[cuts[i] : cuts[i + 1]], 1) for i in range(n)]
+
+
 class LocalServing:
     """The node's own models, seen from the overlay.
 
@@ -153,12 +164,16 @@ class LocalServing:
         paced_from: float | None = None  # the cap paces tokens from the first one: a slow first token earns no burst
         try:
             async for event in route.stream(gen):
+                if isinstance(event, TextDelta) and self.rate_limit_tps > 0:
+                    for piece in _per_token(event):  # paced token by token, not in the model's bursts
+                        n += piece.n_tokens
+                        if paced_from is None:
+                            paced_from = time.perf_counter() - piece.n_tokens / self.rate_limit_tps
+                        await asyncio.sleep(max(0.0, paced_from + n / self.rate_limit_tps - time.perf_counter()))
+                        await events.put(piece)
+                    continue
                 if isinstance(event, TextDelta):
                     n += event.n_tokens
-                    if self.rate_limit_tps > 0:
-                        if paced_from is None:
-                            paced_from = time.perf_counter() - event.n_tokens / self.rate_limit_tps
-                        await asyncio.sleep(max(0.0, paced_from + n / self.rate_limit_tps - time.perf_counter()))
                 elif isinstance(event, Finished):
                     elapsed = time.perf_counter() - t0
                     if n >= 8 and elapsed > 0:
