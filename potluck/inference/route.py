@@ -58,7 +58,7 @@ class LoadedModelRoute:
             )
         if request.params.logprobs is not None and LOGPROBS not in have:
             raise RequestError(
-                f"the {name} backend serving {self.model_id!r} does not report token log-probabilities",
+                f"'logprobs': the {name} backend serving {self.model_id!r} does not report token log-probabilities",
                 param="logprobs",
             )
 
