@@ -28,6 +28,7 @@ import os
 import random
 import socket
 import statistics
+import string
 import subprocess
 import sys
 import tempfile
@@ -139,10 +140,10 @@ async def one_stream(session: aiohttp.ClientSession, url: str, model: str, promp
 
 def prompts(key: str, tag: int, n: int) -> list[str]:
     """``n`` prompts no earlier request began with (no KV prefix reuse on either server). The 1.1B
-    model's vocabulary is ``t0..`` words (text spells out as byte tokens): 8-token prompts of those."""
+    model's vocabulary has no merges (text becomes byte tokens): 8 random letters, about 12 tokens."""
     rng = random.Random(tag)
     if key == "1b":
-        return [" ".join(f"t{rng.randrange(1000, 30000)}" for _ in range(8)) for _ in range(n)]
+        return ["".join(rng.choice(string.ascii_lowercase) for _ in range(8)) for _ in range(n)]
     return [f"{rng.randrange(10**6)}. {PROMPTS[i % len(PROMPTS)]}" for i in range(n)]
 
 
