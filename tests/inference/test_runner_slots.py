@@ -72,3 +72,10 @@ async def test_single_sequence_backend_is_serialized():
 )
 def test_choose_threads(cores, system, own, max_threads, expected):
     assert choose_threads(cores, system, own, max_threads) == expected
+
+
+def test_a_core_is_kept_for_the_nodes_own_threads():
+    assert choose_threads(2, 0.0, 0.0, 2, reserve=1) == 1
+    assert choose_threads(8, 0.0, 0.0, 8, reserve=1) == 7
+    assert choose_threads(8, 2.0, 0.0, 8, reserve=1) == 5
+    assert choose_threads(1, 0.0, 0.0, 1, reserve=1) == 1  # never fewer than one
