@@ -166,8 +166,8 @@ class PeerRouteProvider:
 
     async def refresh(self, model: str) -> None:
         """Bring the view up to date before the router gives up on ``model``: one anti-entropy
-        round with every admitted peer, concurrently, within ``REFRESH_DEADLINE_S``
-        (``RouteRefresher``).
+        round (admission first where needed) with every admitted, connected or known peer,
+        concurrently, within ``REFRESH_DEADLINE_S`` (``RouteRefresher``).
 
         Why: a peer's record reaches us by gossip; a peer that restarted announces its model when
         the load finishes, and if that gossip has not arrived (its mesh is still forming) our view
@@ -175,9 +175,12 @@ class PeerRouteProvider:
         broken stream is no candidate. Failures are logged; it never raises.
         """
         s = self.service
-        if not s.started:
+        if not s.started or s.p2p is None:
             return
-        peers = sorted(s.admission.admitted)
+        # Admitted, connected (a restarted peer may be connected but not yet, or no longer, admitted:
+        # sync_with admits it first) and every peer in the view.
+        known = {r.peer_id for r in s.state.records()}
+        peers = sorted((set(s.admission.admitted) | set(s.p2p.connected_peers()) | known) - {s.peer_id})
 
         async def one(peer: PeerId) -> None:
             try:
@@ -203,12 +206,12 @@ class PeerRouteProvider:
             if r.peer_id == s.peer_id or not any(m.id == model for m in r.record.models):
                 continue
             link = s.links.get(r.peer_id)
-            excluded = None
-            if s.is_excluded(r.peer_id):
-                assert link is not None
-                excluded = f"in backoff after {link.failures} failure(s)"
-            elif verified is not None and (why := verified.excluded(r.peer_id)) is not None:
+            excluded = backoff = None
+            if verified is not None and (why := verified.excluded(r.peer_id)) is not None:
                 excluded = f"failed verification: {why}"
+            elif s.is_excluded(r.peer_id):
+                assert link is not None
+                backoff = f"in backoff after {link.failures} failure(s)"
             tier = s.admission.trust_tier(r.peer_id)
             load = r.record.load
             out.append(
@@ -222,12 +225,13 @@ class PeerRouteProvider:
                     rtt_s=None if link is None else link.rtt_s,
                     peer=r.peer_id,
                     excluded=excluded,
+                    backoff=backoff,
                 )
             )
         return out
 
     def route_for(self, model: str) -> Route | None:
         """The best-placed peer's route for ``model`` (least loaded, then lowest RTT), or ``None``."""
-        usable = [c for c in self.candidates(model) if c.excluded is None]
+        usable = [c for c in self.candidates(model) if c.excluded is None and c.backoff is None]
         usable.sort(key=lambda c: (c.tier, c.queue, c.rtt_s if c.rtt_s is not None else 1.0))
         return usable[0].route if usable else None

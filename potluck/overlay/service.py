@@ -262,7 +262,11 @@ class OverlayService:
 
     # ------------------------------------------------------------------ asyncio side: state
     async def _on_admitted(self, peer: PeerId) -> None:
-        self.links.setdefault(peer, PeerLink()).last_seen = time.time()
+        link = self.links.setdefault(peer, PeerLink())
+        link.last_seen = time.time()
+        # A new admitted connection is a fresh start (e.g. the peer restarted): the routing backoff
+        # earned by its previous connection no longer applies.
+        link.failures, link.excluded_until = 0, 0.0
         try:
             self._sync.queue.put_nowait(peer)
         except asyncio.QueueFull:

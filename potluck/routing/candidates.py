@@ -46,7 +46,9 @@ class Candidate:
         rtt_s: measured link round trip in seconds (0 for this node, ``None`` when unmeasured).
         price: per-token prices; ``None`` for hardware in the swarm (free).
         peer: the peer ID whose reputation applies (``None`` for this node and the cloud).
-        excluded: why the source already rules it out (e.g. backoff after a failure), else ``None``.
+        excluded: why the source already rules it out (e.g. failed verification), else ``None``.
+        backoff: why it is left out for now after failures (a peer in backoff), else ``None``; such
+            a candidate is still tried as a last resort when every allowed one has failed.
     """
 
     key: str
@@ -59,6 +61,7 @@ class Candidate:
     price: Price | None = None
     peer: str | None = None
     excluded: str | None = None
+    backoff: str | None = None
 
     @property
     def tier(self) -> Tier:

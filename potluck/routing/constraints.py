@@ -8,8 +8,9 @@ ruled out, with the reason shown in ``potluck route explain`` and ``X-Potluck-Ro
 * it is a cloud route and the caller's API key lacks the ``cloud`` scope (``request.scopes``,
   :func:`potluck.routing.scopes.route_permitted`);
 * its predicted cost exceeds the ``route_max_cost`` setting;
-* its peer's reputation is below ``route_min_reputation``, or its source excluded it (a peer in
-  backoff after a failure);
+* its peer's reputation is below ``route_min_reputation``, or its source excluded it (failed
+  verification), or its peer is in backoff after failures (tried only as a last resort,
+  :mod:`potluck.routing.plan`);
 * the request pins another route (``X-Potluck-Route-Pin``).
 
 Routing is a contract: the privacy policy comes in through the :class:`RoutePolicy` protocol that
@@ -47,7 +48,7 @@ class RoutePolicy(Protocol):
         ...
 
 
-RefusalKind = Literal["pin", "excluded", "scope", "cost", "reputation", "privacy"]
+RefusalKind = Literal["pin", "excluded", "backoff", "scope", "cost", "reputation", "privacy"]
 
 
 @dataclass(frozen=True)
@@ -89,6 +90,8 @@ async def refusals(
             out[c.key] = Refusal("pin", f"the request pins route {pin.strip()!r}")
         elif c.excluded is not None:
             out[c.key] = Refusal("excluded", c.excluded)
+        elif c.backoff is not None:
+            out[c.key] = Refusal("backoff", c.backoff)
         elif not route_permitted(c.tier, request.scopes):
             out[c.key] = Refusal("scope", f"the API key lacks the '{CLOUD}' scope")
         elif limits.max_cost > 0 and cost.get(c.key, 0.0) > limits.max_cost:

@@ -12,7 +12,9 @@ remaining ``max_tokens``, so the client sees one completion (ARCHITECTURE.md, "R
 When every candidate of the plan has failed, the route asks for a fresh plan (the router first
 refreshes its view of the swarm, e.g. a state sync, so a peer that is alive but whose record had
 not reached us yet becomes a candidate) and goes on with candidates not tried yet, at most
-``MAX_REPLANS`` times; only then does the client see an error.
+``MAX_REPLANS`` times; then it tries the candidates left out only for backoff after earlier
+failures (a peer that failed before may be alive again, e.g. restarted); only then does the client
+see an error.
 Candidates of tier >= 2 always run behind the privacy guard (:meth:`RoutePolicy.wrap`): this is
 the one place it is applied.
 """
@@ -98,15 +100,28 @@ class RoutePlan:
     def allowed(self) -> list[Ranked]:
         return [r for r in self.ranked if r.refusal is None]
 
+    @property
+    def first(self) -> Ranked:
+        """The candidate tried first (the best allowed one, else the best last resort)."""
+        return (self.allowed + self.last_resort)[0]
+
+    @property
+    def last_resort(self) -> list[Ranked]:
+        """Candidates left out only for backoff after failures: tried when every allowed one failed."""
+        return [r for r in self.ranked if r.refusal is not None and r.refusal.kind == "backoff"]
+
     def as_dict(self) -> dict[str, Any]:
         return {"model": self.model, "candidates": [r.as_dict() for r in self.ranked]}
 
     def why(self, chosen: Ranked) -> str:
         """Why ``chosen`` was taken, in words (for ``X-Potluck-Route``)."""
         allowed = self.allowed
-        position = next(i for i, r in enumerate(allowed) if r is chosen)
+        position = next((i for i, r in enumerate(allowed) if r is chosen), None)
         ruled_out = len(self.ranked) - len(allowed)
-        rank = "best score" if position == 0 else f"rank {position + 1} (failover)"
+        if position is None:
+            rank = f"last resort ({chosen.refused}), score"
+        else:
+            rank = "best score" if position == 0 else f"rank {position + 1} (failover)"
         return (
             f"{rank} {chosen.prediction.score:.3f} (predicted latency {chosen.prediction.latency_s:.3f} s) "
             f"of {len(allowed)} allowed, {ruled_out} ruled out"
@@ -136,7 +151,7 @@ class PlannedRoute:
         stats: RouteStats,
         replan: Callable[[], Awaitable[RoutePlan]] | None = None,
     ) -> None:
-        assert plan.allowed, "a planned route needs an allowed candidate"
+        assert plan.allowed or plan.last_resort, "a planned route needs a candidate to try"
         self.plan = plan
         self.policy = policy
         self.stats = stats
@@ -153,12 +168,12 @@ class PlannedRoute:
     @property
     def tier(self) -> Tier:
         """Tier of the candidate streaming now (before the start: the best allowed one)."""
-        return (self.chosen or self.plan.allowed[0]).candidate.tier
+        return (self.chosen or self.plan.first).candidate.tier
 
     def route_header(self, local_target: str = "") -> str:
         """``X-Potluck-Route``: ``<kind>; target=<whom>; key=<candidate>; why="<reason>"`` (a local
         candidate without a target shows ``local_target``, this node's peer ID)."""
-        ranked = self.chosen or self.plan.allowed[0]
+        ranked = self.chosen or self.plan.first
         c = ranked.candidate
         why = self._why or self.plan.why(ranked)
         if self.failures:
@@ -191,9 +206,12 @@ class PlannedRoute:
         replans = 0
         while True:
             ranked = next((r for r in self.plan.allowed if r.candidate.key not in tried), None)
-            if ranked is None:
-                if self.replan is None or replans >= MAX_REPLANS:
+            if ranked is None and (self.replan is None or replans >= MAX_REPLANS):
+                ranked = next((r for r in self.plan.last_resort if r.candidate.key not in tried), None)
+                if ranked is None:
                     break
+            elif ranked is None:
+                assert self.replan is not None
                 replans += 1
                 try:
                     self.plan = await self.replan()

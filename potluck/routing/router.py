@@ -229,7 +229,7 @@ class Router:
             RequestError: ``X-Potluck-Route-Pin`` names no candidate.
         """
         plan = await self.plan(request)
-        if not plan.allowed:
+        if not plan.allowed and not plan.last_resort:
             raise _no_route(plan)
 
         async def replan() -> RoutePlan:  # every candidate failed: refresh the view, plan again

@@ -236,3 +236,21 @@ async def test_every_candidate_dead_raises_the_last_error_after_the_refreshes(sa
     with pytest.raises(TransferError):
         await _complete(route, _request())
     assert refreshes == ["m", "m"]  # MAX_REPLANS fresh plans, then the error
+
+
+async def test_a_peer_in_backoff_is_the_last_resort_not_a_lost_answer(sanitizer):
+    """A peer that failed before (say its previous process was killed) is in backoff; when the only
+    allowed candidate dies, it still resumes the answer rather than the client getting an error."""
+    from dataclasses import replace
+
+    dying = WordsRoute(WORDS, die_after=3)
+    restarted = WordsRoute(WORDS)
+    backed_off = replace(candidate("peer:restarted", restarted, tps=80.0), backoff="in backoff after 2 failure(s)")
+    router = _router(sanitizer, candidate("peer:dying", dying), backed_off)
+    plan = await router.plan(_request())
+    assert [r.candidate.key for r in plan.allowed] == ["peer:dying"]  # backoff keeps it out of the ranking
+    assert [r.candidate.key for r in plan.last_resort] == ["peer:restarted"]
+    route = await router.route(_request())
+    text, done = await _complete(route, _request())
+    assert text == "".join(WORDS) and done.completion_tokens == len(WORDS)
+    assert restarted.received[0].continuation == "".join(WORDS[:3])

@@ -142,7 +142,7 @@ class RouteObserver:
         candidate that produced the first event is the one reported)."""
         from potluck.privacy.policy import Action, decide
 
-        chosen = (self.route.chosen or self.route.plan.allowed[0]).candidate
+        chosen = (self.route.chosen or self.route.plan.first).candidate
         guarded = chosen.tier >= Tier.COMMUNITY
         sanitized = guarded and decide(self._level, chosen.tier) is not Action.SEND_RAW
         headers = {
