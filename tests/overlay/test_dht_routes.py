@@ -13,7 +13,7 @@ from collections.abc import AsyncGenerator
 import pytest
 
 from potluck.errors import ModelNotFound
-from potluck.identity import load_or_create_identity
+from potluck.identity import Tier, load_or_create_identity
 from potluck.overlay import discovery
 from potluck.overlay.discovery import _add_to_routing_table
 from potluck.overlay.peer_routes import PeerRoute, PeerRouteProvider
@@ -35,6 +35,9 @@ class _Echo:
     info = ModelInfo(MODEL, "llama", 1, 1, "F32", 8, 8, "", 0)
     queue_depth = 0
     active = 0
+    decode_tps = 0.0
+    tier = Tier.LOCAL
+    kind = "local"
 
     async def stream(self, request: GenerationRequest) -> AsyncGenerator[RouteEvent, None]:
         yield TextDelta("hi", 1)
