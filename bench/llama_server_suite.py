@@ -18,6 +18,11 @@ distribution. This script:
    those to ``/v1/...`` so the tests reach potluck's routes;
 5. prints a pass/fail table with each failure's first line.
 
+The suite asserts llama-server's streaming shape, where the first chunk carries ``role`` with
+``content: null``; potluck sends ``content: ""`` there, as OpenAI does, which fails every streamed
+test before it reaches the part under test. ``--null-role-content`` reads that one value as null,
+to see what the streamed tests say about the rest.
+
 Usage: python bench/llama_server_suite.py [--model PATH] [--version 0.3.36] [--files unit/test_x.py ...]
        [-k EXPR] [--cache DIR] [--junit OUT.xml]
 Default model: SmolLM2-135M-Instruct Q4_1 from ../shared/scripts/real-models.
@@ -60,6 +65,7 @@ SUITE_MODEL_NAMES = [
 PLUGIN = r'''
 """Run llama.cpp's server tests against an OpenAI-compatible server that serves only /v1 routes."""
 import inspect
+import os
 import re
 
 import pytest
@@ -108,6 +114,19 @@ def _v1_routes(monkeypatch):
         return make_url(self, path, host)
 
     monkeypatch.setattr(utils.ServerProcess, "make_url", v1)
+
+    if os.environ.get("POTLUCK_SUITE_NULL_ROLE_CONTENT"):
+        stream = utils.ServerProcess.make_stream_request
+
+        def null_role_content(self, *args, **kwargs):
+            for data in stream(self, *args, **kwargs):
+                for choice in data.get("choices") or []:
+                    delta = choice.get("delta") or {}
+                    if "role" in delta and delta.get("content") == "":
+                        delta["content"] = None
+                yield data
+
+        monkeypatch.setattr(utils.ServerProcess, "make_stream_request", null_role_content)
 '''
 
 
@@ -168,6 +187,8 @@ def run(args: argparse.Namespace) -> int:
             if args.k:
                 cmd += ["-k", args.k]
             suite_env = {**os.environ, "DEBUG_EXTERNAL": "1", "PORT": str(node.port), "PYTHONPATH": str(tests)}
+            if args.null_role_content:
+                suite_env["POTLUCK_SUITE_NULL_ROLE_CONTENT"] = "1"
             proc = subprocess.run(cmd, cwd=tests, env=suite_env, capture_output=True, text=True, check=False)
             if not junit.exists():
                 print(proc.stdout[-4000:], proc.stderr[-4000:])
@@ -208,6 +229,11 @@ def main() -> int:
     parser.add_argument("-k", help="pytest -k expression")
     parser.add_argument("--ctx", type=int, default=4096, help="node context length")
     parser.add_argument("--junit", help="keep the JUnit XML here")
+    parser.add_argument(
+        "--null-role-content",
+        action="store_true",
+        help="read a stream's first chunk's content '' (OpenAI's) as null (llama-server's), which the suite asserts",
+    )
     return run(parser.parse_args())
 
 
