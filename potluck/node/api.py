@@ -5,6 +5,8 @@ Routes::
     GET  /v1/models             models reachable from this node (local first)
     POST /v1/chat/completions   chat, streaming (SSE, ``data: [DONE]``) or not
     POST /v1/completions        text completion, streaming or not
+    POST /v1/responses          OpenAI Responses API, basic text subset (:mod:`potluck.node.responses_api`)
+    POST /v1/embeddings         vectors from the embedding model (:mod:`potluck.node.embeddings_api`)
     GET  /healthz               liveness (200 while the process serves HTTP) and model loading state
     GET  /readyz                readiness: 200 once the model is loaded and the overlay is up, else 503
                                 with ``{"status": "starting", "pending": ["model", "overlay"], ...}``
@@ -15,6 +17,11 @@ Routes::
 
 Completion responses carry ``X-Potluck-Route`` (and ``X-Potluck-Sanitized``, ``X-Potluck-Request-Id``):
 where the request ran and whether its text was sanitized (:mod:`potluck.node.dashboard.outbound`).
+
+Chat takes ``response_format`` (JSON object / JSON schema, enforced with a llama.cpp grammar,
+:mod:`potluck.node.structured`), ``tools`` + ``tool_choice`` (:mod:`potluck.node.tool_calls`) and
+``logprobs``/``top_logprobs``; completions take ``logprobs``. A route that cannot apply one of
+them answers 400 naming it; so does any parameter potluck does not know (:mod:`potluck.node.schemas`).
 
 Errors use OpenAI's shape ``{"error": {"message", "type", "param", "code"}}`` with status
 400 (malformed JSON, bad parameters), 404 (unknown model or path), 413 (body too large), 429
@@ -31,7 +38,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-import uuid
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from contextlib import aclosing
 from dataclasses import asdict, dataclass, field, replace
@@ -55,15 +61,19 @@ from potluck.errors import (
     RequestError,
     ScopeRefused,
 )
+from potluck.inference.embeddings import EmbeddingEngine
+from potluck.node import embeddings_api, responses_api, route_api
 from potluck.node.auth import Authenticator, caller_scopes
-from potluck.node import route_api
+from potluck.node.choices import MAX_CHOICES, ChoiceContext, complete_choices, fan_out
 from potluck.node.dashboard import Dashboard
 from potluck.node.dashboard.outbound import RouteObserver, SentLog
 from potluck.node.keys import KeyRing
 from potluck.node.metrics import NodeMetrics
+from potluck.node.openai_chat import Calls, Content, Shaper, ToolMode, collect, pieces
 from potluck.node.schemas import ChatCompletionRequest, CompletionRequest
+from potluck.node.structured import response_format_grammar, tool_grammar, tools_json
 from potluck.routing.request import GenerationRequest
-from potluck.routing.route import Finished, TextDelta
+from potluck.routing.route import Finished, Route, TextDelta
 from potluck.routing.router import Router
 
 log = logging.getLogger(__name__)
@@ -85,6 +95,7 @@ class ApiState:
     sent: SentLog = field(default_factory=SentLog)  # text sent past the privacy guard (dashboard)
     dashboard: Dashboard | None = None  # the web dashboard's routes (``/``, ``/api/events``...)
     auth: Authenticator | None = None  # API keys (:mod:`potluck.node.auth`); ``None``: no keys, loopback callers
+    embedder: EmbeddingEngine | None = None  # ``/v1/embeddings`` (``--embedding-model``), when loaded for it
 
 
 API_STATE = web.AppKey("api_state", ApiState)
@@ -117,7 +128,8 @@ def error_response(exc: PotluckError) -> web.Response:
                 headers["Retry-After"] = str(max(1, round(exc.retry_after)))
             elif isinstance(exc, ModelLoading):
                 headers["Retry-After"] = "2"
-            return web.json_response(error_body(str(exc), type_, code), status=status, headers=headers)
+            param = exc.param if isinstance(exc, RequestError) else None
+            return web.json_response(error_body(str(exc), type_, code, param), status=status, headers=headers)
     raise AssertionError("unreachable: PotluckError is in the map")
 
 
@@ -162,7 +174,9 @@ async def _parse(request: web.Request, model: type[BaseModel]) -> Any:
         if first["type"] == "json_invalid":
             raise RequestError(f"malformed JSON body: {first['msg']}") from exc
         where = ".".join(str(p) for p in first["loc"]) or "body"
-        raise RequestError(f"invalid parameter '{where}': {first['msg']}") from exc
+        if first["type"] == "extra_forbidden":
+            raise RequestError(f"unsupported parameter '{where}'", param=where) from exc
+        raise RequestError(f"invalid parameter '{where}': {first['msg']}", param=where) from exc
 
 
 def _headers(request: web.Request) -> tuple[tuple[str, str], ...]:
@@ -172,21 +186,63 @@ def _headers(request: web.Request) -> tuple[tuple[str, str], ...]:
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     body: ChatCompletionRequest = await _parse(request, ChatCompletionRequest)
     state = request.app[API_STATE]
+    if body.top_logprobs is not None and not body.logprobs:
+        raise RequestError("'top_logprobs' needs 'logprobs': true", param="top_logprobs")
+    fmt_grammar = response_format_grammar(body.response_format)
+    call_grammar = tool_grammar(body.tools, body.tool_choice)
+    if fmt_grammar is not None and call_grammar is not None:
+        raise RequestError("'response_format' cannot be combined with a forced 'tool_choice'", param="response_format")
+    tools = tools_json(body.tools, body.tool_choice)
+    params = replace(
+        body.sampling(state.settings.default_max_tokens),
+        grammar=fmt_grammar or call_grammar,
+        logprobs=body.logprobs_k,
+    )
     gen = GenerationRequest(
         model=body.model or "",
-        params=body.sampling(state.settings.default_max_tokens),
+        params=params,
         messages=tuple(m.to_message() for m in body.messages),
         headers=_headers(request),
+        tools=tools,
     )
-    return await _complete(request, gen, body.stream, chat=True, include_usage=_include_usage(body))
+    mode = None
+    if tools is not None and body.tools:
+        mode = ToolMode(frozenset(t.function.name for t in body.tools), forced=call_grammar is not None)
+    grammar_param = "tool_choice" if call_grammar is not None else "response_format"
+    if body.n > 1:
+        ctx = _choice_context(request, grammar_param)
+        choices = fan_out([gen], body.n)
+        return await complete_choices(
+            request, ctx, choices, stream=body.stream, chat=True, include_usage=_include_usage(body), tools=mode
+        )
+    return await _complete(
+        request,
+        gen,
+        body.stream,
+        chat=True,
+        include_usage=_include_usage(body),
+        tools=mode,
+        grammar_param=grammar_param,
+    )
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
     body: CompletionRequest = await _parse(request, CompletionRequest)
     state = request.app[API_STATE]
+    prompts = body.prompt_texts
+    if len(prompts) * body.n > MAX_CHOICES:
+        raise RequestError(f"at most {MAX_CHOICES} choices per request ('n' times the number of prompts)", param="n")
+    if len(prompts) > 1 or body.n > 1:
+        params = replace(body.sampling(state.settings.default_max_tokens), logprobs=body.logprobs)
+        gens = [GenerationRequest(body.model or "", params, prompt=p, headers=_headers(request)) for p in prompts]
+        choices = fan_out(gens, body.n, prompts if body.echo else ())
+        ctx = _choice_context(request)
+        return await complete_choices(
+            request, ctx, choices, stream=body.stream, chat=False, include_usage=_include_usage(body)
+        )
     gen = GenerationRequest(
         model=body.model or "",
-        params=body.sampling(state.settings.default_max_tokens),
+        params=replace(body.sampling(state.settings.default_max_tokens), logprobs=body.logprobs),
         prompt=body.prompt_text,
         headers=_headers(request),
     )
@@ -194,47 +250,71 @@ async def completions(request: web.Request) -> web.StreamResponse:
     return await _complete(request, gen, body.stream, chat=False, include_usage=_include_usage(body), echo=echo)
 
 
+def _choice_context(request: web.Request, grammar_param: str = "response_format") -> ChoiceContext:
+    """How :mod:`potluck.node.choices` opens routes, shapes errors and counts cancellations here."""
+    state = request.app[API_STATE]
+    return ChoiceContext(
+        open=lambda gen: open_route(request, gen, grammar_param),
+        error_json=lambda exc: json.loads(error_response(exc).text or "{}"),
+        on_cancel=state.metrics.cancelled.inc,
+    )
+
+
+def check_route(route: Route, gen: GenerationRequest, grammar_param: str = "response_format") -> None:
+    """Refuse, naming the client's parameter, what a route declares it cannot apply.
+
+    Routes with a ``features`` attribute (local models, :class:`potluck.inference.route.LoadedModelRoute`)
+    are checked here; others (peers, the cloud) refuse remotely or in their own client.
+
+    Raises:
+        RequestError: ``grammar_param`` (``response_format`` / ``tool_choice``) or ``logprobs``.
+    """
+    features = getattr(route, "features", None)
+    if features is None:
+        return
+    if gen.params.grammar is not None and "grammar" not in features:
+        raise RequestError(
+            f"'{grammar_param}' needs grammar-constrained sampling, which the route to "
+            f"{route.model_id!r} does not support",
+            param=grammar_param,
+        )
+    if gen.params.logprobs is not None and "logprobs" not in features:
+        raise RequestError(f"'logprobs' is not supported by the route to {route.model_id!r}", param="logprobs")
+
+
+async def open_route(
+    request: web.Request, gen: GenerationRequest, grammar_param: str = "response_format"
+) -> tuple[RouteObserver, AsyncGenerator[TextDelta | Finished, None]]:
+    """Resolve ``gen``'s route, check it can apply the request, and start its observed events."""
+    state = request.app[API_STATE]
+    gen = replace(gen, scopes=caller_scopes(request))  # what the caller's API key allows (cloud, privacy)
+    route = await state.router.route(gen)  # ranked candidates with failover (potluck.routing.plan)
+    check_route(route, gen, grammar_param)
+    observer = RouteObserver(route, gen, state.sent, state.peer_id)
+    events = _observed(observer.route.stream(gen), state.metrics, observer.route.model_id, time.perf_counter())
+    return observer, _grammar_param(events, grammar_param)
+
+
+async def _grammar_param(
+    events: AsyncGenerator[TextDelta | Finished, None], grammar_param: str
+) -> AsyncGenerator[TextDelta | Finished, None]:
+    """Name the client's parameter in a route's grammar refusal (a route only knows ``grammar``)."""
+    async with aclosing(events) as it:
+        try:
+            async for event in it:
+                yield event
+        except RequestError as exc:
+            if exc.param in ("response_format", "grammar"):
+                exc.param = grammar_param
+            raise
+
+
 def _include_usage(body: ChatCompletionRequest | CompletionRequest) -> bool:
     return body.stream_options is not None and body.stream_options.include_usage
 
 
-class _Shaper:
-    """Builds OpenAI response objects for chat (``chat.completion``) or text (``text_completion``)."""
-
-    def __init__(self, chat: bool, model: str) -> None:
-        self.chat = chat
-        self.model = model
-        self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-        self.created = int(time.time())
-
-    def _envelope(self, obj: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
-        return {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": choices}
-
-    def chunk(self, text: str | None, finish: str | None, first: bool = False) -> dict[str, Any]:
-        if self.chat:
-            delta: dict[str, Any] = {"role": "assistant", "content": ""} if first else {}
-            if text is not None:
-                delta["content"] = text
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-            return self._envelope("chat.completion.chunk", [choice])
-        choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
-        return self._envelope("text_completion", [choice])
-
-    def usage_chunk(self, usage: dict[str, int]) -> dict[str, Any]:
-        obj = self._envelope("chat.completion.chunk" if self.chat else "text_completion", [])
-        obj["usage"] = usage
-        return obj
-
-    def whole(self, text: str, finish: str, usage: dict[str, int]) -> dict[str, Any]:
-        if self.chat:
-            message = {"role": "assistant", "content": text}
-            choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}
-            obj = self._envelope("chat.completion", [choice])
-        else:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
-            obj = self._envelope("text_completion", [choice])
-        obj["usage"] = usage
-        return obj
+def _default_max_tokens(request: web.Request) -> int:
+    return request.app[API_STATE].settings.default_max_tokens
 
 
 def _usage(done: Finished) -> dict[str, int]:
@@ -253,26 +333,18 @@ async def _complete(
     chat: bool,
     include_usage: bool,
     echo: str = "",
+    tools: ToolMode | None = None,
+    grammar_param: str = "response_format",
 ) -> web.StreamResponse:
     state = request.app[API_STATE]
-    gen = replace(gen, scopes=caller_scopes(request))  # what the caller's API key allows (cloud, privacy)
-    observer = RouteObserver(await state.router.route(gen), gen, state.sent, state.peer_id)
-    route = observer.route
-    shaper = _Shaper(chat, route.model_id)
+    observer, raw_events = await open_route(request, gen, grammar_param)
+    shaper = Shaper(chat, observer.route.model_id, logprobs=gen.params.logprobs is not None)
     metrics = state.metrics
-    t0 = time.perf_counter()
-    events = _observed(route.stream(gen), metrics, route.model_id, t0)
+    events = pieces(raw_events, tools)
     if not stream:
-        parts = [echo]
-        async with aclosing(events) as it:
-            async for event in it:
-                if isinstance(event, TextDelta):
-                    parts.append(event.text)
-                else:
-                    done = event
-        return web.json_response(
-            shaper.whole("".join(parts), done.finish_reason, _usage(done)), headers=observer.headers()
-        )
+        text, calls, lps, done = await collect(events)
+        body = shaper.whole(echo + text, done.finish_reason, _usage(done), calls, lps)
+        return web.json_response(body, headers=observer.headers())
 
     # Pull the first event before sending headers, so early errors (queue full, bad prompt)
     # still get their proper status code.
@@ -286,11 +358,16 @@ async def _complete(
         try:
             await _send(response, shaper.chunk(echo if echo or chat else None, None, first=True))
             event = first
+            finish_calls = False
             while True:
-                if isinstance(event, TextDelta):
-                    await _send(response, shaper.chunk(event.text, None))
+                if isinstance(event, Content):
+                    await _send(response, shaper.chunk(event.text, None, logprobs=event.logprobs))
+                elif isinstance(event, Calls):
+                    finish_calls = True
+                    for chunk in shaper.call_chunks(event.calls):
+                        await _send(response, chunk)
                 else:
-                    await _send(response, shaper.chunk(None, event.finish_reason))
+                    await _send(response, shaper.chunk(None, "tool_calls" if finish_calls else event.finish_reason))
                     if include_usage:
                         await _send(response, shaper.usage_chunk(_usage(event)))
                     break
@@ -332,6 +409,9 @@ async def _observed(
 async def list_models(request: web.Request) -> web.Response:
     state = request.app[API_STATE]
     data = [{"id": m.id, "object": "model", "created": 0, "owned_by": m.owned_by} for m in state.router.listings()]
+    embedder = state.embedder
+    if embedder is not None and all(d["id"] != embedder.model_id for d in data):  # a separate embedding model
+        data.append({"id": embedder.model_id, "object": "model", "created": 0, "owned_by": "local"})
     return web.json_response({"object": "list", "data": data})
 
 
@@ -406,6 +486,8 @@ def build_app(state: ApiState) -> web.Application:
     app.router.add_get("/v1/models", list_models)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/completions", completions)
+    responses_api.add_routes(app, responses_api.Generation(open_route, _parse, _headers, _default_max_tokens))
+    embeddings_api.add_routes(app, state.embedder, state.router.canonical, state.settings.max_queue)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)

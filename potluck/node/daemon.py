@@ -39,8 +39,8 @@ from potluck.tasks import TaskOwner
 
 if TYPE_CHECKING:
     from potluck.overlay.service import OverlayService
-    from potluck.overlay.verification.verifier import Verifier
     from potluck.overlay.tp_port import TensorParallelPort
+    from potluck.overlay.verification.verifier import Verifier
     from potluck.sharding.orchestration.ports import SwarmPort
     from potluck.sharding.orchestration.remote import TensorParallelService
 
