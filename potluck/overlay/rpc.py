@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncIterator
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import anyio
 from libp2p.exceptions import BaseLibp2pError
@@ -208,6 +208,29 @@ async def _closing(frames: FrameStream) -> None:
         log.debug("closing an RPC stream: %s", exc)
 
 
+_Reply = TypeVar("_Reply", bound=WireModel)
+
+
+async def _unary(
+    host: Libp2pHost, peer: PeerId, request: WireModel, expect: type[_Reply], method: str, deadline_s: float
+) -> _Reply:
+    """One request and one reply of type ``expect`` within ``deadline_s``, on a fresh RPC stream.
+
+    Raises:
+        ConnectError, TransferError (no answer in time), PeerRefused, ProtocolViolation (another
+        frame type), or the error the peer's ``ErrorFrame`` names.
+    """
+    frames = await _open(host, peer)
+    try:
+        await frames.send(request)
+        resp = await _reply(frames, peer, deadline_s)
+        if not isinstance(resp, expect):
+            raise ProtocolViolation(f"peer {peer} answered {method} with {type(resp).__name__}")
+        return resp
+    finally:
+        await _closing(frames)
+
+
 async def ping(host: Libp2pHost, peer: PeerId) -> float:
     """Round-trip time to ``peer`` over a fresh RPC stream, in seconds.
 
@@ -233,15 +256,7 @@ async def state_sync(host: Libp2pHost, peer: PeerId, request: StateSyncRequest) 
     Raises:
         ConnectError, TransferError, PeerRefused, ProtocolViolation.
     """
-    frames = await _open(host, peer)
-    try:
-        await frames.send(request)
-        resp = await _reply(frames, peer, REQUEST_TIMEOUT_S)
-        if not isinstance(resp, StateSyncResponse):
-            raise ProtocolViolation(f"peer {peer} answered state_sync with {type(resp).__name__}")
-        return resp
-    finally:
-        await _closing(frames)
+    return await _unary(host, peer, request, StateSyncResponse, "state_sync", REQUEST_TIMEOUT_S)
 
 
 async def generate(
@@ -298,15 +313,7 @@ async def tp_join(host: Libp2pHost, peer: PeerId, request: TpJoinFrame) -> TpJoi
         ConnectError, TransferError, PeerRefused (the peer declined: setting, memory, busy),
         ProtocolViolation.
     """
-    frames = await _open(host, peer)
-    try:
-        await frames.send(request)
-        resp = await _reply(frames, peer, REQUEST_TIMEOUT_S)
-        if not isinstance(resp, TpJoinReplyFrame):
-            raise ProtocolViolation(f"peer {peer} answered tp_join with {type(resp).__name__}")
-        return resp
-    finally:
-        await _closing(frames)
+    return await _unary(host, peer, request, TpJoinReplyFrame, "tp_join", REQUEST_TIMEOUT_S)
 
 
 async def challenge(host: Libp2pHost, peer: PeerId, request: ChallengeRequest) -> ChallengeAnswer:
@@ -316,15 +323,10 @@ async def challenge(host: Libp2pHost, peer: PeerId, request: ChallengeRequest) -
         ConnectError, TransferError (no answer in time), ModelNotFound (the peer lacks the model),
         PeerRefused, ProtocolViolation (wrong frame or nonce).
     """
-    frames = await _open(host, peer)
-    try:
-        await frames.send(request)
-        resp = await _reply(frames, peer, CHALLENGE_TIMEOUT_S)
-        if not isinstance(resp, ChallengeAnswer) or resp.nonce != request.nonce:
-            raise ProtocolViolation(f"peer {peer} answered a challenge with {type(resp).__name__} or another nonce")
-        return resp
-    finally:
-        await _closing(frames)
+    resp = await _unary(host, peer, request, ChallengeAnswer, "a challenge", CHALLENGE_TIMEOUT_S)
+    if resp.nonce != request.nonce:
+        raise ProtocolViolation(f"peer {peer} answered a challenge with another nonce")
+    return resp
 
 
 async def possession(host: Libp2pHost, peer: PeerId, request: PossessionRequest) -> PossessionProof:
@@ -333,12 +335,7 @@ async def possession(host: Libp2pHost, peer: PeerId, request: PossessionRequest)
     Raises:
         ConnectError, TransferError, ModelNotFound, PeerRefused, ProtocolViolation.
     """
-    frames = await _open(host, peer)
-    try:
-        await frames.send(request)
-        resp = await _reply(frames, peer, REQUEST_TIMEOUT_S)
-        if not isinstance(resp, PossessionProof) or resp.nonce != request.nonce:
-            raise ProtocolViolation(f"peer {peer} answered a possession request with {type(resp).__name__}")
-        return resp
-    finally:
-        await _closing(frames)
+    resp = await _unary(host, peer, request, PossessionProof, "a possession request", REQUEST_TIMEOUT_S)
+    if resp.nonce != request.nonce:
+        raise ProtocolViolation(f"peer {peer} answered a possession request with another nonce")
+    return resp
