@@ -10,6 +10,7 @@ import subprocess
 import sys
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -139,3 +140,36 @@ class NodeProcess(LoggedProcess):
 
     def __exit__(self, *exc: object) -> None:
         self.stop(signal.SIGKILL if exc[0] else signal.SIGINT)
+
+
+@contextmanager
+def recording_proxy(upstream_url: str, record: Path, log_path: Path) -> Iterator[str]:
+    """Run :mod:`tests.e2e.recording_proxy` in front of ``upstream_url`` (the "cloud" stand-in).
+
+    Every request body it forwards is appended to ``record`` (JSON lines). Yields the proxy's base
+    URL once its ``/healthz`` answers; the process is terminated on exit.
+    """
+    port = free_port()
+    with log_path.open("wb") as log:
+        proxy = subprocess.Popen(
+            [
+                *(sys.executable, "-m", "tests.e2e.recording_proxy", "--port", str(port)),
+                *("--upstream", upstream_url, "--record", str(record)),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=Path(__file__).resolve().parents[2],
+        )
+        try:
+            url = f"http://127.0.0.1:{port}"
+
+            def up() -> bool:
+                assert proxy.poll() is None, "the recording proxy exited"
+                with urllib.request.urlopen(url + "/healthz", timeout=2) as resp:
+                    return resp.status == 200
+
+            until(up, 30, "the recording proxy", retry_on=(OSError,))
+            yield url
+        finally:
+            proxy.terminate()
+            proxy.wait(10)

@@ -16,16 +16,13 @@ import os
 import signal
 import socket
 import subprocess
-import sys
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 import openai
 import pytest
 
-from tests.e2e.procs import POTLUCK, NodeProcess, free_port, offline_env
-from tests.helpers import until
+from tests.e2e.procs import POTLUCK, NodeProcess, free_port, offline_env, recording_proxy
 from tests.netem.netns import Namespace, delete_namespace, missing_requirements, sh
 
 pytestmark = [pytest.mark.e2e, pytest.mark.netns, pytest.mark.timeout(600)]
@@ -162,35 +159,12 @@ def swarm(tmp_path_factory, model_path):
     _write_keys(keys, KEYS_FILE)
     with NodeProcess(root / "b", "--model", str(model_path("q8_0")), env=_env(root / "b")) as node_b:
         node_b.wait_ready()
-        proxy_port = free_port()
-        proxy_log = (root / "proxy.log").open("wb")
-        proxy = subprocess.Popen(
-            [
-                *(sys.executable, "-m", "tests.e2e.recording_proxy"),
-                *("--port", str(proxy_port), "--upstream", node_b.url, "--record", str(record)),
-            ],
-            stdout=proxy_log,
-            stderr=subprocess.STDOUT,
-            cwd=Path(__file__).resolve().parents[2],
-        )
-        try:
-            proxy_url = f"http://127.0.0.1:{proxy_port}"
-
-            def proxy_up() -> bool:
-                assert proxy.poll() is None, "the recording proxy exited"
-                with urllib.request.urlopen(proxy_url + "/healthz", timeout=2) as resp:
-                    return resp.status == 200
-
-            until(proxy_up, 30, "the recording proxy", retry_on=(OSError,))
+        with recording_proxy(node_b.url, record, root / "proxy.log") as proxy_url:
             args = ["--host", "0.0.0.0", "--api-keys-file", str(keys), "--model", str(model_path("q8_0"))]
             args += ["--cloud-url", proxy_url + "/v1", "--cloud-model", UPSTREAM_MODEL]
             with Veth() as veth, NodeProcess(root / "a", *args, env=_env(root / "a")) as node_a:
                 node_a.wait_ready()  # /healthz needs no key
                 yield node_a, keys, record, veth
-        finally:
-            proxy.terminate()
-            proxy.wait(10)
-            proxy_log.close()
 
 
 def _upstream(record: Path) -> list[str]:

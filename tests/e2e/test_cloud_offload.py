@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import urllib.request
 from pathlib import Path
 
@@ -23,8 +22,7 @@ from potluck.privacy.guard import PrivacyGuard
 from potluck.privacy.provider import CloudRoute
 from potluck.routing.request import ChatMessage, GenerationRequest, SamplingParams
 from potluck.routing.scopes import CLOUD
-from tests.e2e.procs import POTLUCK, NodeProcess, free_port, offline_env
-from tests.helpers import until
+from tests.e2e.procs import POTLUCK, NodeProcess, offline_env, recording_proxy
 
 pytestmark = pytest.mark.e2e
 
@@ -55,33 +53,7 @@ def cloud(tmp_path_factory, model_path):
     record.touch()
     with NodeProcess(root / "b", "--model", str(model_path("q8_0")), env=_env(root / "b")) as node_b:
         node_b.wait_ready()
-        proxy_port = free_port()
-        proxy_log = (root / "proxy.log").open("wb")
-        proxy = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "tests.e2e.recording_proxy",
-                "--port",
-                str(proxy_port),
-                "--upstream",
-                node_b.url,
-                "--record",
-                str(record),
-            ],
-            stdout=proxy_log,
-            stderr=subprocess.STDOUT,
-            cwd=Path(__file__).resolve().parents[2],
-        )
-        try:
-            proxy_url = f"http://127.0.0.1:{proxy_port}"
-
-            def proxy_up() -> bool:
-                assert proxy.poll() is None, "the recording proxy exited"
-                with urllib.request.urlopen(proxy_url + "/healthz", timeout=2) as resp:
-                    return resp.status == 200
-
-            until(proxy_up, 30, "the recording proxy", retry_on=(OSError,))
+        with recording_proxy(node_b.url, record, root / "proxy.log") as proxy_url:
             with NodeProcess(
                 root / "a",
                 "--model",
@@ -94,10 +66,6 @@ def cloud(tmp_path_factory, model_path):
             ) as node_a:
                 node_a.wait_ready()
                 yield node_a, proxy_url, record, root / "a"
-        finally:
-            proxy.terminate()
-            proxy.wait(10)
-            proxy_log.close()
 
 
 def _upstream_bodies(record: Path) -> list[str]:

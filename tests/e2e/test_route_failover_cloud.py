@@ -12,14 +12,12 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import urllib.request
-from pathlib import Path
+from contextlib import ExitStack
 
 import pytest
 
-from tests.e2e.procs import NodeProcess, free_port, get_json, offline_env, swarm_env
+from tests.e2e.procs import NodeProcess, free_port, get_json, offline_env, recording_proxy, swarm_env
 from tests.helpers import until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
@@ -36,30 +34,14 @@ def setup(tmp_path_factory, model_path):
     record = root / "upstream.jsonl"
     record.touch()
     procs: list = []
+    stack = ExitStack()  # the proxy, closed after the nodes that use it
     try:
         stand_in = NodeProcess(
             root / "s", "--model", str(model_path("q8_0")), env=offline_env(root / "s", POTLUCK_P2P_ENABLED="false")
         )
         procs.append(stand_in)
         stand_in.wait_ready()
-        proxy_port = free_port()
-        proxy_log = (root / "proxy.log").open("wb")
-        proxy = subprocess.Popen(
-            [
-                *(sys.executable, "-m", "tests.e2e.recording_proxy", "--port", str(proxy_port)),
-                *("--upstream", stand_in.url, "--record", str(record)),
-            ],
-            stdout=proxy_log,
-            stderr=subprocess.STDOUT,
-            cwd=Path(__file__).resolve().parents[2],
-        )
-        proxy_url = f"http://127.0.0.1:{proxy_port}"
-        until(
-            lambda: urllib.request.urlopen(proxy_url + "/healthz", timeout=2).status == 200,
-            30,
-            "the proxy",
-            retry_on=(OSError,),
-        )
+        proxy_url = stack.enter_context(recording_proxy(stand_in.url, record, root / "proxy.log"))
         swarm = f"route-cloud-{os.getpid()}"
         boot_port = free_port()
         env_c = swarm_env(
@@ -100,10 +82,7 @@ def setup(tmp_path_factory, model_path):
     finally:
         for p in reversed(procs):
             p.stop()
-        if "proxy" in locals():
-            proxy.terminate()
-            proxy.wait(10)
-            proxy_log.close()
+        stack.close()
 
 
 def _explain(url: str) -> dict:
