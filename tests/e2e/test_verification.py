@@ -115,7 +115,10 @@ def test_a_peer_serving_another_gguf_is_detected_excluded_and_routed_around(swar
     # node without the model (possession / majority), and stated in both cluster views.
     why_a = until(lambda: excluded(a, "cheat"), DETECT_WITHIN_S, what="a to exclude the cheat", retry_on=(OSError,))
     why_d = until(lambda: excluded(d, "cheat"), DETECT_WITHIN_S, what="d to exclude the cheat", retry_on=(OSError,))
-    assert "logprob" in why_a or "possession" in why_a
+    # A's exclusion names the first failing verdict it counts: its own logprob challenge, or a
+    # verdict (possession / majority) signed by a peer it has itself found honest, whichever lands
+    # first; either is a detection within the bound.
+    assert "logprob" in why_a or "possession" in why_a or "majority" in why_a
     assert "possession" in why_d or "majority" in why_d or "logprob" in why_d
 
     # Honest holders: checked and passed, not excluded (the cheat's own verdicts against them are

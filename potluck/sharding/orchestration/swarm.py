@@ -115,6 +115,9 @@ class SwarmGroup:
                         workers = [w for w in workers if w.peer_id != failed.peer_id]
                         raise
         except _JoinFailed as exc:
+            # The peers left may simply be too few: choosing once more raises ShardPlanError naming
+            # the shortfall ("the group needs N"), which says more than the attempt count.
+            self._choose(workers, wait=initial)
             raise GenerationError(f"no tensor-parallel group formed after {MAX_FORM_ATTEMPTS} attempts") from exc
         raise AssertionError("unreachable")
 
