@@ -74,6 +74,7 @@ class Node:
         self._backend: Backend | None = None
         self._embedder: EmbeddingEngine | None = None  # --embedding-model, for /v1/embeddings
         self._runners: list[ModelRunner] = []
+        self._loading: set[asyncio.Future[None]] = set()  # model loads in flight (not cancellable)
         self.overlay = _make_overlay(settings, self.identity, self.router, self.metrics)
         self.tp = _make_tensor_parallel(settings, self.overlay)
         self.verifier = _make_verifier(settings, self.overlay)  # serving-quality checks (issue 14)
@@ -198,7 +199,12 @@ class Node:
         t0 = time.perf_counter()
         runner = ModelRunner(backend, self.settings.max_queue)
         self._runners.append(runner)
-        await asyncio.to_thread(backend.load)
+        # A load cannot be cancelled mid-way (llama.cpp is still building the context), so shutdown
+        # waits for it in _unload_all: closing the model under a running load crashed the process.
+        loading = asyncio.ensure_future(asyncio.to_thread(backend.load))
+        self._loading.add(loading)
+        loading.add_done_callback(self._loading.discard)
+        await asyncio.shield(loading)
         self.router.add_local(LoadedModelRoute(runner))
         if self.verifier is not None:  # advertise the GGUF's SHA-256 and defend it against challenges
             from potluck.node.verification import register_model
@@ -209,6 +215,8 @@ class Node:
             await self.overlay.publish_own_record()  # announce the model now, not at the next heartbeat
 
     async def _unload_all(self) -> None:
+        if self._loading:
+            await asyncio.wait(set(self._loading))
         while self._runners:
             runner = self._runners.pop()
             self.router.remove_local(runner.backend.info.model_id)

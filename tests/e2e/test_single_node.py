@@ -10,7 +10,7 @@ import subprocess
 import openai
 import pytest
 
-from tests.e2e.procs import POTLUCK, NodeProcess, offline_env
+from tests.e2e.procs import POTLUCK, NodeProcess, offline_env, until
 
 pytestmark = pytest.mark.e2e
 
@@ -127,3 +127,15 @@ def test_sigint_mid_stream_exits_zero(tmp_path):
         stream = client.completions.create(model="potluck-demo-v1", prompt="x", max_tokens=1500, stream=True)
         next(iter(stream))
         assert proc.stop(signal.SIGINT) == 0
+
+
+def test_ctrl_c_while_the_model_is_still_loading_exits_cleanly(tmp_path, model_path):
+    """SIGINT right after llama.cpp has read the weights, while the batched context is still being
+    built: shutdown waits for the load thread instead of freeing the model under it (this was a
+    segfault, exit -11, in 4 of 4 tries before the fix)."""
+    proc = NodeProcess(tmp_path, "--model", str(model_path("q4_0")))
+    try:
+        until(lambda: "loaded tinyshakespeare" in proc.output(), 60, "llama.cpp to read the weights", interval=0.02)
+        assert proc.stop(signal.SIGINT) == 0, proc.output()
+    finally:
+        proc.stop()
