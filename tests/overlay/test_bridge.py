@@ -124,3 +124,26 @@ async def test_main_failure_before_ready_propagates():
         async with TrioThread("test-bridge", main):
             pass
     assert _overlay_threads() == []
+
+
+async def test_stop_abandons_a_trio_thread_that_will_not_finish(monkeypatch, caplog):
+    """A main that shields itself from cancellation (as a hung libp2p close does) cannot hang the
+    node's shutdown: stopping gives up after STOP_TIMEOUT_S and says so."""
+    import trio
+
+    from potluck.overlay import bridge as bridge_module
+
+    monkeypatch.setattr(bridge_module, "STOP_TIMEOUT_S", 0.5)
+    release = threading.Event()
+
+    async def main(ready) -> None:
+        ready()
+        with trio.CancelScope(shield=True):
+            while not release.is_set():
+                await trio.sleep(0.05)
+
+    async with TrioThread("test-bridge-stuck", main):
+        pass
+    assert "did not stop within" in caplog.text
+    release.set()  # let the abandoned thread end so it does not outlive the test
+    await until_async(lambda: not _overlay_threads(), 10, what="the abandoned thread to end")
