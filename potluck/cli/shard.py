@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -42,6 +44,24 @@ def _free_ram() -> int:
     except OSError:
         pass
     return 8 << 30
+
+
+@contextmanager
+def _process_group(
+    model: Path, nodes: int, speeds: str | None, n_ctx: int, shard_dir: Path | None, timeout: float
+) -> Iterator[Any]:
+    """A master plus ``nodes - 1`` worker processes on this machine; worker shards go to
+    ``shard_dir`` (a temporary directory, removed afterwards, when ``None``)."""
+    from potluck.sharding.compute.engine import EngineOptions
+    from potluck.sharding.orchestration.launch import ProcessGroup
+
+    with ExitStack() as stack:
+        directory = shard_dir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="potluck-shards-")))
+        ram = _free_ram() // nodes
+        options = EngineOptions(n_ctx=n_ctx)
+        yield stack.enter_context(
+            ProcessGroup(model, _nodes(nodes, speeds, ram), options, directory, timeout_s=timeout)
+        )
 
 
 @shard_app.command("plan")
@@ -82,11 +102,9 @@ def generate_cmd(
 ) -> None:
     """Generate with a master plus N-1 worker processes on this machine over the TCP star."""
     from potluck.routing.request import SamplingParams
-    from potluck.sharding.compute.engine import EngineOptions
     from potluck.sharding.format.gguf_tensors import open_gguf, read_config
     from potluck.sharding.format.tokenizer import GGUFTokenizer
     from potluck.sharding.orchestration.group import generate_ids
-    from potluck.sharding.orchestration.launch import ProcessGroup
 
     try:
         config = read_config(open_gguf(model))
@@ -101,24 +119,12 @@ def generate_cmd(
             seed=seed,
             stop=tuple(stop or ()),
         )
-        tmp = None if shard_dir else tempfile.TemporaryDirectory(prefix="potluck-shards-")
-        directory = shard_dir or Path(tmp.name)  # type: ignore[union-attr]
         tokens: list[int] = []
-        try:
-            with ProcessGroup(
-                model,
-                _nodes(nodes, speeds, _free_ram() // nodes),
-                EngineOptions(n_ctx=ctx),
-                directory,
-                timeout_s=timeout,
-            ) as group:
-                for token in generate_ids(group, ids, params, tok.eog_ids):
-                    tokens.append(token)
-                    if params.stop and any(s in tok.detokenize(tokens) for s in params.stop):
-                        break
-        finally:
-            if tmp is not None:
-                tmp.cleanup()
+        with _process_group(model, nodes, speeds, ctx, shard_dir, timeout) as group:
+            for token in generate_ids(group, ids, params, tok.eog_ids):
+                tokens.append(token)
+                if params.stop and any(s in tok.detokenize(tokens) for s in params.stop):
+                    break
         text = tok.detokenize(tokens)
         if params.stop:
             cut = min((i for i in (text.find(s) for s in params.stop) if i >= 0), default=-1)
@@ -130,3 +136,52 @@ def generate_cmd(
         typer.echo(json.dumps({"tokens": tokens, "text": text}))
     else:
         typer.echo(text)
+
+
+@shard_app.command("perplexity")
+def perplexity_cmd(
+    model: ModelOpt,
+    file: Annotated[Path, typer.Option("--file", "-f", help="Text to score.", exists=True, dir_okay=False)],
+    nodes: NodesOpt = 1,
+    n_ctx: Annotated[int, typer.Option("--ctx", min=2, help="Window: tokens scored from the file's start.")] = 512,
+    speeds: SpeedsOpt = None,
+    shard_dir: Annotated[Path | None, typer.Option("--shard-dir", help="Worker shard cache.")] = None,
+    timeout: Annotated[float, typer.Option("--timeout", min=0.1, help="All-reduce deadline (s).")] = 30.0,
+    threads: Annotated[int, typer.Option("--threads", min=1, help="llama.cpp threads for the reference.")] = 2,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Perplexity of the TP engine with N ranks beside llama.cpp's on the same GGUF and window.
+
+    Scores every token after the first in one window of --ctx tokens from the file's start
+    (BOS prepended when the model adds one), and prints both perplexities, their ratio and the
+    top-1 agreement of the two engines.
+    """
+    from potluck.sharding.format.tokenizer import GGUFTokenizer
+    from potluck.sharding.orchestration import perplexity
+
+    try:
+        text = file.read_text(encoding="utf-8", errors="replace")
+        tok = GGUFTokenizer(model)
+        try:
+            ids = perplexity.window_ids(lambda t: tok.tokenize(t, add_bos=True), text, n_ctx)
+        finally:
+            tok.close()
+        with console.status(f"scoring {n_ctx} tokens with the TP engine at N = {nodes}"):
+            with _process_group(model, nodes, speeds, n_ctx, shard_dir, timeout) as group:
+                master = group.master
+                tp = perplexity.score_tp(lambda chunk, pos: master.forward(chunk, pos, all_logits=True), ids)
+        with console.status("scoring the same window with llama.cpp"):
+            reference = perplexity.score_llama_cpp(model, ids, threads)
+        report = perplexity.compare(model, nodes, tp, reference)
+    except PotluckError as exc:
+        console.print(f"[bold red]error:[/] {exc}")
+        raise typer.Exit(1) from exc
+    if as_json:
+        typer.echo(json.dumps(report.to_dict()))
+        return
+    typer.echo(
+        f"{report.model}: {report.n_tokens} tokens, N = {nodes}\n"
+        f"  TP engine  perplexity {report.tp_perplexity:.4f}\n"
+        f"  llama.cpp  perplexity {report.llama_cpp_perplexity:.4f}\n"
+        f"  ratio {report.ratio:.4f}   top-1 agreement {report.top1_agreement:.4f}"
+    )

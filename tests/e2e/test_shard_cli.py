@@ -81,3 +81,23 @@ def test_worker_killed_or_stalled_mid_generation_request_completes(model_path, t
             with contextlib.suppress(ProcessLookupError):
                 os.kill(victim, signal.SIGKILL)  # normally the group has already killed and reaped it
     assert got == want
+
+
+@pytest.mark.parametrize("kind", ["f32", "q8_0"])
+def test_shard_perplexity_beside_llama_cpp(model_path, tmp_path, kind) -> None:
+    """`potluck shard perplexity` on 2 worker processes: the F32 engine reproduces llama.cpp's
+    perplexity, the Q8_0 one (lossless repack) stays within 0.5 %, and the argmax tokens agree."""
+    from tests.sharding.llama_ref import PASSAGE
+
+    text = tmp_path / "passage.txt"
+    text.write_text(PASSAGE * 2)
+    res = potluck("shard", "perplexity", "--model", str(model_path(kind)), "--file", str(text), "--nodes", "2")
+    assert res.returncode == 1 and "fewer than --ctx 512" in res.stderr  # the default window is too long
+    args = ("--model", str(model_path(kind)), "--file", str(text), "--nodes", "2", "--ctx", "160", "--json")
+    res = potluck("shard", "perplexity", *args)
+    assert res.returncode == 0, res.stderr
+    report = json.loads(res.stdout)
+    assert report["n_tokens"] == 160 and report["nodes"] == 2
+    assert 1.0 < report["llama_cpp_perplexity"] < 512.0
+    assert report["ratio"] == pytest.approx(1.0, abs=1e-3 if kind == "f32" else 5e-3)
+    assert report["top1_agreement"] >= (0.99 if kind == "f32" else 0.97)

@@ -139,8 +139,7 @@ async def test_stop_abandons_a_trio_thread_that_will_not_finish(monkeypatch, cap
     async def main(ready) -> None:
         ready()
         with trio.CancelScope(shield=True):
-            while not release.is_set():
-                await trio.sleep(0.05)
+            await trio.to_thread.run_sync(release.wait)
 
     async with TrioThread("test-bridge-stuck", main):
         pass
