@@ -31,6 +31,8 @@ from potluck.sharding.format.gguf_tensors import ModelConfig
 
 #: The causal mask tiled over the query heads of a KV group: float32 ``(g*T, S)``, row ``j*T + t``.
 MASK_G = "mask.g"
+#: The same for the sliding-window layers (input ``mask_local``; models with a sliding window only).
+MASK_G_LOCAL = "mask.g.local"
 
 
 def declare_inputs(gb: GraphBuilder, config: ModelConfig, attention: bool = True) -> None:
@@ -41,6 +43,9 @@ def declare_inputs(gb: GraphBuilder, config: ModelConfig, attention: bool = True
     gb.add_input("pos_ids", np.int64, [1, "T"])
     gb.add_input("mask", np.float32, ["T", "S"])
     gb.node("Tile", ["mask", _shape(gb, "mask.reps", [config.group, 1])], MASK_G)
+    if config.sliding_window:
+        gb.add_input("mask_local", np.float32, ["T", "S"])
+        gb.node("Tile", ["mask_local", "mask.reps"], MASK_G_LOCAL)
 
 
 def rms_norm(gb: GraphBuilder, x: str, name: str, weight: np.ndarray, eps: float) -> str:
@@ -53,6 +58,33 @@ def rms_norm(gb: GraphBuilder, x: str, name: str, weight: np.ndarray, eps: float
     """
     w = gb.constant(f"{name}.w", weight)
     return gb.node("SimplifiedLayerNormalization", [x, w], f"{name}.out", axis=-1, epsilon=eps, stash_type=1)
+
+
+def _head_norm(gb: GraphBuilder, x: str, name: str, weight: np.ndarray, heads: int, config: ModelConfig) -> str:
+    """RMSNorm of each head of ``x`` float32 ``(T, heads * hd)`` over its ``hd`` values (Q/K norm)."""
+    hd = config.head_dim
+    rows = gb.node("Reshape", [x, _shape(gb, f"{name}.rows", [-1, hd])], f"{name}.in")
+    normed = rms_norm(gb, rows, name, weight, config.rms_eps)
+    return gb.node("Reshape", [normed, _shape(gb, f"{name}.back", [-1, heads * hd])], f"{name}.heads")
+
+
+def gelu_f16_table(gb: GraphBuilder, x: str, name: str) -> str:
+    """GELU, tanh approximation (Hendrycks & Gimpel 2016), as ggml's CPU ``ggml_vec_geglu_f32`` computes
+    it: the input rounded to float16, ``0.5 x (1 + tanh(sqrt(2/pi) x (1 + 0.044715 x^2)))`` looked up
+    in a float16 table (so the output is float16-rounded too); 0 below -10, ``x`` above 10."""
+    x16 = _round_f16(gb, x)
+    c = {
+        k: gb.constant(f"{name}.{k}", np.array(v, np.float32))
+        for k, v in {"a": 0.044715, "s": np.sqrt(2.0 / np.pi), "half": 0.5, "one": 1.0, "lo": -10.0, "hi": 10.0}.items()
+    }
+    ax2 = gb.node("Mul", [gb.node("Mul", [c["a"], x16], f"{name}.ax"), x16], f"{name}.ax2")
+    inner = gb.node("Add", [c["one"], ax2], f"{name}.in1")
+    arg = gb.node("Mul", [gb.node("Mul", [c["s"], x16], f"{name}.sx"), inner], f"{name}.arg")
+    tanh1 = gb.node("Add", [c["one"], gb.node("Tanh", [arg], f"{name}.tanh")], f"{name}.t1")
+    y = _round_f16(gb, gb.node("Mul", [gb.node("Mul", [c["half"], x16], f"{name}.hx"), tanh1], f"{name}.y"))
+    y = gb.node("Where", [gb.node("Less", [x, c["hi"]], f"{name}.ltHi"), y, x], f"{name}.hiOut")
+    zero = gb.constant(f"{name}.zero", np.array(0.0, np.float32))
+    return gb.node("Where", [gb.node("Greater", [x, c["lo"]], f"{name}.gtLo"), y, zero], f"{name}.out")
 
 
 def _round_f16(gb: GraphBuilder, x: str) -> str:
@@ -117,6 +149,9 @@ def attention(
     past_v = gb.add_input(f"{layer}.past_v", np.float16, ["P", kv, hd])
     a = rms_norm(gb, h, f"{n}.attn_norm", tensors[p + "attn_norm"], config.rms_eps)
     q, k, v = _linears(gb, a, p, ("attn_qkv", ("attn_q", "attn_k", "attn_v")), linears, tensors)
+    if config.qk_norm:
+        q = _head_norm(gb, q, f"{n}.q_norm", tensors[p + "attn_q_norm"], kv * g, config)
+        k = _head_norm(gb, k, f"{n}.k_norm", tensors[p + "attn_k_norm"], kv, config)
     interleaved = 1 if config.rope_mode == "normal" else 0
     cos, sin = rope
 
@@ -147,7 +182,8 @@ def attention(
     scores = gb.node("MatMul", [qg, keys_t], f"{n}.s")  # (kv, g*T, S)
     scale = gb.constant(f"{n}.scale", np.array(1.0 / np.sqrt(hd), np.float32))
     scores = gb.node("Mul", [scores, scale], f"{n}.ss")
-    probs = gb.node("Softmax", [gb.node("Add", [scores, MASK_G], f"{n}.sm")], f"{n}.p", axis=-1)
+    mask = MASK_G_LOCAL if config.is_local(layer) else MASK_G
+    probs = gb.node("Softmax", [gb.node("Add", [scores, mask], f"{n}.sm")], f"{n}.p", axis=-1)
     out = gb.node("MatMul", [_round_f16(gb, probs), vals_t], f"{n}.o")  # (kv, g*T, hd)
     out = gb.node("Reshape", [out, _shape(gb, f"{n}.kgth", [kv, g, -1, hd])], f"{n}.o4")
     out = gb.node("Transpose", [out], f"{n}.ot", perm=[2, 0, 1, 3])  # (T, kv, g, hd)
@@ -163,13 +199,27 @@ def ffn(
     linears: Mapping[str, Any],
     tensors: Mapping[str, np.ndarray],
 ) -> str:
-    """RMSNorm and SwiGLU (Shazeer 2020) ``down(silu(gate(b)) * up(b))``: the down-proj partial sum."""
+    """RMSNorm and SwiGLU (Shazeer 2020) ``down(silu(gate(b)) * up(b))`` (GeGLU with ``gelu`` for
+    ``config.ffn_act == "gelu"``): the down-proj partial sum."""
     p = f"blk.{layer}."
     b = rms_norm(gb, h, f"l{layer}.ffn_norm", tensors[p + "ffn_norm"], config.rms_eps)
     gate, up = _linears(gb, b, p, ("ffn_gate_up", ("ffn_gate", "ffn_up")), linears, tensors)
-    silu = gb.node("Mul", [gate, gb.node("Sigmoid", [gate], f"{p}sig")], f"{p}silu")
-    act = gb.node("Mul", [silu, up], f"{p}act")
+    if config.ffn_act == "gelu":
+        gated = gelu_f16_table(gb, gate, f"{p}gelu")
+    else:
+        gated = gb.node("Mul", [gate, gb.node("Sigmoid", [gate], f"{p}sig")], f"{p}silu")
+    act = gb.node("Mul", [gated, up], f"{p}act")
     return gb.linear(act, p + "ffn_down", linears[p + "ffn_down"], tensors)
+
+
+def post_norm(
+    gb: GraphBuilder, x: str, layer: int, kind: str, config: ModelConfig, tensors: Mapping[str, np.ndarray]
+) -> str:
+    """``x`` through ``blk.L.<kind>`` (Gemma 3's post-attention/post-FFN RMSNorm), or ``x`` itself
+    for families without post-norms. Only valid on a whole sum (N = 1): RMSNorm is not linear."""
+    if not config.post_norms:
+        return x
+    return rms_norm(gb, x, f"l{layer}.{kind}", tensors[f"blk.{layer}.{kind}"], config.rms_eps)
 
 
 def head(

@@ -27,7 +27,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import onnxruntime as ort
@@ -84,12 +84,34 @@ def rope_tables(config: ModelConfig, n_ctx: int) -> tuple[np.ndarray, np.ndarray
     return np.cos(theta).astype(np.float32), np.sin(theta).astype(np.float32)
 
 
-def causal_mask(pos: int, n: int) -> np.ndarray:
-    """Additive mask float32 ``(n, pos + n)``: 0 where new token ``t`` may attend, ``-inf`` after it."""
+def causal_mask(pos: int, n: int, window: int = 0) -> np.ndarray:
+    """Additive mask float32 ``(n, pos + n)``: 0 where new token ``t`` may attend, ``-inf`` after it
+    and, with a sliding ``window``, at ``window`` or more positions before it (llama.cpp's standard
+    SWA: position ``p0`` is masked for ``p1`` when ``p1 - p0 >= window``)."""
     mask = np.zeros((n, pos + n), np.float32)
+    keys = np.arange(pos + n)[None, :]
+    queries = (pos + np.arange(n))[:, None]
     if n > 1:
-        mask[np.arange(pos + n)[None, :] > (pos + np.arange(n))[:, None]] = -np.inf
+        mask[keys > queries] = -np.inf
+    if window:
+        mask[queries - keys >= window] = -np.inf
     return mask
+
+
+def attention_inputs(config: ModelConfig, pos: int, n: int) -> dict[str, np.ndarray]:
+    """``pos_ids``, ``mask`` (and ``mask_local`` for sliding-window models) of a forward pass."""
+    inputs = {"pos_ids": np.arange(pos, pos + n, dtype=np.int64)[None], "mask": causal_mask(pos, n)}
+    if config.sliding_window:
+        inputs["mask_local"] = causal_mask(pos, n, config.sliding_window)
+    return inputs
+
+
+def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+    """RMSNorm float32 ``(T, d)`` in numpy (as ggml: the mean of squares in float64): the post-norms,
+    which act on the all-reduced sum and so cannot live in a rank's graph."""
+    mean = np.mean(np.square(x, dtype=np.float64), axis=-1, keepdims=True)
+    scale = (1.0 / np.sqrt(mean + eps)).astype(np.float32)
+    return (x * scale) * weight
 
 
 @dataclass
@@ -118,6 +140,8 @@ class RankCompute:
     stack: Program | None = None
     stack_logits: str = ""
     stats: RankStats = field(default_factory=RankStats)
+    #: N > 1, models with post-norms: per layer (post_attention_norm, post_ffw_norm) float32 ``(hidden,)``
+    post_norms: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
 
     @classmethod
     def from_shard(cls, shard: ShardData, options: EngineOptions) -> RankCompute:
@@ -137,7 +161,20 @@ class RankCompute:
             raise ShardPlanError(f"shard metadata is incomplete: {exc}") from exc
         t = shard.tensors
         hd, kv = config.head_dim, share.kv_count
-        cos, sin = rope_tables(config, options.n_ctx)
+        tables = {"": rope_tables(config, options.n_ctx)}
+        if config.sliding_window:
+            tables["local."] = rope_tables(
+                replace(config, rope_theta=config.rope_theta_local, rope_freq_scale=1.0), options.n_ctx
+            )
+
+        def rope(gb: GraphBuilder, layer: int) -> tuple[str, str]:
+            key = "local." if config.is_local(layer) else ""
+            names = f"rope.{key}cos", f"rope.{key}sin"
+            if names[0] not in gb.arrays:  # once per graph
+                for name, table in zip(names, tables[key], strict=True):
+                    gb.constant(name, table)
+            return names
+
         layers = [
             _Layer(
                 None, None, np.zeros((options.n_ctx, kv, hd), np.float16), np.zeros((options.n_ctx, kv, hd), np.float16)
@@ -149,11 +186,12 @@ class RankCompute:
                 raise ShardPlanError("a single-rank shard must hold the head")
             gb = _builder(options)
             blocks.declare_inputs(gb, config)
-            rope = (gb.constant("rope.cos", cos), gb.constant("rope.sin", sin))
             h = "x"
             for i in range(config.n_layers):
-                h = gb.node("Add", [h, blocks.attention(gb, i, h, config, kv, linears, t, rope)], f"l{i}.h_attn")
-                h = gb.node("Add", [h, blocks.ffn(gb, i, h, config, linears, t)], f"l{i}.h_ffn")
+                attn = blocks.attention(gb, i, h, config, kv, linears, t, rope(gb, i))
+                h = gb.node("Add", [h, blocks.post_norm(gb, attn, i, "post_attention_norm", config, t)], f"l{i}.h_attn")
+                ffn = blocks.ffn(gb, i, h, config, linears, t)
+                h = gb.node("Add", [h, blocks.post_norm(gb, ffn, i, "post_ffw_norm", config, t)], f"l{i}.h_ffn")
             gb.add_input("rows", np.int64, ["R"])
             logits = blocks.head(gb, h, "rows", config, linears, t)
             stack = gb.program([(logits, np.float32), *_cache_outputs(config.n_layers)], _options(options))
@@ -162,15 +200,21 @@ class RankCompute:
             if kv:
                 gb = _builder(options)
                 blocks.declare_inputs(gb, config)
-                rope = (gb.constant("rope.cos", cos), gb.constant("rope.sin", sin))
-                part = gb.node("Identity", [blocks.attention(gb, i, "x", config, kv, linears, t, rope)], "partial")
+                part = gb.node(
+                    "Identity", [blocks.attention(gb, i, "x", config, kv, linears, t, rope(gb, i))], "partial"
+                )
                 layer.attn = gb.program([(part, np.float32), *_cache_outputs(1, first=i)], _options(options))
             if share.ffn_count:
                 gb = _builder(options)
                 blocks.declare_inputs(gb, config, attention=False)
                 part = gb.node("Identity", [blocks.ffn(gb, i, "x", config, linears, t)], "partial")
                 layer.ffn = gb.program([(part, np.float32)], _options(options))
-        return cls(config, plan, rank, options, layers)
+        post = (
+            [(t[f"blk.{i}.post_attention_norm"], t[f"blk.{i}.post_ffw_norm"]) for i in range(config.n_layers)]
+            if config.post_norms
+            else []
+        )
+        return cls(config, plan, rank, options, layers, post_norms=post)
 
     def _check(self, n: int, pos: int) -> None:
         if pos < 0 or pos + n > self.options.n_ctx:
@@ -204,8 +248,7 @@ class RankCompute:
         t0 = time.perf_counter()
         inputs = {
             "x": np.ascontiguousarray(x, dtype=np.float32),
-            "pos_ids": np.arange(pos, pos + n, dtype=np.int64)[None],
-            "mask": causal_mask(pos, n),
+            **attention_inputs(self.config, pos, n),
             "rows": np.ascontiguousarray(rows, dtype=np.int64),
         }
         logits = np.empty((len(rows), self.config.vocab), np.float32)
@@ -242,7 +285,8 @@ class RankCompute:
         self._check(n, pos)
         zeros = np.zeros((n, c.hidden), np.float32)
         h = np.ascontiguousarray(x, dtype=np.float32)
-        attn_in = {"pos_ids": np.arange(pos, pos + n, dtype=np.int64)[None], "mask": causal_mask(pos, n)}
+        attn_in = attention_inputs(c, pos, n)
+        post = self.post_norms
         clock = time.perf_counter
         for i, layer in enumerate(self.layers):
             t0 = clock()
@@ -252,14 +296,16 @@ class RankCompute:
                 past, new = self._cache_io(i, pos, n)
                 layer.attn.run({"x": h, **attn_in, **past}, {"partial": part, **new})
             t1 = clock()
-            h = h + (reduce(part) if reduce else part)
+            out = reduce(part) if reduce else part
+            h = h + (rms_norm(out, post[i][0], c.rms_eps) if post else out)
             t2 = clock()
             part = zeros
             if layer.ffn is not None:
                 part = np.empty((n, c.hidden), np.float32)
                 layer.ffn.run({"x": h}, {"partial": part})
             t3 = clock()
-            h = h + (reduce(part) if reduce else part)
+            out = reduce(part) if reduce else part
+            h = h + (rms_norm(out, post[i][1], c.rms_eps) if post else out)
             t4 = clock()
             self.stats.compute_s += (t1 - t0) + (t3 - t2)
             self.stats.comm_s += (t2 - t1) + (t4 - t3)
@@ -320,8 +366,10 @@ class TPMaster:
         """Token embeddings float32 ``(T, hidden)``."""
         rows = self._embd[np.asarray(ids, dtype=np.int64)]
         if self._embd_type in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
-            return rows.astype(np.float32)
-        return quants.dequantize(rows, self._embd_type).astype(np.float32).reshape(len(ids), self.config.hidden)
+            x = rows.astype(np.float32)
+        else:
+            x = quants.dequantize(rows, self._embd_type).astype(np.float32).reshape(len(ids), self.config.hidden)
+        return x * np.float32(self.config.embed_scale) if self.config.embed_scale != 1.0 else x
 
     def forward(self, ids: list[int], pos: int, all_logits: bool = False) -> np.ndarray:
         """Logits float32 ``(T, vocab)`` (``all_logits``) or ``(1, vocab)`` for the last token.

@@ -191,7 +191,7 @@ def plan_geometry(reader: GGUFReader, config: ModelConfig, n_ctx: int) -> PlanGe
             + h * c.group * hd * bytes_per_element(t[p + "attn_output.weight"])
         )
         ffn_block += BLOCK * h * sum(bytes_per_element(t[p + f"ffn_{x}.weight"]) for x in ("gate", "up", "down"))
-        replicated += 2 * h * 4
+        replicated += (4 if c.post_norms else 2) * h * 4 + (2 * hd * 4 if c.qk_norm else 0)
     master = sum(int(t[n].n_bytes) for n in ("token_embd.weight", "output.weight", "output_norm.weight") if n in t)
     return PlanGeometry(
         n_layers=c.n_layers,
@@ -213,7 +213,8 @@ def extract_shard(reader: GGUFReader, plan: ShardPlan, rank: int) -> ShardData:
 
     Tensor names: ``blk.L.{attn_qkv,attn_output,ffn_gate_up,ffn_down}.{B,scales,W,bias}`` (Q/K/V and
     gate/up stacked by :func:`fuse_linears`; ``attn_q``... separately when their kinds differ),
-    ``blk.L.{attn_norm,ffn_norm}``; rank 0 also ``token_embd.raw`` (GGUF rows, any type),
+    ``blk.L.{attn_norm,ffn_norm}`` (and where the family has them ``attn_q_norm``, ``attn_k_norm``,
+    ``post_attention_norm``, ``post_ffw_norm``); rank 0 also ``token_embd.raw`` (GGUF rows, any type),
     ``output_norm`` and ``output.*``.
 
     Raises:
@@ -256,11 +257,17 @@ def extract_shard(reader: GGUFReader, plan: ShardPlan, rank: int) -> ShardData:
         p = f"blk.{layer}."
         add_vector(p + "attn_norm", p + "attn_norm.weight")
         add_vector(p + "ffn_norm", p + "ffn_norm.weight")
+        if config.post_norms:  # applied after the all-reduce, so every rank holds them
+            add_vector(p + "post_attention_norm", p + "post_attention_norm.weight")
+            add_vector(p + "post_ffw_norm", p + "post_ffw_norm.weight")
         if share.kv_count:
             add_linear(p + "attn_q", q_rows, every)
             add_linear(p + "attn_k", kv_rows, every)
             add_linear(p + "attn_v", kv_rows, every)
             add_linear(p + "attn_output", every, q_rows)
+            if config.qk_norm:  # per head, shared by every head
+                add_vector(p + "attn_q_norm", p + "attn_q_norm.weight")
+                add_vector(p + "attn_k_norm", p + "attn_k_norm.weight")
             if config.qkv_bias:
                 add_vector(p + "attn_q.bias", p + "attn_q.bias", q_rows)
                 add_vector(p + "attn_k.bias", p + "attn_k.bias", kv_rows)

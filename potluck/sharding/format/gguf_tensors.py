@@ -26,7 +26,17 @@ log = logging.getLogger(__name__)
 
 #: Architectures the engine runs, with their RoPE mode (llama.cpp ``LLAMA_ROPE_TYPE_*``):
 #: "normal" rotates adjacent pairs (2i, 2i+1); "neox" rotates (i, i + d/2).
-SUPPORTED_ARCHS: dict[str, str] = {"llama": "normal", "mistral": "normal", "qwen2": "neox"}
+SUPPORTED_ARCHS: dict[str, str] = {
+    "llama": "normal",
+    "mistral": "normal",
+    "qwen2": "neox",
+    "qwen3": "neox",
+    "gemma3": "neox",
+}
+#: Gemma 3: every 6th layer attends globally, the others within the sliding window (llama.cpp
+#: ``set_swa_pattern(6)``), and local layers use RoPE base 10000 (``rope_freq_base_train_swa``).
+GEMMA3_SWA_PATTERN = 6
+GEMMA3_LOCAL_ROPE_BASE = 10000.0
 
 
 @dataclass(frozen=True)
@@ -49,6 +59,14 @@ class ModelConfig:
         context_length: trained context in tokens.
         qkv_bias: whether Q/K/V carry biases (Qwen2).
         tied_embeddings: no ``output.weight``; the head reuses ``token_embd``.
+        embed_scale: token embeddings are multiplied by this (Gemma: ``sqrt(hidden)``).
+        qk_norm: per-head RMSNorm of Q and K before RoPE (``attn_q_norm``/``attn_k_norm``; Qwen3, Gemma 3).
+        post_norms: RMSNorm of the attention and FFN outputs before the residual adds
+            (``post_attention_norm``/``post_ffw_norm``; Gemma 3).
+        ffn_act: gated FFN activation, ``"silu"`` (SwiGLU) or ``"gelu"`` (GeGLU, tanh approximation).
+        sliding_window: tokens a local layer attends back (0: none).
+        swa_pattern: layer ``L`` is local when ``L % swa_pattern < swa_pattern - 1`` (0: none).
+        rope_theta_local: RoPE base of the local layers.
     """
 
     architecture: str
@@ -66,6 +84,17 @@ class ModelConfig:
     context_length: int
     qkv_bias: bool
     tied_embeddings: bool
+    embed_scale: float = 1.0
+    qk_norm: bool = False
+    post_norms: bool = False
+    ffn_act: str = "silu"
+    sliding_window: int = 0
+    swa_pattern: int = 0
+    rope_theta_local: float = 10000.0
+
+    def is_local(self, layer: int) -> bool:
+        """Whether ``layer`` attends only within :attr:`sliding_window` (Gemma 3's local layers)."""
+        return bool(self.sliding_window and self.swa_pattern) and layer % self.swa_pattern < self.swa_pattern - 1
 
     @property
     def group(self) -> int:
@@ -144,7 +173,22 @@ def read_config(reader: GGUFReader) -> ModelConfig:
         context_length=int(field_value(reader, f"{arch}.context_length", 2048)),
         qkv_bias="blk.0.attn_q.bias" in names,
         tied_embeddings="output.weight" not in names,
+        qk_norm="blk.0.attn_q_norm.weight" in names,
+        **(_gemma3(reader, hidden) if arch == "gemma3" else {}),
     )
+
+
+def _gemma3(reader: GGUFReader, hidden: int) -> dict[str, Any]:
+    """Gemma 3's extras (llama.cpp ``llm_build_gemma3_iswa``): embeddings scaled by ``sqrt(hidden)``,
+    post-norms, GeGLU, and interleaved sliding-window layers with their own RoPE base."""
+    return {
+        "embed_scale": float(np.sqrt(np.float32(hidden))),
+        "post_norms": True,
+        "ffn_act": "gelu",
+        "sliding_window": int(field_value(reader, "gemma3.attention.sliding_window", 0)),
+        "swa_pattern": GEMMA3_SWA_PATTERN,
+        "rope_theta_local": GEMMA3_LOCAL_ROPE_BASE,
+    }
 
 
 def tensor_map(reader: GGUFReader) -> dict[str, ReaderTensor]:
