@@ -52,6 +52,13 @@ def get_json(url: str, timeout: float = 10.0) -> Any:
         return json.loads(resp.read())
 
 
+def post_json(url: str, body: dict[str, Any], timeout: float = 180.0) -> Any:
+    """POST ``body`` as JSON to ``url`` and decode the JSON reply."""
+    req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as resp:
+        return json.loads(resp.read())
+
+
 def sse_events(url: str, body: dict[str, Any], timeout: float = 180.0) -> Iterator[dict[str, Any]]:
     """POST ``body`` to ``url`` and yield each server-sent event's JSON (``[DONE]`` ends it)."""
     req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})

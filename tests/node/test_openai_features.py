@@ -6,14 +6,13 @@ refusals that name the parameter. The ONNX Runtime backend's refusals on the tin
 from __future__ import annotations
 
 import json
-import subprocess
 
 import jsonschema
 import pytest
 from openai import AsyncOpenAI, BadRequestError
 
-from tests.conftest import SHARED
 from tests.node.conftest import node_settings, running_node
+from tests.real_models import real_model
 
 SCHEMA = {
     "type": "object",
@@ -39,12 +38,6 @@ TIME = {
 }
 M = "smol"
 ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
-
-
-def real_model(name: str) -> str:
-    out = subprocess.run([str(SHARED / "scripts" / "real-models")], capture_output=True, text=True, check=True).stdout
-    paths = dict(line.split(maxsplit=1) for line in out.splitlines() if line.strip())
-    return paths[name].strip()
 
 
 @pytest.fixture(scope="module")
