@@ -20,17 +20,21 @@ def group(path, n: int, hetero: bool = True, **kw) -> ThreadGroup:  # type: igno
     return ThreadGroup(path, nodes, EngineOptions(n_ctx=256, threads=1, spinning=False, **kw))
 
 
+def tp_greedy(path, n: int, prompt_ids: list[int], max_tokens: int) -> list[int]:  # type: ignore[no-untyped-def]
+    """The TP engine's greedy tokens with ``n`` in-process ranks."""
+    g = group(path, n)
+    try:
+        return list(generate_ids(g, prompt_ids, SamplingParams(max_tokens=max_tokens, temperature=0.0), set()))
+    finally:
+        g.close()
+
+
 @pytest.mark.parametrize("kind", ["f32", "f16"])
 @pytest.mark.parametrize("n", [1, 2, 3, 4])
 def test_greedy_tokens_equal_llama_cpp(model_path, kind, n) -> None:
     path = model_path(kind)
     prompt_ids, want = greedy_tokens(path)
-    g = group(path, n)
-    try:
-        got = list(generate_ids(g, prompt_ids, SamplingParams(max_tokens=48, temperature=0.0), set()))
-    finally:
-        g.close()
-    assert got == want
+    assert tp_greedy(path, n, prompt_ids, len(want)) == want
 
 
 @pytest.mark.parametrize("kind", ["q8_0", "q4_0"])
