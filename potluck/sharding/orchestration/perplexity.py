@@ -23,7 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from potluck.errors import ModelError, RequestError
+from potluck.errors import ModelError, ModelFileError, RequestError
+from potluck.inference.llamacpp import build_has_amx
 
 #: Teacher-forced positions scored per forward pass: bounds the logits held at once to
 #: ``CHUNK x vocab`` float32 (32 MB at Gemma 3's 262k vocabulary).
@@ -88,13 +89,13 @@ def window_ids(tokenize: Callable[[str], list[int]], text: str, n_ctx: int) -> l
     Raises:
         RequestError: the text has fewer than 2 tokens, or fewer than ``n_ctx`` (say how many).
     """
+    if n_ctx < 2:
+        raise RequestError("a perplexity window needs at least 2 tokens")
     ids = tokenize(text)
     if len(ids) < n_ctx:
         raise RequestError(
             f"the text has {len(ids)} tokens, fewer than --ctx {n_ctx}: pass a longer file or a smaller --ctx"
         )
-    if n_ctx < 2:
-        raise RequestError("a perplexity window needs at least 2 tokens")
     return ids[:n_ctx]
 
 
@@ -115,19 +116,27 @@ def score_llama_cpp(model: Path, ids: list[int], threads: int) -> _Scorer:
 
     Raises:
         ModelError: llama-cpp-python is not installed.
+        ModelFileError: llama.cpp cannot load the file.
     """
     try:
         from llama_cpp import Llama
     except ImportError as exc:  # pragma: no cover - the project depends on it
         raise ModelError("llama-cpp-python is needed for the llama.cpp side: pip install llama-cpp-python") from exc
-    llm = Llama(
-        model_path=str(model),
-        n_ctx=len(ids),
-        n_batch=min(512, len(ids)),
-        n_threads=threads,
-        logits_all=True,
-        verbose=False,
-    )
+    # The same guard as the llama.cpp backend: a build with AMX kernels crashes on quantized
+    # multi-token batches (../shared/models/README.md), so it evaluates one token per batch.
+    n_batch = 1 if build_has_amx() else min(512, len(ids))
+    try:
+        llm = Llama(
+            model_path=str(model),
+            n_ctx=len(ids),
+            n_batch=n_batch,
+            n_ubatch=n_batch,
+            n_threads=threads,
+            logits_all=True,
+            verbose=False,
+        )
+    except (ValueError, RuntimeError, OSError) as exc:
+        raise ModelFileError(f"llama.cpp could not load {model}: {exc}") from exc
     try:
         llm.eval(ids)
         scorer = _Scorer(ids)
