@@ -18,6 +18,8 @@ from typing import Any, NoReturn
 
 log = logging.getLogger(__name__)
 
+RECANCEL_S = 1.0  # seconds a task has to end after a cancel before it is cancelled again
+
 
 class Failure:
     """An exception handed from a producer to its consumer through a queue or channel.
@@ -100,11 +102,10 @@ class TaskOwner:
         for task in reversed(self._tasks):
             task.cancel()
         for task in reversed(self._tasks):
-            try:
-                await task
-            except asyncio.CancelledError:
-                if not task.cancelled():  # we ourselves are being cancelled
-                    raise
-            except Exception:  # already recorded by _on_done
-                pass
+            # A task may swallow its cancellation (on 3.11 ``asyncio.wait_for`` does so when the
+            # cancel races with the awaited result): cancel it again until it ends, rather than
+            # hang the shutdown. A CancelledError raised here is ours and propagates.
+            while not (await asyncio.wait({task}, timeout=RECANCEL_S))[0]:
+                log.warning("task %s ignored its cancellation; cancelling it again", task.get_name())
+                task.cancel()
         self._tasks.clear()

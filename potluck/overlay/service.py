@@ -346,7 +346,10 @@ class OverlayService:
         next_round = time.monotonic() + interval
         while True:
             try:
-                peer = await asyncio.wait_for(self._sync.queue.get(), max(0.0, next_round - time.monotonic()))
+                # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that
+                # races with the get() completing, and this task then outlives the overlay's stop.
+                async with asyncio.timeout(max(0.0, next_round - time.monotonic())):
+                    peer = await self._sync.queue.get()
                 peers = [peer]
             except TimeoutError:
                 peers = sorted(self.admission.admitted)

@@ -225,7 +225,8 @@ class LocalServing:
                 if wait <= 0:
                     break
                 with suppress(TimeoutError):  # the pump keeps queueing meanwhile
-                    await asyncio.wait_for(ended.wait(), wait)
+                    async with asyncio.timeout(wait):
+                        await ended.wait()
                 try:
                     item = events.get_nowait()
                 except asyncio.QueueEmpty:

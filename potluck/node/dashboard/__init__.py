@@ -142,7 +142,8 @@ class Dashboard:
             await response.write(b"retry: 2000\n\n")
             while True:
                 try:
-                    event = await asyncio.wait_for(sub.get(), KEEPALIVE_S)
+                    async with asyncio.timeout(KEEPALIVE_S):  # not wait_for: it can swallow a cancel
+                        event = await sub.get()
                 except TimeoutError:
                     await response.write(b": keep-alive\n\n")
                     continue
