@@ -11,8 +11,9 @@ nodes (TPI-LLM, Li et al. 2024, §3; the ARCHITECTURE's "Tensor parallelism"). I
 A worker that refuses, cannot be reached or fails while joining is excluded (capped backoff in the
 overlay) and the group is re-formed without it. A worker that fails later raises
 :class:`~potluck.errors.PeerFailed` in the engine; :meth:`SwarmGroup.recover` re-plans over the
-survivors (topped up from the swarm when it can), down to the master alone when it can hold the
-model, and :func:`~potluck.sharding.orchestration.group.generate_ids` replays the request.
+survivors (topped up once from the swarm; after a failed join, only the members that did not fail),
+down to the master alone when it can hold the model, and
+:func:`~potluck.sharding.orchestration.group.generate_ids` replays the request.
 
 Threads: the group is driven from one blocking thread (the backend's load and generation thread);
 swarm calls cross to the node's asyncio loop (:meth:`SwarmContext.call`).
@@ -101,10 +102,12 @@ class SwarmGroup:
         try:
             for attempt in policy.retrying(log, "forming the tensor-parallel group"):
                 with attempt:
-                    if attempt.retry_state.attempt_number > 1:
+                    if initial and attempt.retry_state.attempt_number > 1:
                         # Forming: wait for a replacement (an explicit --tensor-parallel N means N ranks).
-                        # Recovering mid-request: go on with whoever is there now.
-                        workers = self._choose(workers, wait=initial)
+                        # Recovering mid-request: go on with the members that did not fail, without
+                        # topping up again: a peer whose record has not expired yet may be as dead as
+                        # the one that failed, and every such try costs a dial timeout.
+                        workers = self._choose(workers, wait=True)
                     try:
                         return self._form(workers)
                     except _JoinFailed as exc:

@@ -152,3 +152,39 @@ def test_a_worker_refuses_a_payload_that_fails_the_schema(tmp_path):
                 await service.join("master-peer", reply.to_msgpack())  # a reply, not a request
 
     asyncio.run(run())
+
+
+def test_recovery_goes_on_with_the_survivors_instead_of_topping_up_with_dead_peers():
+    """A killed worker's record, and a stopped peer's, stay in the view until they expire: after
+    a failed join, recovery retries with the members that did not fail (the CI failure where four
+    attempts alternated between two dead peers)."""
+    from potluck.sharding.orchestration.formation import JoinFailed
+    from potluck.sharding.orchestration.swarm import SwarmGroup
+
+    survivor, stale, also_stale = cand("survivor", 0.001), cand("stale", 0.002), cand("also-stale", 0.003)
+    chosen: list[tuple[list[str], bool]] = []
+    excluded: list[str] = []
+    formed: list[list[str]] = []
+
+    def choose(keep, wait):
+        chosen.append(([c.peer_id for c in keep], wait))
+        return [*keep, stale, also_stale][:2]  # the view still lists the dead: want = 3 ranks
+
+    def form(workers):
+        formed.append([w.peer_id for w in workers])
+        for rank, w in enumerate(workers, 1):
+            if w.peer_id != "survivor":
+                raise JoinFailed(rank, "cannot reach")
+        return "master"
+
+    group = SwarmGroup.__new__(SwarmGroup)
+    group.ctx = SimpleNamespace(
+        loop=SimpleNamespace(call_soon_threadsafe=lambda fn, peer: excluded.append(peer)),
+        overlay=SimpleNamespace(record_failure=None),
+    )
+    group.selector = SimpleNamespace(choose=choose)
+    group._form = form
+    assert group._start(initial=False, keep=[survivor]) == "master"
+    assert formed == [["survivor", "stale"], ["survivor"]]
+    assert chosen == [(["survivor"], False)]
+    assert excluded == ["stale"]
