@@ -21,6 +21,15 @@ log = logging.getLogger(__name__)
 
 ModelOpt = Annotated[Path, typer.Option("--model", "-m", help="GGUF file.", exists=True, dir_okay=False)]
 NodesOpt = Annotated[int, typer.Option("--nodes", "-n", min=1, max=64, help="Ranks (master + N-1 workers).")]
+AccuracyOpt = Annotated[
+    int,
+    typer.Option(
+        "--accuracy-level",
+        min=0,
+        max=4,
+        help="MatMulNBits activations: 4 = int8 per block, as llama.cpp (fast); 0 = float32 (exact, slower).",
+    ),
+]
 SpeedsOpt = Annotated[
     str | None, typer.Option("--speeds", help="Comma-separated relative speeds per rank (default: equal).")
 ]
@@ -48,7 +57,13 @@ def _free_ram() -> int:
 
 @contextmanager
 def _process_group(
-    model: Path, nodes: int, speeds: str | None, n_ctx: int, shard_dir: Path | None, timeout: float
+    model: Path,
+    nodes: int,
+    speeds: str | None,
+    n_ctx: int,
+    shard_dir: Path | None,
+    timeout: float,
+    accuracy_level: int,
 ) -> Iterator[Any]:
     """A master plus ``nodes - 1`` worker processes on this machine; worker shards go to
     ``shard_dir`` (a temporary directory, removed afterwards, when ``None``)."""
@@ -58,7 +73,7 @@ def _process_group(
     with ExitStack() as stack:
         directory = shard_dir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="potluck-shards-")))
         ram = _free_ram() // nodes
-        options = EngineOptions(n_ctx=n_ctx)
+        options = EngineOptions(n_ctx=n_ctx, accuracy_level=accuracy_level)
         yield stack.enter_context(
             ProcessGroup(model, _nodes(nodes, speeds, ram), options, directory, timeout_s=timeout)
         )
@@ -98,6 +113,7 @@ def generate_cmd(
     speeds: SpeedsOpt = None,
     shard_dir: Annotated[Path | None, typer.Option("--shard-dir", help="Worker shard cache.")] = None,
     timeout: Annotated[float, typer.Option("--timeout", min=0.1, help="All-reduce deadline (s).")] = 10.0,
+    accuracy_level: AccuracyOpt = 4,
     as_json: Annotated[bool, typer.Option("--json", help='Print {"tokens": [...], "text": ...}.')] = False,
 ) -> None:
     """Generate with a master plus N-1 worker processes on this machine over the TCP star."""
@@ -120,7 +136,7 @@ def generate_cmd(
             stop=tuple(stop or ()),
         )
         tokens: list[int] = []
-        with _process_group(model, nodes, speeds, ctx, shard_dir, timeout) as group:
+        with _process_group(model, nodes, speeds, ctx, shard_dir, timeout, accuracy_level) as group:
             for token in generate_ids(group, ids, params, tok.eog_ids):
                 tokens.append(token)
                 if params.stop and any(s in tok.detokenize(tokens) for s in params.stop):
@@ -147,6 +163,7 @@ def perplexity_cmd(
     speeds: SpeedsOpt = None,
     shard_dir: Annotated[Path | None, typer.Option("--shard-dir", help="Worker shard cache.")] = None,
     timeout: Annotated[float, typer.Option("--timeout", min=0.1, help="All-reduce deadline (s).")] = 30.0,
+    accuracy_level: AccuracyOpt = 4,
     threads: Annotated[int, typer.Option("--threads", min=1, help="llama.cpp threads for the reference.")] = 2,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
@@ -167,7 +184,7 @@ def perplexity_cmd(
         finally:
             tok.close()
         with console.status(f"scoring {n_ctx} tokens with the TP engine at N = {nodes}"):
-            with _process_group(model, nodes, speeds, n_ctx, shard_dir, timeout) as group:
+            with _process_group(model, nodes, speeds, n_ctx, shard_dir, timeout, accuracy_level) as group:
                 master = group.master
                 tp = perplexity.score_tp(lambda chunk, pos: master.forward(chunk, pos, all_logits=True), ids)
         with console.status("scoring the same window with llama.cpp"):

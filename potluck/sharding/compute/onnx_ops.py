@@ -124,12 +124,39 @@ class GraphBuilder:
         self.arrays[name] = array
         return name
 
+    def block_sums(self, x: str, k: int, block: int) -> str:
+        """``sum_j x[t, b*block + j]`` for ``x`` float32 ``(T, k)``: float32 ``(T, k/block)``, once per input."""
+        key = f"{x}.bsum{block}"
+        if key in self._quantized:
+            return self._quantized[key]
+        blocks = self.node(
+            "Reshape", [x, self.constant(f"{key}.shape", np.array([0, k // block, block], np.int64))], f"{key}.blk"
+        )
+        out = self.node("ReduceSum", [blocks, self.constant(f"{key}.axes", np.array([2], np.int64))], key, keepdims=0)
+        self._quantized[key] = out
+        return out
+
     def linear(self, x: str, name: str, layout: Mapping[str, Any], tensors: Mapping[str, np.ndarray]) -> str:
-        """``y = x @ W.T (+ bias)`` for ``x`` float32 ``(T, k)``; returns the output name ``(T, n)``."""
+        """``y = x @ W.T (+ bias)`` for ``x`` float32 ``(T, k)``; returns the output name ``(T, n)``.
+
+        Quantized kinds: ``MatMulNBits`` over 16- or 32-element blocks (``layout["block"]``, 32 when
+        absent), plus, when ``tensors`` hold ``<name>.block_bias`` float32 ``(n, k/block)`` (GGUF
+        types with a per-block minimum, :mod:`potluck.sharding.format.nbits`), one ``Gemm`` adding
+        ``block_sums(x) @ block_bias.T``.
+        """
         kind, n, k = layout["kind"], int(layout["n"]), int(layout["k"])
         out = f"{name}.out"
         if kind in ("q4", "q8"):
-            if self.q8_activations and self.accuracy_level == 4:
+            block = int(layout.get("block", 32))
+            raw_x = x
+            # llama.cpp quantizes activations with float16 block scales only for the Q8_0 vec_dot
+            # types (Q4_0, Q4_1, Q5_x, Q8_0); K-quants use Q8_K (float32 scales, 256-blocks).
+            if (
+                self.q8_activations
+                and self.accuracy_level == 4
+                and block == 32
+                and layout.get("vec_dot", "q8_0") == "q8_0"
+            ):
                 x = self.q8_0_activations(x, k)
             b = self.constant(f"{name}.B", tensors[f"{name}.B"])
             s = self.constant(f"{name}.scales", tensors[f"{name}.scales"])
@@ -142,10 +169,13 @@ class GraphBuilder:
                     K=k,
                     N=n,
                     bits=4 if kind == "q4" else 8,
-                    block_size=32,
+                    block_size=block,
                     accuracy_level=self.accuracy_level,
                 )
             )
+            if f"{name}.block_bias" in tensors:
+                bias = self.constant(f"{name}.block_bias", tensors[f"{name}.block_bias"])
+                out = self.node("Gemm", [self.block_sums(raw_x, k, block), bias, out], f"{name}.with_mins", transB=1)
         elif kind in ("f32", "f16"):
             w = tensors[f"{name}.W"]
             if kind == "f16":

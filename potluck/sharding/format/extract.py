@@ -1,26 +1,16 @@
 """Cut one rank's slices out of a GGUF and lay them out for ONNX Runtime.
 
-Linear layers are stored in the layout of ONNX Runtime's ``MatMulNBits`` (com.microsoft contrib op,
-https://github.com/microsoft/onnxruntime/blob/main/docs/ContribOperators.md#com.microsoft.MatMulNBits):
-``B`` uint8 ``(N, K/32, 32*bits/8)``, ``scales`` float32 ``(N * K/32,)``, no zero-point input (the
-default zero point is ``2^(bits-1)``: 8 for 4-bit, 128 for 8-bit), 4-bit elements packed low
-nibble first (element ``2i`` in the low nibble of byte ``i``).
-
-GGUF formats (ggml ``ggml-common.h``):
-
-- Q4_0 block: f16 ``d`` then 16 bytes ``qs``; byte ``j`` holds element ``j`` (low nibble) and
-  element ``j + 16`` (high nibble); value ``d * (q - 8)``. Repacked losslessly: same nibbles,
-  reordered, ``d`` widened to float32.
-- Q8_0 block: f16 ``d`` then 32 int8 ``qs``; value ``d * q``. Repacked losslessly as 8-bit
-  MatMulNBits with ``q + 128``.
-- F32 / F16: kept as is (``W`` of shape ``(N, K)``).
-- Anything else (K-quants Q4_K/Q5_K/Q6_K, Q4_1, Q5_0...): dequantized with ``gguf.quants``, then
-  re-quantized blockwise to Q4_0 (source < 5 bits/weight) or Q8_0 (otherwise). This is lossy: on
-  random valid blocks the relative RMS error added is 0.46 % for Q6_K -> Q8_0 and 5.9 % for
-  Q4_K -> Q4_0 (``tests/sharding/format/test_extract.py``, printed with ``-s``), so prefer Q4_0/Q8_0 files.
+Linear layers are stored in the layout of ONNX Runtime's ``MatMulNBits`` (see
+:mod:`potluck.sharding.format.nbits`): every block-quantized GGUF type llama.cpp files use (Q4_0,
+Q4_1, Q5_0, Q5_1, Q8_0, Q2_K..Q6_K) is carried over without re-quantizing, as 4-bit (``q`` of at
+most 4 bits) or 8-bit integers in 16- or 32-element blocks with the file's own scales, plus a
+per-block bias for the types with a minimum. F32 / F16 stay as they are (``W`` of shape ``(N, K)``;
+BF16 is widened to F32). Types without an exact layout (the IQ and ternary types) are dequantized
+with ``gguf.quants`` and re-quantized to Q4_0 (< 5 bits/weight) or Q8_0, with a warning: that is lossy.
 
 Column-parallel tensors (Q/K/V, gate/up) are sliced by rows, row-parallel ones (o_proj, down) by
-columns on 32-element block boundaries (:mod:`potluck.sharding.format.plan` guarantees alignment).
+columns on 32-element boundaries (:mod:`potluck.sharding.format.plan` guarantees alignment); a
+K-quant's 256-element super-block is decoded whole, then cut at its 16/32-element sub-blocks.
 """
 
 from __future__ import annotations
@@ -41,6 +31,7 @@ from potluck.sharding.format.gguf_tensors import (
     read_config,
     tensor_map,
 )
+from potluck.sharding.format.nbits import Q4_0_BYTES, decode_rows, q4_0_to_nbits, supported
 from potluck.sharding.format.plan import PlanGeometry, ShardPlan
 from potluck.sharding.format.shard_file import ShardData
 
@@ -48,55 +39,6 @@ log = logging.getLogger(__name__)
 
 SHARD_KIND = "potluck-tp-shard"
 BLOCK = 32
-_Q4_0_BYTES = 18
-_Q8_0_BYTES = 34
-
-
-def q4_0_to_nbits(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Repack GGUF Q4_0 rows into MatMulNBits 4-bit layout (lossless).
-
-    Args:
-        raw: uint8 ``(N, K/32 * 18)``: GGUF Q4_0 rows.
-
-    Returns:
-        ``B`` uint8 ``(N, K/32, 16)`` and ``scales`` float32 ``(N * K/32,)``.
-    """
-    n = raw.shape[0]
-    blocks = np.ascontiguousarray(raw).reshape(n, -1, _Q4_0_BYTES)  # (N, nb, 18)
-    scales = blocks[:, :, :2].copy().view(np.float16).astype(np.float32).reshape(-1)
-    qs = blocks[:, :, 2:]  # (N, nb, 16)
-    q = np.concatenate([qs & 0x0F, qs >> 4], axis=2)  # (N, nb, 32) in element order
-    packed = (q[:, :, 0::2] | (q[:, :, 1::2] << 4)).astype(np.uint8)  # (N, nb, 16)
-    return np.ascontiguousarray(packed), scales
-
-
-def q8_0_to_nbits(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Repack GGUF Q8_0 rows into MatMulNBits 8-bit layout (lossless).
-
-    Args:
-        raw: uint8 ``(N, K/32 * 34)``.
-
-    Returns:
-        ``B`` uint8 ``(N, K/32, 32)`` (``q + 128``) and ``scales`` float32 ``(N * K/32,)``.
-    """
-    n = raw.shape[0]
-    blocks = np.ascontiguousarray(raw).reshape(n, -1, _Q8_0_BYTES)
-    scales = blocks[:, :, :2].copy().view(np.float16).astype(np.float32).reshape(-1)
-    q = (blocks[:, :, 2:].view(np.int8).astype(np.int16) + 128).astype(np.uint8)
-    return np.ascontiguousarray(q), scales
-
-
-def nbits_dequantize(b: np.ndarray, scales: np.ndarray, bits: int) -> np.ndarray:
-    """Reference dequantization of MatMulNBits weights: float32 ``(N, K)`` (for tests and embeddings)."""
-    n, nb, _ = b.shape
-    if bits == 4:
-        q = np.empty((n, nb, BLOCK), np.int16)
-        q[:, :, 0::2] = b & 0x0F
-        q[:, :, 1::2] = b >> 4
-        q -= 8
-    else:
-        q = b.astype(np.int16) - 128
-    return (q * scales.reshape(n, nb, 1)).reshape(n, nb * BLOCK).astype(np.float32)
 
 
 def _requant_target(qtype: QT) -> QT:
@@ -113,11 +55,13 @@ def slice_linear(tensor: ReaderTensor, rows: slice, cols: slice) -> tuple[dict[s
     """Slice ``W[rows, cols]`` (``W`` is ``(out, in)``) of a GGUF weight into engine layout.
 
     Returns:
-        ``(layout, arrays)``: layout ``{"kind": "q4"|"q8"|"f32"|"f16", "n": rows, "k": cols}`` and
-        arrays ``{"B", "scales"}`` (quantized) or ``{"W"}`` (float).
+        ``(layout, arrays)``: layout ``{"kind": "q4"|"q8"|"f32"|"f16", "n": rows, "k": cols}``, for
+        the quantized kinds also ``"block"`` (16 or 32) and ``"vec_dot"`` (llama.cpp's activation
+        type, see :class:`~potluck.sharding.format.nbits.BlockFormat`); arrays ``{"B", "scales"}``
+        and, for types with a minimum, ``"block_bias"`` float32 ``(n, cols/block)``, or ``{"W"}``.
 
     Raises:
-        ModelFileError: columns not on block boundaries or an unknown tensor type.
+        ModelFileError: columns not on 32-element boundaries, or a type gguf cannot dequantize.
     """
     qtype = QT(tensor.tensor_type)
     rows_raw = raw_rows(tensor)[rows]
@@ -126,24 +70,34 @@ def slice_linear(tensor: ReaderTensor, rows: slice, cols: slice) -> tuple[dict[s
     if qtype in (QT.F32, QT.F16):
         w = np.ascontiguousarray(rows_raw[:, c0:c1])
         return {"kind": "f32" if qtype == QT.F32 else "f16", "n": w.shape[0], "k": w.shape[1]}, {"W": w}
+    if qtype == QT.BF16:
+        w = np.ascontiguousarray(quants.dequantize(np.ascontiguousarray(rows_raw), qtype)[:, c0:c1], np.float32)
+        return {"kind": "f32", "n": w.shape[0], "k": w.shape[1]}, {"W": w}
     if c0 % BLOCK or c1 % BLOCK:
         raise ModelFileError(f"{tensor.name}: column slice {c0}:{c1} is not on {BLOCK}-element blocks")
     n = rows_raw.shape[0]
-    if qtype in (QT.Q4_0, QT.Q8_0):
-        bpb = _Q4_0_BYTES if qtype == QT.Q4_0 else _Q8_0_BYTES
-        raw = rows_raw.reshape(n, -1, bpb)[:, c0 // BLOCK : c1 // BLOCK].reshape(n, -1)
+    if qtype == QT.Q4_0:  # the common case, repacked without decoding
+        raw = rows_raw.reshape(n, -1, Q4_0_BYTES)[:, c0 // BLOCK : c1 // BLOCK].reshape(n, -1)
+        b, s = q4_0_to_nbits(raw)
+        layout = {"kind": "q4", "n": n, "k": c1 - c0, "block": BLOCK, "vec_dot": "q8_0"}
+        return layout, {"B": b, "scales": s}
+    if supported(qtype):
+        decoded = decode_rows(rows_raw, qtype).columns(c0, c1)
     else:
         try:
             dense = quants.dequantize(np.ascontiguousarray(rows_raw), qtype)[:, c0:c1]
         except NotImplementedError as exc:
             raise ModelFileError(f"{tensor.name}: tensor type {qtype.name} cannot be dequantized") from exc
-        qtype = _requant_target(QT(tensor.tensor_type))
-        raw = quants.quantize(np.ascontiguousarray(dense, dtype=np.float32), qtype)
-    if qtype == QT.Q4_0:
-        b, s = q4_0_to_nbits(raw)
-        return {"kind": "q4", "n": n, "k": c1 - c0}, {"B": b, "scales": s}
-    b, s = q8_0_to_nbits(raw)
-    return {"kind": "q8", "n": n, "k": c1 - c0}, {"B": b, "scales": s}
+        target = _requant_target(qtype)
+        log.warning("%s: %s has no exact layout; re-quantized to %s (lossy)", tensor.name, qtype.name, target.name)
+        decoded = decode_rows(quants.quantize(np.ascontiguousarray(dense, dtype=np.float32), target), target)
+    b, s = decoded.to_nbits()
+    kind = "q4" if decoded.bits == 4 else "q8"
+    layout = {"kind": kind, "n": n, "k": c1 - c0, "block": decoded.block, "vec_dot": decoded.vec_dot}
+    arrays = {"B": b, "scales": s}
+    if decoded.block_bias is not None:
+        arrays["block_bias"] = np.ascontiguousarray(decoded.block_bias, dtype=np.float32)
+    return layout, arrays
 
 
 def fuse_linears(
@@ -153,23 +107,28 @@ def fuse_linears(
 
     One ``MatMulNBits`` over the stacked rows (Q/K/V, gate/up) replaces several: fewer kernel
     launches, input quantizations and thread-pool rounds per token. The layout gains ``"parts"``
-    (the row counts, for the ``Split`` after it). Linears of different kinds (a K-quant file may
-    requantize ``attn_v`` to 8 bits and ``attn_q`` to 4) are left as they are.
+    (the row counts, for the ``Split`` after it). Linears of different kinds, blocks or activation
+    types (a Q4_K_M file has ``attn_v`` in Q6_K, 8-bit in 16-blocks, and ``attn_q`` in Q4_K) are
+    left as they are.
     """
     layouts = [linears[p] for p in parts]
-    if len({(lay["kind"], lay["k"]) for lay in layouts}) != 1:
+    shapes = {
+        (lay["kind"], lay["k"], lay.get("block"), lay.get("vec_dot"), f"{p}.block_bias" in tensors)
+        for p, lay in zip(parts, layouts, strict=True)
+    }
+    if len(shapes) != 1:
         return
-    keys = ("B", "scales") if layouts[0]["kind"] in ("q4", "q8") else ("W",)
+    keys = ("B", "scales", "block_bias") if layouts[0]["kind"] in ("q4", "q8") else ("W",)
     for key in keys:
-        tensors[f"{name}.{key}"] = np.concatenate([tensors.pop(f"{p}.{key}") for p in parts])
+        if f"{parts[0]}.{key}" in tensors:
+            tensors[f"{name}.{key}"] = np.concatenate([tensors.pop(f"{p}.{key}") for p in parts])
     if any(f"{p}.bias" in tensors for p in parts):
         tensors[f"{name}.bias"] = np.concatenate(
             [tensors.pop(f"{p}.bias", np.zeros(lay["n"], np.float32)) for p, lay in zip(parts, layouts, strict=True)]
         )
     linears[name] = {
-        "kind": layouts[0]["kind"],
+        **{key: layouts[0][key] for key in ("kind", "k", "block", "vec_dot") if key in layouts[0]},
         "n": sum(int(lay["n"]) for lay in layouts),
-        "k": layouts[0]["k"],
         "parts": [int(lay["n"]) for lay in layouts],
     }
     for p in parts:
