@@ -31,6 +31,10 @@ FFN_BLOCK = 32
 MEMORY_HEADROOM = 0.85
 
 
+#: Version of the engine layout :mod:`potluck.sharding.format.extract` writes; part of
+#: :attr:`ShardPlan.plan_id`. 2: exact MatMulNBits layouts for K-quants, Q4_1 and Q5_x (1 re-quantized them).
+SHARD_LAYOUT = 2
+
 @dataclass(frozen=True)
 class NodeCapability:
     """What a node offers to a tensor-parallel group.
@@ -166,8 +170,9 @@ class ShardPlan:
 
     @property
     def plan_id(self) -> str:
-        """Short content hash of the plan (stable across processes), for cache keys."""
-        canon = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":")).encode()
+        """Short content hash of the plan and :data:`SHARD_LAYOUT` (stable across processes), for
+        the shard caches' keys: a shard cut by an older extraction is not reused."""
+        canon = json.dumps({"layout": SHARD_LAYOUT, **self.to_dict()}, sort_keys=True, separators=(",", ":")).encode()
         return hashlib.sha256(canon).hexdigest()[:16]
 
     def validate(self) -> None:
