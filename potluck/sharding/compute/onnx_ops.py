@@ -9,13 +9,16 @@ so building a session copies no weights through protobuf.
 
 Linear kinds (see :mod:`potluck.sharding.format.extract`):
 
-- ``q4`` / ``q8``: ``com.microsoft.MatMulNBits`` (bits 4 or 8, block 32, default zero point).
-  ``accuracy_level`` 4 (int8 activations per 32-block) was chosen by measurement: for a 2048x5632
-  matrix it is 4.7x (4-bit) and 90x (8-bit) faster than level 0 on this machine, and with the
-  activations first given llama.cpp's float16 Q8_0 block scales (:meth:`GraphBuilder.q8_0_activations`)
-  its teacher-forced top-1 agreement with llama.cpp on the fixtures is 99.2-100 % (level 0, exact
-  float activations: 98.4 %, every miss at a top-2 margin < 0.007; level 4 without the scale
-  emulation: 97.7 % at N = 2).
+- ``q4`` / ``q8``: ``com.microsoft.MatMulNBits`` (bits 4 or 8, block 16 or 32, default zero point),
+  plus one ``Gemm`` of the activations' block sums for GGUF types with a per-block minimum.
+  ``accuracy_level`` 4 (int8 activations per block) was chosen by measurement: for a 2048x5632
+  matrix it is 4.7x (4-bit) and 90x (8-bit) faster than level 0 on this machine. llama.cpp also
+  quantizes activations to int8 (Q8_0 blocks of 32 with a float16 scale, or Q8_K blocks of 256), so
+  neither engine is exact; emulating Q8_0's float16 scales in the graph (10 nodes per input, removed)
+  bought about 1 point of top-1 agreement with llama.cpp and cost 15 % of the N = 2 decode step.
+  Measured with ``potluck shard perplexity`` (384 tokens of ARCHITECTURE.md): level 4 gives a
+  perplexity within 1 % of llama.cpp's and 93-95 % top-1 agreement on SmolLM2 Q4_1 and Gemma 3
+  Q4_K_M; level 0 (float activations) gives 95-97 %, and a lower perplexity than llama.cpp.
   Cost model worth knowing: at level 4 MLAS repacks B with a float32 scale and a float32 block sum
   per 32-block (24 bytes per block where llama.cpp reads 18; measured: a 32000x2048 Q4_0 session
   grows the process by 73 MB at level 4, 49 MB at level 0, for 41 MB of nibbles + scales), so a
@@ -66,35 +69,7 @@ class GraphBuilder:
     inputs: list[Any] = field(default_factory=list)
     arrays: dict[str, np.ndarray] = field(default_factory=dict)
     accuracy_level: int = DEFAULT_ACCURACY_LEVEL
-    q8_activations: bool = True
     _quantized: dict[str, str] = field(default_factory=dict)
-
-    def q8_0_activations(self, x: str, k: int) -> str:
-        """Give ``x`` float32 ``(T, k)`` llama.cpp's Q8_0 block scales, once per input name.
-
-        ggml ``quantize_row_q8_0``: per 32-element block ``d = amax / 127`` stored as float16 and
-        ``q = round(x * 127 / amax)``; llama.cpp's integer dot products see ``q * fp16(d)``.
-        ``MatMulNBits`` at accuracy level 4 quantizes its input the same way but keeps ``d`` in
-        float32. Scaling each block by ``fp16(d) / d`` first makes ORT derive the scale ``fp16(d)``
-        and the same ``q`` (``x * fp16(d)/d * 127 / (amax * fp16(d)/d)``), so its int8 products equal
-        llama.cpp's (only the float summation order differs). 10 nodes; an all-zero block stays zero.
-        """
-        if x in self._quantized:
-            return self._quantized[x]
-        p = f"{x}.q8"
-        blk = self.node("Reshape", [x, self.constant(f"{p}.shape", np.array([-1, 32], np.int64))], f"{p}.blk")
-        amax = self.node("ReduceMax", [self.node("Abs", [blk], f"{p}.abs")], f"{p}.amax", axes=[1], keepdims=1)
-        d = self.node("Div", [amax, self.constant(f"{p}.c127", np.array(127.0, np.float32))], f"{p}.d")
-        d16 = self.node(
-            "Cast", [self.node("Cast", [d], f"{p}.d16h", to=TensorProto.FLOAT16)], f"{p}.d16", to=TensorProto.FLOAT
-        )
-        # the Max keeps the ratio finite (0 / tiny = 0) for an all-zero block
-        tiny = self.constant(f"{p}.tiny", np.array(np.finfo(np.float32).tiny, np.float32))
-        ratio = self.node("Div", [d16, self.node("Max", [d, tiny], f"{p}.safe")], f"{p}.ratio")
-        scaled = self.node("Mul", [blk, ratio], f"{p}.scaled")
-        out = self.node("Reshape", [scaled, self.constant(f"{p}.kshape", np.array([-1, k], np.int64))], p)
-        self._quantized[x] = out
-        return out
 
     def add_input(self, name: str, dtype: type | np.dtype, dims: Sequence[int | str]) -> str:
         """Declare a graph input of numpy ``dtype`` and shape ``dims`` (strings are symbolic)."""
@@ -148,16 +123,6 @@ class GraphBuilder:
         out = f"{name}.out"
         if kind in ("q4", "q8"):
             block = int(layout.get("block", 32))
-            raw_x = x
-            # llama.cpp quantizes activations with float16 block scales only for the Q8_0 vec_dot
-            # types (Q4_0, Q4_1, Q5_x, Q8_0); K-quants use Q8_K (float32 scales, 256-blocks).
-            if (
-                self.q8_activations
-                and self.accuracy_level == 4
-                and block == 32
-                and layout.get("vec_dot", "q8_0") == "q8_0"
-            ):
-                x = self.q8_0_activations(x, k)
             b = self.constant(f"{name}.B", tensors[f"{name}.B"])
             s = self.constant(f"{name}.scales", tensors[f"{name}.scales"])
             self.nodes.append(
@@ -175,7 +140,7 @@ class GraphBuilder:
             )
             if f"{name}.block_bias" in tensors:
                 bias = self.constant(f"{name}.block_bias", tensors[f"{name}.block_bias"])
-                out = self.node("Gemm", [self.block_sums(raw_x, k, block), bias, out], f"{name}.with_mins", transB=1)
+                out = self.node("Gemm", [self.block_sums(x, k, block), bias, out], f"{name}.with_mins", transB=1)
         elif kind in ("f32", "f16"):
             w = tensors[f"{name}.W"]
             if kind == "f16":

@@ -56,8 +56,7 @@ def slice_linear(tensor: ReaderTensor, rows: slice, cols: slice) -> tuple[dict[s
 
     Returns:
         ``(layout, arrays)``: layout ``{"kind": "q4"|"q8"|"f32"|"f16", "n": rows, "k": cols}``, for
-        the quantized kinds also ``"block"`` (16 or 32) and ``"vec_dot"`` (llama.cpp's activation
-        type, see :class:`~potluck.sharding.format.nbits.BlockFormat`); arrays ``{"B", "scales"}``
+        the quantized kinds also ``"block"`` (16 or 32); arrays ``{"B", "scales"}``
         and, for types with a minimum, ``"block_bias"`` float32 ``(n, cols/block)``, or ``{"W"}``.
 
     Raises:
@@ -79,7 +78,7 @@ def slice_linear(tensor: ReaderTensor, rows: slice, cols: slice) -> tuple[dict[s
     if qtype == QT.Q4_0:  # the common case, repacked without decoding
         raw = rows_raw.reshape(n, -1, Q4_0_BYTES)[:, c0 // BLOCK : c1 // BLOCK].reshape(n, -1)
         b, s = q4_0_to_nbits(raw)
-        layout = {"kind": "q4", "n": n, "k": c1 - c0, "block": BLOCK, "vec_dot": "q8_0"}
+        layout = {"kind": "q4", "n": n, "k": c1 - c0, "block": BLOCK}
         return layout, {"B": b, "scales": s}
     if supported(qtype):
         decoded = decode_rows(rows_raw, qtype).columns(c0, c1)
@@ -93,7 +92,7 @@ def slice_linear(tensor: ReaderTensor, rows: slice, cols: slice) -> tuple[dict[s
         decoded = decode_rows(quants.quantize(np.ascontiguousarray(dense, dtype=np.float32), target), target)
     b, s = decoded.to_nbits()
     kind = "q4" if decoded.bits == 4 else "q8"
-    layout = {"kind": kind, "n": n, "k": c1 - c0, "block": decoded.block, "vec_dot": decoded.vec_dot}
+    layout = {"kind": kind, "n": n, "k": c1 - c0, "block": decoded.block}
     arrays = {"B": b, "scales": s}
     if decoded.block_bias is not None:
         arrays["block_bias"] = np.ascontiguousarray(decoded.block_bias, dtype=np.float32)
@@ -107,13 +106,13 @@ def fuse_linears(
 
     One ``MatMulNBits`` over the stacked rows (Q/K/V, gate/up) replaces several: fewer kernel
     launches, input quantizations and thread-pool rounds per token. The layout gains ``"parts"``
-    (the row counts, for the ``Split`` after it). Linears of different kinds, blocks or activation
-    types (a Q4_K_M file has ``attn_v`` in Q6_K, 8-bit in 16-blocks, and ``attn_q`` in Q4_K) are
-    left as they are.
+    (the row counts, for the ``Split`` after it). Linears of different kinds or block sizes, or
+    with and without block biases (a Q4_K_M file has ``attn_v`` in Q6_K, 8-bit in 16-blocks, and
+    ``attn_q`` in Q4_K, 4-bit with biases), are left as they are.
     """
     layouts = [linears[p] for p in parts]
     shapes = {
-        (lay["kind"], lay["k"], lay.get("block"), lay.get("vec_dot"), f"{p}.block_bias" in tensors)
+        (lay["kind"], lay["k"], lay.get("block", BLOCK), f"{p}.block_bias" in tensors)
         for p, lay in zip(parts, layouts, strict=True)
     }
     if len(shapes) != 1:
@@ -127,7 +126,7 @@ def fuse_linears(
             [tensors.pop(f"{p}.bias", np.zeros(lay["n"], np.float32)) for p, lay in zip(parts, layouts, strict=True)]
         )
     linears[name] = {
-        **{key: layouts[0][key] for key in ("kind", "k", "block", "vec_dot") if key in layouts[0]},
+        **{key: layouts[0][key] for key in ("kind", "k", "block") if key in layouts[0]},
         "n": sum(int(lay["n"]) for lay in layouts),
         "parts": [int(lay["n"]) for lay in layouts],
     }

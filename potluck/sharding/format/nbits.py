@@ -50,27 +50,24 @@ class BlockFormat:
         qbits: bits per integer ``q`` (``q`` in ``[0, 2^qbits)``).
         q_bytes: byte ranges of one ggml block that hold ``q`` bits (low and high parts alike).
         offset: symmetric types: ``value = s * (q - offset)``; ``None``: ``value = s * q + m``.
-        vec_dot: llama.cpp's activation type for this weight type (``"q8_0"``: 32-element blocks
-            with a float16 scale, as Q8_0/Q8_1; ``"q8_k"``: 256-element blocks, float32 scale).
     """
 
     sub: int
     qbits: int
     q_bytes: tuple[tuple[int, int], ...]
     offset: int | None
-    vec_dot: str
 
 
 FORMATS: dict[QT, BlockFormat] = {
-    QT.Q4_0: BlockFormat(32, 4, ((2, 18),), 8, "q8_0"),
-    QT.Q4_1: BlockFormat(32, 4, ((4, 20),), None, "q8_0"),
-    QT.Q5_0: BlockFormat(32, 5, ((2, 22),), 16, "q8_0"),
-    QT.Q5_1: BlockFormat(32, 5, ((4, 24),), None, "q8_0"),
-    QT.Q2_K: BlockFormat(16, 2, ((16, 80),), None, "q8_k"),
-    QT.Q3_K: BlockFormat(16, 3, ((0, 96),), 4, "q8_k"),
-    QT.Q4_K: BlockFormat(32, 4, ((16, 144),), None, "q8_k"),
-    QT.Q5_K: BlockFormat(32, 5, ((16, 176),), None, "q8_k"),
-    QT.Q6_K: BlockFormat(16, 6, ((0, 192),), 32, "q8_k"),
+    QT.Q4_0: BlockFormat(32, 4, ((2, 18),), 8),
+    QT.Q4_1: BlockFormat(32, 4, ((4, 20),), None),
+    QT.Q5_0: BlockFormat(32, 5, ((2, 22),), 16),
+    QT.Q5_1: BlockFormat(32, 5, ((4, 24),), None),
+    QT.Q2_K: BlockFormat(16, 2, ((16, 80),), None),
+    QT.Q3_K: BlockFormat(16, 3, ((0, 96),), 4),
+    QT.Q4_K: BlockFormat(32, 4, ((16, 144),), None),
+    QT.Q5_K: BlockFormat(32, 5, ((16, 176),), None),
+    QT.Q6_K: BlockFormat(16, 6, ((0, 192),), 32),
 }
 
 
@@ -84,7 +81,6 @@ class DecodedRows:
         block_bias: float32 ``(N, K/block)``, or ``None`` for symmetric types (all zero).
         block: elements per block (16 or 32).
         bits: ``MatMulNBits`` bits (4 or 8) that hold ``q``.
-        vec_dot: llama.cpp's activation type for the source type (see :class:`BlockFormat`).
     """
 
     q: np.ndarray
@@ -92,13 +88,12 @@ class DecodedRows:
     block_bias: np.ndarray | None
     block: int
     bits: int
-    vec_dot: str
 
     def columns(self, c0: int, c1: int) -> DecodedRows:
         """Columns ``c0:c1`` (on block boundaries)."""
         b0, b1 = c0 // self.block, c1 // self.block
         bias = None if self.block_bias is None else self.block_bias[:, b0:b1]
-        return DecodedRows(self.q[:, c0:c1], self.scales[:, b0:b1], bias, self.block, self.bits, self.vec_dot)
+        return DecodedRows(self.q[:, c0:c1], self.scales[:, b0:b1], bias, self.block, self.bits)
 
     def to_nbits(self) -> tuple[np.ndarray, np.ndarray]:
         """``B`` uint8 ``(N, K/block, block*bits/8)`` and ``scales`` float32 ``(N * K/block,)``."""
@@ -133,7 +128,7 @@ def decode_rows(raw: np.ndarray, qtype: QT) -> DecodedRows:
         blocks = raw.reshape(n, -1, Q8_0_BYTES)
         scales = blocks[:, :, :2].copy().view(np.float16).astype(np.float32).reshape(n, -1)
         q = blocks[:, :, 2:].view(np.int8).reshape(n, -1)
-        return DecodedRows(np.ascontiguousarray(q), scales, None, 32, 8, "q8_0")
+        return DecodedRows(np.ascontiguousarray(q), scales, None, 32, 8)
     fmt = FORMATS.get(qtype)
     if fmt is None:
         raise ValueError(f"no exact MatMulNBits layout for {qtype.name}")
@@ -144,7 +139,7 @@ def decode_rows(raw: np.ndarray, qtype: QT) -> DecodedRows:
     bias = None if fmt.offset is not None else np.concatenate([p[2] for p in parts])
     bits = 4 if fmt.qbits <= 4 else 8
     q, s = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
-    return DecodedRows(q, s, bias, fmt.sub, bits, fmt.vec_dot)
+    return DecodedRows(q, s, bias, fmt.sub, bits)
 
 
 def _decode_chunk(

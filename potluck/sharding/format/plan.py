@@ -35,6 +35,7 @@ MEMORY_HEADROOM = 0.85
 #: :attr:`ShardPlan.plan_id`. 2: exact MatMulNBits layouts for K-quants, Q4_1 and Q5_x (1 re-quantized them).
 SHARD_LAYOUT = 2
 
+
 @dataclass(frozen=True)
 class NodeCapability:
     """What a node offers to a tensor-parallel group.
