@@ -25,7 +25,10 @@ The bit layouts are not decoded here: ``gguf.quants.dequantize`` (the gguf-py re
 reads each block three times, as stored, with its ``q`` bytes zeroed (giving ``v0 = s * (0 -
 offset)`` or ``m``) and, for the types with a minimum, with its ``q`` bytes all ones (``s *
 qmax + m``). ``s`` and ``m`` follow, and ``q = round((value - v0) / s)``. Only which bytes of a
-block hold ``q`` is type knowledge (:data:`FORMATS`).
+block hold ``q`` is type knowledge (:data:`FORMATS`). Q4_K, Q5_K and Q6_K, the bulk of the common
+Q4_K_M / Q5_K_M downloads, are unpacked directly from their bits instead (integer work only):
+``bench/tp_extract.py`` cuts a 1.1B Q4_K_M file in 5.3 s against 40 s through the probes, and
+3.5 s for the same model in Q4_0 (a plain repack).
 """
 
 from __future__ import annotations
@@ -145,6 +148,18 @@ def decode_rows(raw: np.ndarray, qtype: QT) -> DecodedRows:
 def _decode_chunk(
     raw: np.ndarray, qtype: QT, fmt: BlockFormat, k: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    direct = _DIRECT.get(qtype)
+    if direct is not None:
+        q, s, bias = direct(raw.reshape(-1, GGML_QUANT_SIZES[qtype][1]))
+        n = raw.shape[0]
+        return q.reshape(n, k), s.reshape(n, -1), None if bias is None else bias.reshape(n, -1)
+    return _probe_chunk(raw, qtype, fmt, k)
+
+
+def _probe_chunk(
+    raw: np.ndarray, qtype: QT, fmt: BlockFormat, k: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Any type of :data:`FORMATS`, through ``gguf.quants.dequantize`` (see the module docstring)."""
     n, sub = raw.shape[0], fmt.sub
     _, size = GGML_QUANT_SIZES[qtype]
     blocks = raw.reshape(-1, size)
@@ -173,6 +188,54 @@ def _decode_chunk(
     q = np.clip(q, low, low + qmax) - (half if fmt.offset is None else 0)
     q = np.where(s[:, :, None] == 0, 0, q)
     return q.astype(np.int8).reshape(n, k), s.astype(np.float32), None if bias is None else bias.astype(np.float32)
+
+
+# Direct decoders of the K-quants of Q4_K_M/Q5_K_M files (the common downloads): integer bit
+# unpacking only, about 10x faster than the probes. Layouts: ggml-common.h ``block_q4_K``,
+# ``block_q5_K`` (d, dmin, 12 bytes of 6-bit scales/mins, [qh], qs) and ``block_q6_K`` (ql, qh,
+# int8 scales, d); gguf.quants' ``Q4_K.get_scale_min`` unpacks the 6-bit scales. Checked against
+# ``gguf.quants.dequantize`` by the tests, like the probes.
+def _f16(blocks: np.ndarray, at: int) -> np.ndarray:
+    return blocks[:, at : at + 2].copy().view(np.float16).astype(np.float32)  # (nb, 1)
+
+
+def _k_scales(blocks: np.ndarray, half: int) -> tuple[np.ndarray, np.ndarray]:
+    """Q4_K/Q5_K: per 32-element sub-block scale ``d * sc`` and bias ``-dmin * m + half * scale``."""
+    sc, m = quants.Q4_K.get_scale_min(np.ascontiguousarray(blocks[:, 4:16]))
+    s = _f16(blocks, 0) * sc.astype(np.float32)
+    return s, s * np.float32(half) - _f16(blocks, 2) * m.astype(np.float32)
+
+
+def _low_high_nibbles(qs: np.ndarray) -> np.ndarray:
+    """``qs`` uint8 ``(nb, 4*32)`` -> ``(nb, 256)``: each 32-byte group gives 32 low then 32 high nibbles."""
+    g = qs.reshape(qs.shape[0], 4, 1, 32)
+    return np.concatenate([g & 0x0F, g >> 4], axis=2).reshape(qs.shape[0], 256)
+
+
+def _direct_q4_k(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    s, bias = _k_scales(blocks, 8)
+    q = _low_high_nibbles(blocks[:, 16:144]).view(np.int8) - np.int8(8)
+    return q, s, bias
+
+
+def _direct_q5_k(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    s, bias = _k_scales(blocks, 16)
+    qh = blocks[:, 16:48].reshape(-1, 1, 32) >> np.arange(8, dtype=np.uint8).reshape(1, 8, 1)  # bit j: sub-block j
+    q = _low_high_nibbles(blocks[:, 48:176]) | ((qh & 1) << 4).reshape(-1, 256)
+    return q.view(np.int8) - np.int8(16), s, bias
+
+
+def _direct_q6_k(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    nb = blocks.shape[0]
+    ql = blocks[:, 0:128].reshape(nb, 2, 1, 64)
+    low = np.concatenate([ql & 0x0F, ql >> 4], axis=2).reshape(nb, 2, 4, 32)  # per 128-half: 4 groups of 32
+    qh = blocks[:, 128:192].reshape(nb, 2, 1, 32) >> np.array([0, 2, 4, 6], np.uint8).reshape(1, 1, 4, 1)
+    q = (low | ((qh & 3) << 4)).reshape(nb, 256).view(np.int8) - np.int8(32)
+    s = _f16(blocks, 208) * blocks[:, 192:208].view(np.int8).astype(np.float32)
+    return q, s, None
+
+
+_DIRECT = {QT.Q4_K: _direct_q4_k, QT.Q5_K: _direct_q5_k, QT.Q6_K: _direct_q6_k}
 
 
 def q4_0_to_nbits(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
