@@ -28,6 +28,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -37,9 +38,10 @@ from potluck.errors import ProtocolViolation, RequestError, ShardPlanError
 from potluck.sharding.collective.base import Collective
 from potluck.sharding.compute import blocks
 from potluck.sharding.compute.onnx_ops import DEFAULT_ACCURACY_LEVEL, GraphBuilder, Program, session_options
+from potluck.sharding.compute.residency import LayerWindow, file_mappings, release, trim_heap
 from potluck.sharding.format.gguf_tensors import ModelConfig
 from potluck.sharding.format.plan import ShardPlan
-from potluck.sharding.format.shard_file import ShardData
+from potluck.sharding.format.shard_file import ShardData, read_shard, write_shard
 
 log = logging.getLogger(__name__)
 
@@ -58,12 +60,21 @@ class EngineOptions:
             running one (measured on the 1.1B bench model with 66 stages: 5000 ms/token spinning
             vs 50 off). With N = 1 there is one session, so spinning is harmless.
         accuracy_level: ``MatMulNBits`` accuracy level (4: int8 activations, like llama.cpp).
+        memory_budget: bytes this rank's model state may keep resident (layer weights, KV cache,
+            the master's head); 0: no limit. A rank whose slices do not fit keeps a sliding window
+            of layers (:mod:`potluck.sharding.compute.residency`).
+        spill_dir: where a windowed rank writes its per-layer programs (required with a budget).
+        drop_cache: a windowed rank also drops released layers from the page cache (the next
+            token reads them from disk, as for a model larger than RAM; for measurements).
     """
 
     n_ctx: int = 256
     threads: int = 2
     spinning: bool = False
     accuracy_level: int = DEFAULT_ACCURACY_LEVEL
+    memory_budget: int = 0
+    spill_dir: Path | None = None
+    drop_cache: bool = False
 
 
 @dataclass
@@ -73,6 +84,7 @@ class RankStats:
     compute_s: float = 0.0
     comm_s: float = 0.0
     steps: int = 0
+    io_s: float = 0.0  #: windowed ranks: time stalled waiting for a layer's weights
 
 
 def rope_tables(config: ModelConfig, n_ctx: int) -> tuple[np.ndarray, np.ndarray]:
@@ -142,6 +154,8 @@ class RankCompute:
     stats: RankStats = field(default_factory=RankStats)
     #: N > 1, models with post-norms: per layer (post_attention_norm, post_ffw_norm) float32 ``(hidden,)``
     post_norms: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
+    #: the sliding window over the layers, when the slices exceed ``options.memory_budget``
+    window: LayerWindow | None = None
 
     @classmethod
     def from_shard(cls, shard: ShardData, options: EngineOptions) -> RankCompute:
@@ -181,7 +195,15 @@ class RankCompute:
             )
             for _ in range(config.n_layers)
         ]
-        if plan.world_size == 1:
+        spill: Path | None = None
+        if _needs_window(shard, config, options, kv):
+            assert options.spill_dir is not None
+            spill = options.spill_dir / f"{plan.plan_id}-r{rank}"  # ranks may share a spill directory
+            spill.mkdir(parents=True, exist_ok=True)
+            shard = _file_backed(shard, spill)
+            t = shard.tensors
+        windowed = spill is not None
+        if plan.world_size == 1 and not windowed:
             if "output" not in linears:
                 raise ShardPlanError("a single-rank shard must hold the head")
             gb = _builder(options)
@@ -196,6 +218,12 @@ class RankCompute:
             logits = blocks.head(gb, h, "rows", config, linears, t)
             stack = gb.program([(logits, np.float32), *_cache_outputs(config.n_layers)], _options(options))
             return cls(config, plan, rank, options, layers, stack, logits)
+
+        def compile_layer(gb: GraphBuilder, outputs: list[tuple[str, type]], name: str) -> Program:
+            if spill is None:
+                return gb.program(outputs, _options(options))
+            return gb.program_on_disk(outputs, _options(options), spill / name, _options(options))
+
         for i, layer in enumerate(layers):
             if kv:
                 gb = _builder(options)
@@ -203,18 +231,36 @@ class RankCompute:
                 part = gb.node(
                     "Identity", [blocks.attention(gb, i, "x", config, kv, linears, t, rope(gb, i))], "partial"
                 )
-                layer.attn = gb.program([(part, np.float32), *_cache_outputs(1, first=i)], _options(options))
+                layer.attn = compile_layer(gb, [(part, np.float32), *_cache_outputs(1, first=i)], f"l{i}.attn")
             if share.ffn_count:
                 gb = _builder(options)
                 blocks.declare_inputs(gb, config, attention=False)
                 part = gb.node("Identity", [blocks.ffn(gb, i, "x", config, linears, t)], "partial")
-                layer.ffn = gb.program([(part, np.float32)], _options(options))
+                layer.ffn = compile_layer(gb, [(part, np.float32)], f"l{i}.ffn")
         post = (
             [(t[f"blk.{i}.post_attention_norm"], t[f"blk.{i}.post_ffw_norm"]) for i in range(config.n_layers)]
             if config.post_norms
             else []
         )
-        return cls(config, plan, rank, options, layers, post_norms=post)
+        window = None
+        if spill is not None:
+            assert shard.path is not None
+            release(file_mappings([shard.path])[shard.path])  # its weights now live in the layer files
+            trim_heap()
+            files = [[spill / f"l{i}.{part}.data" for part in ("attn", "ffn")] for i in range(config.n_layers)]
+            files = [[f for f in fs if f.exists()] for fs in files]
+            fixed = _fixed_bytes(shard, options, kv)
+            window = LayerWindow.within(files, options.memory_budget, fixed, options.drop_cache)
+            log.info(
+                "rank %d: %d of %d layers resident at once (%.1f MiB each, budget %.0f MiB)",
+                rank, window.window, config.n_layers, max(window.layer_bytes) / 2**20, options.memory_budget / 2**20,
+            )  # fmt: skip
+        return cls(config, plan, rank, options, layers, post_norms=post, window=window)
+
+    def close(self) -> None:
+        """Stop the layer window's prefetch thread, if any (idempotent)."""
+        if self.window is not None:
+            self.window.close()
 
     def _check(self, n: int, pos: int) -> None:
         if pos < 0 or pos + n > self.options.n_ctx:
@@ -288,7 +334,12 @@ class RankCompute:
         attn_in = attention_inputs(c, pos, n)
         post = self.post_norms
         clock = time.perf_counter
+        window = self.window
         for i, layer in enumerate(self.layers):
+            if window is not None:
+                t_io = clock()
+                window.enter(i)
+                self.stats.io_s += clock() - t_io
             t0 = clock()
             part = zeros
             if layer.attn is not None:
@@ -309,8 +360,48 @@ class RankCompute:
             t4 = clock()
             self.stats.compute_s += (t1 - t0) + (t3 - t2)
             self.stats.comm_s += (t2 - t1) + (t4 - t3)
+            if window is not None:
+                window.leave(i)
         self.stats.steps += 1
         return h
+
+
+#: MLAS repacks a 4-bit 32-block (18 bytes in the shard) into 24: the estimate of resident layer bytes.
+_PREPACK_GROWTH = 4 / 3
+
+
+def _fixed_bytes(shard: ShardData, options: EngineOptions, kv: int) -> int:
+    """What a rank holds besides its layer weights: the KV cache and, on the master, the head."""
+    config = ModelConfig.from_dict(shard.meta["config"])
+    cache = 2 * config.n_layers * options.n_ctx * kv * config.head_dim * 2
+    head = sum(a.nbytes for n, a in shard.tensors.items() if n.startswith(("output.", "output_norm")))
+    return int(cache + head * _PREPACK_GROWTH)
+
+
+def _needs_window(shard: ShardData, config: ModelConfig, options: EngineOptions, kv: int) -> bool:
+    """Whether the rank's slices exceed ``options.memory_budget`` (estimated before compiling).
+
+    Raises:
+        ShardPlanError: they do, and there is no ``spill_dir`` for the per-layer files.
+    """
+    if options.memory_budget <= 0:
+        return False
+    layer_bytes = sum(a.nbytes for n, a in shard.tensors.items() if n.startswith("blk.")) * _PREPACK_GROWTH
+    if layer_bytes + _fixed_bytes(shard, options, kv) <= options.memory_budget:
+        return False
+    if options.spill_dir is None:
+        raise ShardPlanError("this rank's slices exceed its memory budget and no spill directory was given")
+    return True
+
+
+def _file_backed(shard: ShardData, spill: Path) -> ShardData:
+    """``shard`` memory-mapped from a file (the master's is in memory: written to ``spill`` first),
+    so that its weights can leave memory once the layer programs hold their own copies."""
+    if shard.path is not None:
+        return shard
+    path = spill / "shard.pshard"
+    write_shard(path, shard.meta, shard.tensors)
+    return read_shard(path)
 
 
 def _cache_outputs(n_layers: int, first: int = 0) -> list[tuple[str, type]]:
@@ -404,10 +495,10 @@ class TPMaster:
         if self.collective is None:
             return [own]
         self.collective.broadcast({"op": "stats"})
-        vec = np.zeros((self.world_size, 3), np.float32)
-        vec[0] = (own.compute_s, own.comm_s, own.steps)
+        vec = np.zeros((self.world_size, 4), np.float32)
+        vec[0] = (own.compute_s, own.comm_s, own.steps, own.io_s)
         total = self.collective.all_reduce(vec)
-        return [RankStats(float(a), float(b), int(c)) for a, b, c in total]
+        return [RankStats(float(a), float(b), int(c), float(d)) for a, b, c, d in total]
 
     def reset_stats(self) -> None:
         if self.collective is not None:
@@ -415,13 +506,15 @@ class TPMaster:
         self.compute.stats = RankStats()
 
     def shutdown(self) -> None:
-        """Tell the workers to exit their loop (best effort) and close the collective."""
-        if self.collective is None:
-            return
+        """Tell the workers to exit their loop (best effort), close the collective and this rank."""
         try:
-            self.collective.broadcast({"op": "stop"})
+            if self.collective is not None:
+                try:
+                    self.collective.broadcast({"op": "stop"})
+                finally:
+                    self.collective.close()
         finally:
-            self.collective.close()
+            self.compute.close()
 
 
 def serve_worker(collective: Collective, compute: RankCompute) -> None:
@@ -431,6 +524,13 @@ def serve_worker(collective: Collective, compute: RankCompute) -> None:
         ProtocolViolation: an unknown op or a malformed forward (shape, dtype, positions).
         TransferError / ClosedError: the master went away.
     """
+    try:
+        _serve(collective, compute)
+    finally:
+        compute.close()
+
+
+def _serve(collective: Collective, compute: RankCompute) -> None:
     hidden = compute.config.hidden
     while True:
         header, array = collective.receive()
@@ -447,9 +547,9 @@ def serve_worker(collective: Collective, compute: RankCompute) -> None:
                 raise ProtocolViolation(f"malformed forward header {header!r}")
             compute.forward(array, pos, collective.all_reduce)
         elif op == "stats":
-            vec = np.zeros((collective.world_size, 3), np.float32)
+            vec = np.zeros((collective.world_size, 4), np.float32)
             s = compute.stats
-            vec[collective.rank] = (s.compute_s, s.comm_s, s.steps)
+            vec[collective.rank] = (s.compute_s, s.comm_s, s.steps, s.io_s)
             collective.all_reduce(vec)
         elif op == "reset_stats":
             compute.stats = RankStats()

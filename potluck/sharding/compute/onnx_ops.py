@@ -32,6 +32,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -169,6 +170,34 @@ class GraphBuilder:
     def program(self, outputs: Sequence[tuple[str, type | np.dtype]], options: ort.SessionOptions) -> Program:
         """Compile the graph (inputs declared with :meth:`add_input`) into an IO-bound :class:`Program`."""
         return Program(self._compile(outputs, options), self.arrays)
+
+    def program_on_disk(
+        self,
+        outputs: Sequence[tuple[str, type | np.dtype]],
+        options: ort.SessionOptions,
+        path: Path,
+        load_options: ort.SessionOptions,
+    ) -> Program:
+        """Compile the graph once, write it with its *prepacked* weights to ``<path>.onnx`` and
+        ``<path>.data`` (ORT's ``session.save_external_prepacked_constant_initializers``), and load it
+        back: ORT then memory-maps the weights from ``<path>.data`` instead of holding them on its heap
+        (:mod:`potluck.sharding.compute.residency` releases and prefetches those pages).
+
+        Args:
+            outputs: as :meth:`program`.
+            options: options for the compile that writes the files (consumed).
+            path: file stem; its directory must exist.
+            load_options: options for the session that runs (fresh, without external initializers).
+        """
+        model = path.parent / (path.name + ".onnx")
+        options.optimized_model_filepath = str(model)
+        options.add_session_config_entry("session.optimized_model_external_initializers_file_name", path.name + ".data")
+        options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+        options.add_session_config_entry("session.save_external_prepacked_constant_initializers", "1")
+        writer = self._compile(outputs, options)
+        del writer  # its heap copy of the prepacked weights goes with it
+        session = ort.InferenceSession(str(model), load_options, providers=["CPUExecutionProvider"])
+        return Program(session, {})
 
     def _compile(
         self, outputs: Sequence[tuple[str, type | np.dtype]], options: ort.SessionOptions

@@ -48,10 +48,12 @@ class ShardData:
     Attributes:
         meta: msgpack-able dict (plan, rank, model config, linear layouts).
         tensors: name -> C-contiguous array.
+        path: the file the tensors are memory-mapped from (``None``: they are in memory).
     """
 
     meta: dict[str, Any]
     tensors: dict[str, np.ndarray]
+    path: Path | None = None
 
     @property
     def nbytes(self) -> int:
@@ -159,4 +161,4 @@ def read_shard(path: str | Path) -> ShardData:
         if start + nbytes > size:
             raise ModelFileError(f"shard {path} is truncated (tensor {name} runs past the end)")
         tensors[name] = raw[start : start + nbytes].view(dtype).reshape(shape)
-    return ShardData(meta=header["meta"], tensors=tensors)
+    return ShardData(meta=header["meta"], tensors=tensors, path=path)
