@@ -30,6 +30,14 @@ AccuracyOpt = Annotated[
         help="MatMulNBits activations: 4 = int8 per block, as llama.cpp (fast); 0 = float32 (exact, slower).",
     ),
 ]
+BudgetOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--memory-budget",
+        help="Resident memory per rank for the model (e.g. 2GiB, 512MiB): a rank whose slices exceed "
+        "it keeps a sliding window of layers and streams the rest from disk.",
+    ),
+]
 SpeedsOpt = Annotated[
     str | None, typer.Option("--speeds", help="Comma-separated relative speeds per rank (default: equal).")
 ]
@@ -42,6 +50,18 @@ def _nodes(n: int, speeds: str | None, ram_bytes: int):
     if len(values) != n:
         raise typer.BadParameter(f"--speeds needs {n} values")
     return [NodeCapability(f"local-{r}", ram_bytes, v) for r, v in enumerate(values)]
+
+
+def _size(value: str | None) -> int:
+    """Bytes of a size such as ``2GiB``, ``512MB`` or ``1500000`` (pydantic's ``ByteSize``); 0 for ``None``."""
+    if value is None:
+        return 0
+    from pydantic import ByteSize, TypeAdapter, ValidationError
+
+    try:
+        return int(TypeAdapter(ByteSize).validate_python(value))
+    except ValidationError as exc:
+        raise typer.BadParameter(f"{value!r} is not a size such as 2GiB, 512MiB or 1500000000") from exc
 
 
 def _free_ram() -> int:
@@ -64,6 +84,7 @@ def _process_group(
     shard_dir: Path | None,
     timeout: float,
     accuracy_level: int,
+    memory_budget: str | None,
 ) -> Iterator[Any]:
     """A master plus ``nodes - 1`` worker processes on this machine; worker shards go to
     ``shard_dir`` (a temporary directory, removed afterwards, when ``None``)."""
@@ -73,7 +94,7 @@ def _process_group(
     with ExitStack() as stack:
         directory = shard_dir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="potluck-shards-")))
         ram = _free_ram() // nodes
-        options = EngineOptions(n_ctx=n_ctx, accuracy_level=accuracy_level)
+        options = EngineOptions(n_ctx=n_ctx, accuracy_level=accuracy_level, memory_budget=_size(memory_budget))
         yield stack.enter_context(
             ProcessGroup(model, _nodes(nodes, speeds, ram), options, directory, timeout_s=timeout)
         )
@@ -114,6 +135,7 @@ def generate_cmd(
     shard_dir: Annotated[Path | None, typer.Option("--shard-dir", help="Worker shard cache.")] = None,
     timeout: Annotated[float, typer.Option("--timeout", min=0.1, help="All-reduce deadline (s).")] = 10.0,
     accuracy_level: AccuracyOpt = 4,
+    memory_budget: BudgetOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help='Print {"tokens": [...], "text": ...}.')] = False,
 ) -> None:
     """Generate with a master plus N-1 worker processes on this machine over the TCP star."""
@@ -136,7 +158,7 @@ def generate_cmd(
             stop=tuple(stop or ()),
         )
         tokens: list[int] = []
-        with _process_group(model, nodes, speeds, ctx, shard_dir, timeout, accuracy_level) as group:
+        with _process_group(model, nodes, speeds, ctx, shard_dir, timeout, accuracy_level, memory_budget) as group:
             for token in generate_ids(group, ids, params, tok.eog_ids):
                 tokens.append(token)
                 if params.stop and any(s in tok.detokenize(tokens) for s in params.stop):
@@ -164,6 +186,7 @@ def perplexity_cmd(
     shard_dir: Annotated[Path | None, typer.Option("--shard-dir", help="Worker shard cache.")] = None,
     timeout: Annotated[float, typer.Option("--timeout", min=0.1, help="All-reduce deadline (s).")] = 30.0,
     accuracy_level: AccuracyOpt = 4,
+    memory_budget: BudgetOpt = None,
     threads: Annotated[int, typer.Option("--threads", min=1, help="llama.cpp threads for the reference.")] = 2,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
@@ -184,7 +207,8 @@ def perplexity_cmd(
         finally:
             tok.close()
         with console.status(f"scoring {n_ctx} tokens with the TP engine at N = {nodes}"):
-            with _process_group(model, nodes, speeds, n_ctx, shard_dir, timeout, accuracy_level) as group:
+            group_args = (model, nodes, speeds, n_ctx, shard_dir, timeout, accuracy_level, memory_budget)
+            with _process_group(*group_args) as group:
                 master = group.master
                 tp = perplexity.score_tp(lambda chunk, pos: master.forward(chunk, pos, all_logits=True), ids)
         with console.status("scoring the same window with llama.cpp"):

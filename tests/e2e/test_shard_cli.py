@@ -55,6 +55,24 @@ def test_shard_generate_equals_llama_cpp_greedy(model_path, tmp_path, kind, n) -
     assert out["text"].startswith("er is there?")
 
 
+def test_shard_generate_under_a_memory_budget_streams_layers_with_the_same_tokens(model_path, tmp_path) -> None:
+    """Every rank (master and worker process) over a 4 MiB budget keeps a window of the F32
+    fixture's layers (3 MiB each at N = 1, 1.5 MiB at N = 2) and still gives llama.cpp's tokens."""
+    path = model_path("f32")
+    _, want = greedy_tokens(path)
+    args = ["shard", "generate", "-m", str(path), "-n", "2", "-p", STEADY_PROMPT, "--max-tokens", "48", "-t", "0"]
+    res = potluck(*args, "--json", "--shard-dir", str(tmp_path), "--memory-budget", "3MiB")
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["tokens"] == want
+    spilled = sorted(p.name for p in (tmp_path / "spill").rglob("*.data"))
+    assert any(n.startswith("l0.attn") for n in spilled) and len(spilled) >= 2 * 4  # both ranks' layer files
+    res = potluck(*args, "--memory-budget", "200KiB")
+    assert res.returncode == 1
+    assert "holds a window of one layer" in res.stderr and "Traceback" not in res.stderr
+    res = potluck(*args, "--memory-budget", "lots")
+    assert res.returncode == 2 and "is not a size" in res.stderr
+
+
 def test_shard_generate_reports_bad_input(tmp_path) -> None:
     bogus = tmp_path / "x.gguf"
     bogus.write_bytes(b"not a gguf at all")

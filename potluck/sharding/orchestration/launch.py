@@ -16,6 +16,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from potluck.errors import GenerationError, PeerFailed, PotluckError
@@ -60,8 +61,8 @@ class ProcessGroup:
     Args:
         model_path: GGUF file (the master holds it; workers get shard files).
         nodes: capabilities in rank order (first is the master).
-        options: the master's engine options (``n_ctx``, ``accuracy_level``; threads per rank are
-            derived from the cores the co-located ranks share).
+        options: engine options of every rank (``n_ctx``, ``accuracy_level``, the memory budget and
+            spill directory; threads per rank are derived from the cores the co-located ranks share).
         shard_dir: where worker shard files are written.
         timeout_s: collective deadline: a dead or stalled worker is noticed within it.
         cores: CPU cores the ranks share (default: ``os.cpu_count()``).
@@ -78,8 +79,10 @@ class ProcessGroup:
     ) -> None:
         self.path = Path(model_path)
         self.reader = open_gguf(self.path)
-        self.options = options
         self.shard_dir = Path(shard_dir)
+        if options.memory_budget and options.spill_dir is None:
+            options = replace(options, spill_dir=self.shard_dir / "spill")
+        self.options = options
         self.timeout_s = timeout_s
         self.cores = cores or os.cpu_count() or 1
         self.nodes = list(nodes)
@@ -96,12 +99,7 @@ class ProcessGroup:
         self.plan = plan
         n = plan.world_size
         threads = max(1, self.cores // n)
-        rank_options = EngineOptions(
-            n_ctx=self.options.n_ctx,
-            threads=threads,
-            spinning=n == 1 and self.options.spinning,
-            accuracy_level=self.options.accuracy_level,
-        )
+        rank_options = replace(self.options, threads=threads, spinning=n == 1 and self.options.spinning)
         paths = write_worker_shards(self.reader, plan, self.shard_dir)
         if n > 1:
             key = auth.new_session_key()
@@ -126,14 +124,19 @@ class ProcessGroup:
                     str(self.options.accuracy_level),
                     "--timeout",
                     str(self.timeout_s),
+                    *self._memory_args(),
                 ]
                 proc = subprocess.Popen(cmd, stdin=subprocess.PIPE)
                 assert proc.stdin is not None
                 proc.stdin.write(key.hex().encode() + b"\n")
                 proc.stdin.close()
                 self.procs[rank] = proc
-        shard0 = extract_shard(self.reader, plan, 0)
-        master = TPMaster(RankCompute.from_shard(shard0, rank_options), shard0, self.star)
+        try:
+            shard0 = extract_shard(self.reader, plan, 0)
+            master = TPMaster(RankCompute.from_shard(shard0, rank_options), shard0, self.star)
+        except BaseException:
+            self._stop_all()  # the workers started above must not outlive a master that failed to load
+            raise
         if self.star is not None:
             try:
                 self.star.accept_workers(STARTUP_TIMEOUT_S)
@@ -142,6 +145,14 @@ class ProcessGroup:
                 raise GenerationError(f"workers did not join the group: {exc}") from exc
         log.info("tensor-parallel group up: %d ranks, plan %s", n, plan.plan_id)
         return master
+
+    def _memory_args(self) -> list[str]:
+        """The workers' ``--memory-budget`` / ``--spill-dir`` / ``--drop-cache`` (the master's own)."""
+        o = self.options
+        if not o.memory_budget:
+            return []
+        args = ["--memory-budget", str(o.memory_budget), "--spill-dir", str(o.spill_dir)]
+        return [*args, "--drop-cache"] if o.drop_cache else args
 
     def pid(self, rank: int) -> int:
         """Process id of worker ``rank`` (tests kill it)."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 from potluck.errors import (
     ConnectError,
@@ -45,6 +46,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--shard", required=True, help="shard file to memory-map")
     p.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads")
     p.add_argument("--accuracy-level", type=int, default=4, choices=(0, 1, 2, 3, 4))
+    p.add_argument("--memory-budget", type=int, default=0, help="resident bytes for the model (0: no limit)")
+    p.add_argument("--spill-dir", type=Path, default=None, help="per-layer files of a windowed rank")
+    p.add_argument("--drop-cache", action="store_true", help="drop released layers from the page cache")
     p.add_argument("--timeout", type=float, default=10.0, help="collective deadline, seconds")
     p.add_argument("--log-level", default="warning")
     return p.parse_args(argv)
@@ -62,7 +66,15 @@ def run(args: argparse.Namespace, key_hex: str) -> int:
         if int(shard.meta.get("rank", -1)) != args.rank:
             raise ShardPlanError(f"shard {args.shard} is for rank {shard.meta.get('rank')}, not {args.rank}")
         n_ctx = int(shard.meta["plan"]["n_ctx"])
-        options = EngineOptions(n_ctx=n_ctx, threads=args.threads, spinning=False, accuracy_level=args.accuracy_level)
+        options = EngineOptions(
+            n_ctx=n_ctx,
+            threads=args.threads,
+            spinning=False,
+            accuracy_level=args.accuracy_level,
+            memory_budget=args.memory_budget,
+            spill_dir=args.spill_dir,
+            drop_cache=args.drop_cache,
+        )
         compute = RankCompute.from_shard(shard, options)
     except (ModelFileError, ShardPlanError, KeyError, TypeError, ValueError) as exc:
         log.error("rank %d: cannot load shard: %s", args.rank, exc)
