@@ -217,6 +217,8 @@ class RankCompute:
             gb.add_input("rows", np.int64, ["R"])
             logits = blocks.head(gb, h, "rows", config, linears, t)
             stack = gb.program([(logits, np.float32), *_cache_outputs(config.n_layers)], _options(options))
+            if shard.path is not None:  # compiled: ORT holds its own (prepacked) copies of the weights
+                release(file_mappings([shard.path])[shard.path])
             return cls(config, plan, rank, options, layers, stack, logits)
 
         def compile_layer(gb: GraphBuilder, outputs: list[tuple[str, type]], name: str) -> Program:
@@ -243,9 +245,9 @@ class RankCompute:
             else []
         )
         window = None
+        if shard.path is not None:  # compiled: ORT holds its own (prepacked) copies of the weights
+            release(file_mappings([shard.path])[shard.path])
         if spill is not None:
-            assert shard.path is not None
-            release(file_mappings([shard.path])[shard.path])  # its weights now live in the layer files
             trim_heap()
             files = [[spill / f"l{i}.{part}.data" for part in ("attn", "ffn")] for i in range(config.n_layers)]
             files = [[f for f in fs if f.exists()] for fs in files]

@@ -16,6 +16,8 @@ K-quant's 256-element super-block is decoded whole, then cut at its 16/32-elemen
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -33,7 +35,7 @@ from potluck.sharding.format.gguf_tensors import (
 )
 from potluck.sharding.format.nbits import Q4_0_BYTES, decode_rows, q4_0_to_nbits, supported
 from potluck.sharding.format.plan import PlanGeometry, ShardPlan
-from potluck.sharding.format.shard_file import ShardData
+from potluck.sharding.format.shard_file import ShardData, ShardWriter
 
 log = logging.getLogger(__name__)
 
@@ -169,16 +171,38 @@ def plan_geometry(reader: GGUFReader, config: ModelConfig, n_ctx: int) -> PlanGe
 def extract_shard(reader: GGUFReader, plan: ShardPlan, rank: int) -> ShardData:
     """Everything rank ``rank`` needs under ``plan``, in engine layout (in memory).
 
-    Tensor names: ``blk.L.{attn_qkv,attn_output,ffn_gate_up,ffn_down}.{B,scales,W,bias}`` (Q/K/V and
-    gate/up stacked by :func:`fuse_linears`; ``attn_q``... separately when their kinds differ),
-    ``blk.L.{attn_norm,ffn_norm}`` (and where the family has them ``attn_q_norm``, ``attn_k_norm``,
-    ``post_attention_norm``, ``post_ffw_norm``); rank 0 also ``token_embd.raw`` (GGUF rows, any type),
-    ``output_norm`` and ``output.*``.
+    Tensor names: ``blk.L.{attn_qkv,attn_output,ffn_gate_up,ffn_down}.{B,scales,block_bias,W,bias}``
+    (Q/K/V and gate/up stacked by :func:`fuse_linears`; ``attn_q``... separately when their layouts
+    differ), ``blk.L.{attn_norm,ffn_norm}`` (and where the family has them ``attn_q_norm``,
+    ``attn_k_norm``, ``post_attention_norm``, ``post_ffw_norm``); rank 0 also ``token_embd.raw`` (GGUF
+    rows, any type), ``output_norm`` and ``output.*``.
 
     Raises:
         ModelFileError: a tensor is missing or has an unsupported type.
         ShardPlanError: the plan does not match the model.
     """
+    tensors: dict[str, np.ndarray] = {}
+    meta = _extract(reader, plan, rank, tensors.__setitem__)
+    return ShardData(meta=meta, tensors=tensors)
+
+
+def extract_shard_to(reader: GGUFReader, plan: ShardPlan, rank: int, path: Path) -> int:
+    """:func:`extract_shard` streamed into the shard file ``path``, one layer at a time: the memory
+    it holds is one layer's slices (plus the GGUF's pages the OS maps in), not the whole shard.
+
+    Returns:
+        The file size, bytes.
+
+    Raises:
+        as :func:`extract_shard`; OSError when the file cannot be written.
+    """
+    with ShardWriter(path) as writer:
+        meta = _extract(reader, plan, rank, writer.add)
+        return writer.finish(meta)
+
+
+def _extract(reader: GGUFReader, plan: ShardPlan, rank: int, emit: Callable[[str, np.ndarray], None]) -> dict[str, Any]:
+    """Hand every tensor of rank ``rank``'s shard to ``emit`` (layer by layer); returns the metadata."""
     config = read_config(reader)
     if (plan.n_layers, plan.n_heads, plan.n_kv_heads, plan.ffn) != (
         config.n_layers,
@@ -196,6 +220,11 @@ def extract_shard(reader: GGUFReader, plan: ShardPlan, rank: int) -> ShardData:
     every = slice(None)
     tensors: dict[str, np.ndarray] = {}
     linears: dict[str, dict[str, Any]] = {}
+
+    def flush() -> None:
+        for name, arr in tensors.items():
+            emit(name, arr)
+        tensors.clear()
 
     def need(name: str) -> ReaderTensor:
         if name not in t:
@@ -236,6 +265,7 @@ def extract_shard(reader: GGUFReader, plan: ShardPlan, rank: int) -> ShardData:
             add_linear(p + "ffn_up", f_rows, every)
             add_linear(p + "ffn_down", every, f_rows)
             fuse_linears(linears, tensors, p + "ffn_gate_up", [p + "ffn_gate", p + "ffn_up"])
+        flush()
     embedding: dict[str, Any] | None = None
     if rank == 0:
         embd = need("token_embd.weight")
@@ -247,7 +277,8 @@ def extract_shard(reader: GGUFReader, plan: ShardPlan, rank: int) -> ShardData:
         linears["output"] = layout
         for key, arr in arrays.items():
             tensors[f"output.{key}"] = arr
-    meta = {
+    flush()
+    return {
         "kind": SHARD_KIND,
         "rank": rank,
         "plan": plan.to_dict(),
@@ -255,4 +286,3 @@ def extract_shard(reader: GGUFReader, plan: ShardPlan, rank: int) -> ShardData:
         "linears": linears,
         "embedding": embedding,
     }
-    return ShardData(meta=meta, tensors=tensors)

@@ -33,6 +33,7 @@ MAGIC = b"PLKSHRD\0"
 FORMAT_VERSION = 1
 ALIGN = 64
 MAX_HEADER_BYTES = 64 << 20
+_WRITE_CHUNK = 16 << 20
 _PREFIX = struct.Struct("<8sIIQ")
 _DTYPES = {"float32", "float16", "uint8", "int8", "int32"}
 
@@ -60,8 +61,101 @@ class ShardData:
         return sum(int(a.nbytes) for a in self.tensors.values())
 
 
+class ShardWriter:
+    """Writes a shard file one tensor at a time, so a shard bigger than memory can be written.
+
+    The header (which lists every tensor) is only known at the end, so a slot of ``header_bytes``
+    is reserved before the data and filled by :meth:`finish`, the msgpack map padded to the exact
+    slot size with a ``"pad"`` entry that readers ignore. The file appears atomically (temp file +
+    rename) when :meth:`finish` returns; leaving the ``with`` block without it removes the temp file.
+
+    Args:
+        path: destination.
+        header_bytes: the header slot, bytes (1 MiB holds the header of thousands of tensors).
+
+    Raises:
+        OSError: the file cannot be written.
+    """
+
+    def __init__(self, path: str | Path, header_bytes: int = 1 << 20) -> None:
+        self.path = Path(path)
+        self.header_bytes = header_bytes
+        self.data_start = _aligned(_PREFIX.size + header_bytes)
+        self.entries: list[dict[str, Any]] = []
+        self.offset = 0
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        self._fh = self._tmp.open("wb")
+
+    def add(self, name: str, arr: np.ndarray) -> None:
+        """Append one tensor (dtypes float32/float16/uint8/int8/int32).
+
+        Raises:
+            ValueError: unsupported dtype.
+        """
+        if arr.dtype.name not in _DTYPES:
+            raise ValueError(f"tensor {name}: dtype {arr.dtype} not storable")
+        self._fh.seek(self.data_start + self.offset)
+        flat = np.ascontiguousarray(arr).reshape(-1).view(np.uint8)  # a view when arr is contiguous
+        for start in range(0, flat.size, _WRITE_CHUNK):  # no whole copy of a big (memory-mapped) tensor
+            self._fh.write(flat[start : start + _WRITE_CHUNK].data)
+        self.entries.append(
+            {
+                "name": name,
+                "dtype": arr.dtype.name,
+                "shape": list(arr.shape),
+                "offset": self.offset,
+                "nbytes": int(arr.nbytes),
+            }
+        )
+        self.offset = _aligned(self.offset + int(arr.nbytes))
+
+    def finish(self, meta: Mapping[str, Any]) -> int:
+        """Write the header and move the file into place. Returns the file size, bytes.
+
+        Raises:
+            ValueError: the header does not fit its slot.
+        """
+        header = _header(dict(meta), self.entries, self.header_bytes)
+        self._fh.seek(0)
+        self._fh.write(_PREFIX.pack(MAGIC, FORMAT_VERSION, 0, len(header)))
+        self._fh.write(header)
+        self._fh.truncate(self.data_start + self.offset)
+        self._fh.close()
+        os.replace(self._tmp, self.path)
+        return self.data_start + self.offset
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if not self._fh.closed:
+            self._fh.close()
+        self._tmp.unlink(missing_ok=True)
+
+
+def _header(meta: dict[str, Any], entries: list[dict[str, Any]], size: int) -> bytes:
+    """The msgpack header, padded to exactly ``size`` bytes with a ``"pad"`` binary entry.
+
+    Raises:
+        ValueError: it is longer than ``size``, or 1-5 bytes short (no msgpack entry is that small).
+    """
+    body = {"meta": meta, "tensors": entries}
+    packed = msgpack.packb(body, use_bin_type=True)
+    extra = size - len(packed)
+    if extra == 0:
+        return packed
+    for bin_header, limit in ((2, 1 << 8), (3, 1 << 16), (5, 1 << 32)):
+        k = extra - 4 - bin_header  # fixstr "pad" (4 bytes), the bin header, k bytes
+        if 0 <= k < limit:
+            padded = msgpack.packb({**body, "pad": bytes(k)}, use_bin_type=True)
+            if len(padded) == size:
+                return padded
+    raise ValueError(f"the shard header ({len(packed)} bytes) does not fit its {size}-byte slot")
+
+
 def write_shard(path: str | Path, meta: Mapping[str, Any], tensors: Mapping[str, np.ndarray]) -> int:
-    """Write a shard file atomically (temp file + rename).
+    """Write a shard file atomically from tensors in memory (see :class:`ShardWriter` to stream).
 
     Args:
         path: destination.
@@ -75,12 +169,8 @@ def write_shard(path: str | Path, meta: Mapping[str, Any], tensors: Mapping[str,
         ValueError: unsupported dtype.
         OSError: the file cannot be written.
     """
-    path = Path(path)
-    entries: list[dict[str, Any]] = []
-    offset = 0
+    offset, entries = 0, []
     for name, arr in tensors.items():
-        if arr.dtype.name not in _DTYPES:
-            raise ValueError(f"tensor {name}: dtype {arr.dtype} not storable")
         entries.append(
             {
                 "name": name,
@@ -91,22 +181,11 @@ def write_shard(path: str | Path, meta: Mapping[str, Any], tensors: Mapping[str,
             }
         )
         offset = _aligned(offset + int(arr.nbytes))
-    header = msgpack.packb({"meta": dict(meta), "tensors": entries}, use_bin_type=True)
-    data_start = _aligned(_PREFIX.size + len(header))
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        with tmp.open("wb") as fh:
-            fh.write(_PREFIX.pack(MAGIC, FORMAT_VERSION, 0, len(header)))
-            fh.write(header)
-            for entry, arr in zip(entries, tensors.values(), strict=False):
-                fh.seek(data_start + entry["offset"])
-                fh.write(np.ascontiguousarray(arr).tobytes(order="C"))
-            fh.truncate(data_start + offset)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return data_start + offset
+    size = len(msgpack.packb({"meta": dict(meta), "tensors": entries}, use_bin_type=True))
+    with ShardWriter(path, header_bytes=size) as writer:
+        for name, arr in tensors.items():
+            writer.add(name, arr)
+        return writer.finish(meta)
 
 
 def read_shard(path: str | Path) -> ShardData:

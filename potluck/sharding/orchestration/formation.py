@@ -39,11 +39,10 @@ from potluck.sharding.collective import transfer
 from potluck.sharding.collective.auth import new_session_key
 from potluck.sharding.collective.star import StarMaster
 from potluck.sharding.compute.engine import EngineOptions, RankCompute, TPMaster
-from potluck.sharding.format.extract import extract_shard
 from potluck.sharding.format.plan import NodeCapability, ShardPlan
 from potluck.sharding.orchestration.context import SwarmContext
 from potluck.sharding.orchestration.group import plan_for
-from potluck.sharding.orchestration.launch import write_worker_shards
+from potluck.sharding.orchestration.launch import master_shard, write_worker_shards
 from potluck.sharding.orchestration.messages import TpJoinReply, TpJoinRequest
 from potluck.sharding.orchestration.pending import POLL_S, PendingJoin, accept_loop
 from potluck.sharding.orchestration.ports import SwarmPort
@@ -110,7 +109,7 @@ def form_group(
     plan = plan_for(reader, path, nodes, n_ctx)
     n = plan.world_size
     options = EngineOptions(n_ctx=n_ctx, threads=ctx.threads, accuracy_level=ctx.accuracy_level)
-    shard0 = extract_shard(reader, plan, 0)
+    shard0 = master_shard(reader, plan, ctx.shard_dir)
     compute = RankCompute.from_shard(shard0, options)
     if n == 1:
         return FormedGroup(TPMaster(compute, shard0, None), None, plan)

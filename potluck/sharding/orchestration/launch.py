@@ -23,10 +23,10 @@ from potluck.errors import GenerationError, PeerFailed, PotluckError
 from potluck.sharding.collective import auth
 from potluck.sharding.collective.star import StarMaster
 from potluck.sharding.compute.engine import EngineOptions, RankCompute, TPMaster
-from potluck.sharding.format.extract import extract_shard
+from potluck.sharding.format.extract import extract_shard_to
 from potluck.sharding.format.gguf_tensors import open_gguf
 from potluck.sharding.format.plan import NodeCapability, ShardPlan
-from potluck.sharding.format.shard_file import write_shard
+from potluck.sharding.format.shard_file import ShardData, read_shard
 from potluck.sharding.orchestration.group import plan_for
 
 log = logging.getLogger(__name__)
@@ -44,15 +44,22 @@ def shard_path(shard_dir: Path, plan: ShardPlan, rank: int) -> Path:
 
 def write_worker_shards(reader, plan: ShardPlan, shard_dir: Path) -> list[Path]:
     """Extract and write ranks 1..N-1's shard files (reusing cached ones); returns their paths."""
-    paths = []
-    for rank in range(1, plan.world_size):
-        path = shard_path(shard_dir, plan, rank)
-        if not path.is_file():
-            shard = extract_shard(reader, plan, rank)
-            write_shard(path, shard.meta, shard.tensors)
-            log.info("wrote %s (%.1f MB)", path, shard.nbytes / 1e6)
-        paths.append(path)
-    return paths
+    return [_shard_file(reader, plan, shard_dir, rank) for rank in range(1, plan.world_size)]
+
+
+def master_shard(reader, plan: ShardPlan, shard_dir: Path) -> ShardData:
+    """Rank 0's shard, streamed to (or reused from) its file in ``shard_dir`` and memory-mapped: the
+    master never holds its whole shard in memory (its weights leave memory once compiled, and
+    embedding rows are read from the file as tokens need them)."""
+    return read_shard(_shard_file(reader, plan, shard_dir, 0))
+
+
+def _shard_file(reader, plan: ShardPlan, shard_dir: Path, rank: int) -> Path:
+    path = shard_path(shard_dir, plan, rank)
+    if not path.is_file():
+        size = extract_shard_to(reader, plan, rank, path)
+        log.info("wrote %s (%.1f MB)", path, size / 1e6)
+    return path
 
 
 class ProcessGroup:
@@ -132,7 +139,7 @@ class ProcessGroup:
                 proc.stdin.close()
                 self.procs[rank] = proc
         try:
-            shard0 = extract_shard(self.reader, plan, 0)
+            shard0 = master_shard(self.reader, plan, self.shard_dir)
             master = TPMaster(RankCompute.from_shard(shard0, rank_options), shard0, self.star)
         except BaseException:
             self._stop_all()  # the workers started above must not outlive a master that failed to load

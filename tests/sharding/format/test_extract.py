@@ -171,3 +171,41 @@ def test_stacked_and_separate_linears_give_the_same_logits(model_path) -> None:
         for s in (stacked, separate)
     ]
     np.testing.assert_allclose(logits[0], logits[1], rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_streamed_extraction_writes_the_in_memory_shard(model_path, tmp_path, rank) -> None:
+    from potluck.sharding.format.extract import extract_shard_to
+
+    path = model_path("q4_0")
+    reader = open_gguf(path)
+    plan = plan_for(reader, path, [NodeCapability(f"n{i}", 1 << 30, 1.0) for i in range(2)], 64)
+    in_memory = extract_shard(reader, plan, rank)
+    size = extract_shard_to(reader, plan, rank, tmp_path / "s.pshard")
+    streamed = read_shard(tmp_path / "s.pshard")
+    assert size == (tmp_path / "s.pshard").stat().st_size and streamed.path == tmp_path / "s.pshard"
+    assert streamed.meta == in_memory.meta
+    assert streamed.tensors.keys() == in_memory.tensors.keys()
+    for name, arr in in_memory.tensors.items():
+        np.testing.assert_array_equal(streamed.tensors[name], arr)
+
+
+def test_a_streamed_header_is_padded_to_its_slot_or_refused(tmp_path) -> None:
+    from potluck.sharding.format.shard_file import ShardWriter
+
+    arrays = {f"t{i}": RNG.standard_normal((3, i + 1)).astype(np.float32) for i in range(5)}
+    for slot in (300, 1000, 70000):
+        with ShardWriter(tmp_path / f"s{slot}.pshard", header_bytes=slot) as w:
+            for name, arr in arrays.items():
+                w.add(name, arr)
+            w.finish({"rank": 0})
+        back = read_shard(tmp_path / f"s{slot}.pshard")
+        assert back.meta == {"rank": 0}
+        for name, arr in arrays.items():
+            np.testing.assert_array_equal(back.tensors[name], arr)
+    with ShardWriter(tmp_path / "small.pshard", header_bytes=40) as w:
+        w.add("t", arrays["t0"])
+        with pytest.raises(ValueError, match="does not fit"):
+            w.finish({"rank": 0, "big": "x" * 100})
+    assert not list(tmp_path.glob(".small*"))  # the temp file is gone
+    assert not (tmp_path / "small.pshard").exists()
