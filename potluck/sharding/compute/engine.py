@@ -85,6 +85,17 @@ class RankStats:
     comm_s: float = 0.0
     steps: int = 0
     io_s: float = 0.0  #: windowed ranks: time stalled waiting for a layer's weights
+    window: int = 0  #: layers resident at once (0: all of them)
+    layer_mib: float = 0.0  #: windowed ranks: the largest layer's mapped weights, MiB
+
+    def row(self) -> tuple[float, ...]:
+        """The stats as one float row (for the all-reduce that gathers them)."""
+        return (self.compute_s, self.comm_s, self.steps, self.io_s, self.window, self.layer_mib)
+
+    @classmethod
+    def from_row(cls, row: np.ndarray) -> RankStats:
+        a, b, c, d, e, f = (float(x) for x in row)
+        return cls(a, b, int(c), d, int(e), f)
 
 
 def rope_tables(config: ModelConfig, n_ctx: int) -> tuple[np.ndarray, np.ndarray]:
@@ -258,6 +269,13 @@ class RankCompute:
                 rank, window.window, config.n_layers, max(window.layer_bytes) / 2**20, options.memory_budget / 2**20,
             )  # fmt: skip
         return cls(config, plan, rank, options, layers, post_norms=post, window=window)
+
+    def stats_now(self) -> RankStats:
+        """:attr:`stats` with the window's size filled in."""
+        w = self.window
+        if w is not None:
+            self.stats.window, self.stats.layer_mib = w.window, max(w.layer_bytes) / 2**20
+        return self.stats
 
     def close(self) -> None:
         """Stop the layer window's prefetch thread, if any (idempotent)."""
@@ -493,14 +511,13 @@ class TPMaster:
 
     def gather_stats(self) -> list[RankStats]:
         """Every rank's :class:`RankStats` (one extra all-reduce)."""
-        own = self.compute.stats
+        own = self.compute.stats_now()
         if self.collective is None:
             return [own]
         self.collective.broadcast({"op": "stats"})
-        vec = np.zeros((self.world_size, 4), np.float32)
-        vec[0] = (own.compute_s, own.comm_s, own.steps, own.io_s)
-        total = self.collective.all_reduce(vec)
-        return [RankStats(float(a), float(b), int(c), float(d)) for a, b, c, d in total]
+        vec = np.zeros((self.world_size, len(own.row())), np.float32)
+        vec[0] = own.row()
+        return [RankStats.from_row(r) for r in self.collective.all_reduce(vec)]
 
     def reset_stats(self) -> None:
         if self.collective is not None:
@@ -549,9 +566,9 @@ def _serve(collective: Collective, compute: RankCompute) -> None:
                 raise ProtocolViolation(f"malformed forward header {header!r}")
             compute.forward(array, pos, collective.all_reduce)
         elif op == "stats":
-            vec = np.zeros((collective.world_size, 4), np.float32)
-            s = compute.stats
-            vec[collective.rank] = (s.compute_s, s.comm_s, s.steps, s.io_s)
+            row = compute.stats_now().row()
+            vec = np.zeros((collective.world_size, len(row)), np.float32)
+            vec[collective.rank] = row
             collective.all_reduce(vec)
         elif op == "reset_stats":
             compute.stats = RankStats()

@@ -1,0 +1,71 @@
+"""The tensor-parallel cost model: predicted milliseconds per decoded token for a group.
+
+Decoding one token reads every rank's weights once and runs two star all-reduces per layer
+(after attention and after the FFN; TPI-LLM, Li et al. 2024, §3.3, whose analysis this follows).
+Ranks work in parallel and meet at every all-reduce, so a token costs the slowest rank's weight
+streaming plus the all-reduce latency chain::
+
+    ms/token = max over ranks (resident_bytes / memory_bw + streamed_bytes / disk_bw)
+             + 2 * layers * (rtt + allreduce_bytes / link_bw)
+
+``streamed_bytes`` are the weights of the layers outside a rank's window (read again every token,
+:mod:`potluck.sharding.compute.residency`); with prefetching they overlap compute, so the
+weight term is a floor, not a sum. ``allreduce_bytes`` is one ``hidden``-wide float32 row each way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class RankCost:
+    """One rank's per-token weight traffic and the device's measured bandwidths.
+
+    Attributes:
+        resident_bytes: weight bytes read per token from memory.
+        streamed_bytes: weight bytes read per token from disk (layers outside the window).
+        memory_bw: bytes/s the device streams resident weights at (measured matmul throughput).
+        disk_bw: bytes/s it reads its spill files at (measured sequential read, cache dropped).
+    """
+
+    resident_bytes: float
+    streamed_bytes: float
+    memory_bw: float
+    disk_bw: float
+
+    @property
+    def weight_s(self) -> float:
+        """Seconds per token this rank spends reading weights (the streaming floor)."""
+        disk = self.streamed_bytes / self.disk_bw if self.streamed_bytes else 0.0
+        return self.resident_bytes / self.memory_bw + disk
+
+
+@dataclass(frozen=True)
+class LinkCost:
+    """The star's links, as the slowest member sees them: round trip (s) and bandwidth (bytes/s)."""
+
+    rtt_s: float
+    bandwidth: float
+
+
+def allreduce_s(hidden: int, link: LinkCost, tokens: int = 1) -> float:
+    """Seconds of one star all-reduce of ``tokens`` float32 rows of ``hidden``: a round trip plus
+    the row's bytes up and the sum's bytes down."""
+    return link.rtt_s + 2 * tokens * hidden * 4 / link.bandwidth
+
+
+def predict_s_per_token(ranks: Sequence[RankCost], layers: int, hidden: int, link: LinkCost | None) -> float:
+    """Predicted seconds per decoded token (see the module docstring).
+
+    Args:
+        ranks: every rank's weight traffic (a single rank: no all-reduce).
+        layers: transformer layers.
+        hidden: model width (the all-reduced row).
+        link: the star's links (``None`` for a single rank).
+    """
+    weights = max(r.weight_s for r in ranks)
+    if len(ranks) == 1 or link is None:
+        return weights
+    return weights + 2 * layers * allreduce_s(hidden, link)
