@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import platformdirs
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import BaseModel, ByteSize, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -198,6 +198,20 @@ class Settings(BaseSettings):
         120.0, gt=0, le=3600, description="Seconds to find TP workers and have them load their shards."
     )
     tp_max_sessions: int = Field(2, ge=1, le=64, description="Tensor-parallel sessions this node serves at once.")
+    memory_budget: ByteSize = Field(
+        ByteSize(0),
+        description="Resident memory for a tensor-parallel rank's weights and KV cache (e.g. 2GiB): a rank "
+        "whose share exceeds it keeps a sliding window of layers and streams the rest from disk. "
+        "0: 80 % of the RAM available when the rank loads.",
+    )
+
+    def effective_memory_budget(self) -> int:
+        """:attr:`memory_budget`, or 80 % of the RAM available now when it is 0 (bytes)."""
+        if self.memory_budget:
+            return int(self.memory_budget)
+        import psutil
+
+        return int(psutil.virtual_memory().available * 0.8)
 
     # --- privacy --------------------------------------------------------------------------
     privacy: Literal["strict", "standard", "off"] = Field(

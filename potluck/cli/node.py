@@ -89,6 +89,13 @@ def node_start(
     tp_transport: Annotated[
         str | None, typer.Option("--tp-transport", help="Star all-reduce path: auto, tcp or libp2p.")
     ] = None,
+    memory_budget: Annotated[
+        str | None,
+        typer.Option(
+            "--memory-budget",
+            help="Resident memory for a tensor-parallel rank (e.g. 2GiB); over it, a sliding window of layers.",
+        ),
+    ] = None,
     api_keys: Annotated[
         list[str] | None,
         typer.Option(
@@ -132,6 +139,7 @@ def node_start(
         tensor_parallel=tensor_parallel,
         tp_worker=tp_worker,
         tp_transport=tp_transport,
+        memory_budget=memory_budget,
         api_keys=api_keys or None,
         api_keys_file=api_keys_file,
         no_auth=no_auth,

@@ -241,7 +241,9 @@ def _make_overlay(settings: Settings, identity: NodeIdentity, router: Router, me
     from potluck.overlay.service import OverlayService
     from potluck.overlay.serving import LocalServing
 
-    local = LocalServing(router, settings.serve_rate_limit_tps, settings.serve_flush_interval_s)
+    local = LocalServing(
+        router, settings.serve_rate_limit_tps, settings.serve_flush_interval_s, int(settings.memory_budget)
+    )
     return OverlayService(settings, identity, local, metrics.registry, __version__)
 
 

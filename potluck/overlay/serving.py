@@ -83,8 +83,15 @@ class LocalServing:
             (0: one frame per route event).
     """
 
-    def __init__(self, router: Router, rate_limit_tps: float = 0.0, flush_interval_s: float = FLUSH_INTERVAL_S) -> None:
+    def __init__(
+        self,
+        router: Router,
+        rate_limit_tps: float = 0.0,
+        flush_interval_s: float = FLUSH_INTERVAL_S,
+        memory_budget: int = 0,
+    ) -> None:
         self.router = router
+        self.memory_budget = memory_budget  # the configured --memory-budget, advertised in the record
         self.rate_limit_tps = rate_limit_tps
         self.flush_interval_s = flush_interval_s
         self.served_tps = 0.0  # exponential moving average over generations served to peers
@@ -121,6 +128,7 @@ class LocalServing:
             ram_free=int(vm.available),
             cores=os.cpu_count() or 1,
             decode_tps=self.decode_tps,
+            memory_budget=self.memory_budget,
         )
 
     def load(self) -> Load:

@@ -67,6 +67,7 @@ class Hardware(_Strict):
     ram_free: int = Field(ge=0, le=1 << 50)
     cores: int = Field(ge=0, le=1 << 16)
     decode_tps: float = Field(ge=0.0, le=1e7)
+    memory_budget: int = Field(default=0, ge=0, le=1 << 50)  # for a TP rank's weights (0: not set)
 
 
 class Load(_Strict):

@@ -134,6 +134,20 @@ def test_libp2p_stream_fallback_produces_the_same_tokens(swarm, model_path):
     assert sum(after) == sum(before) + 1
 
 
+def test_a_master_over_its_memory_budget_streams_its_layers_with_the_same_tokens(swarm, model_path):
+    path = model_path("f32")
+    master = start_master(swarm, "m-budget", path, "--tensor-parallel", "2", "--memory-budget", "3MiB")
+    try:
+        answer = complete(master, "tinyshakespeare-f32", 48)
+        log = master.output()
+    finally:
+        master.stop()
+    assert answer["choices"][0]["text"] == reference_text(path, 48)
+    assert "tensor-parallel group up: 2 ranks" in log
+    assert "layers resident at once" in log  # rank 0 keeps a window of its 4 layers' slices
+    assert list((swarm["base"] / "m-budget" / "cache" / "tp-spill").rglob("l0.attn.data"))
+
+
 def test_too_few_peers_fail_with_a_clear_error(swarm, model_path):
     root = swarm["base"] / "m-short"
     env = {**node_env(root, swarm["name"]), "POTLUCK_TP_JOIN_TIMEOUT_S": "6"}

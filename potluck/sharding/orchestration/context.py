@@ -32,6 +32,8 @@ class SwarmContext:
         join_timeout_s: deadline to find workers and have them joined and loaded, seconds.
         threads: ONNX Runtime threads of the master's rank.
         accuracy_level: ``MatMulNBits`` accuracy level of every rank.
+        memory_budget: resident bytes of the master's rank (0: no limit; over it, a layer window).
+        spill_dir: where a windowed master rank writes its per-layer files.
         manifests: shard file -> its manifest (hashed once per file).
         stop: set when the node shuts down (ends a load still waiting for workers).
     """
@@ -46,6 +48,8 @@ class SwarmContext:
     join_timeout_s: float = 120.0
     threads: int = 1
     accuracy_level: int = 4
+    memory_budget: int = 0
+    spill_dir: Path | None = None
     manifests: dict[Path, transfer.Manifest] = field(default_factory=dict)
     stop: threading.Event = field(default_factory=threading.Event)
 

@@ -108,7 +108,13 @@ def form_group(
     """
     plan = plan_for(reader, path, nodes, n_ctx)
     n = plan.world_size
-    options = EngineOptions(n_ctx=n_ctx, threads=ctx.threads, accuracy_level=ctx.accuracy_level)
+    options = EngineOptions(
+        n_ctx=n_ctx,
+        threads=ctx.threads,
+        accuracy_level=ctx.accuracy_level,
+        memory_budget=ctx.memory_budget,
+        spill_dir=ctx.spill_dir,
+    )
     shard0 = master_shard(reader, plan, ctx.shard_dir)
     compute = RankCompute.from_shard(shard0, options)
     if n == 1:

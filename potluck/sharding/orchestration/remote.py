@@ -201,7 +201,11 @@ class WorkerSession:
         if int(shard.meta.get("rank", -1)) != r.rank or shard.meta.get("plan") != self.plan.to_dict():
             raise ShardPlanError(f"the shard is not rank {r.rank} of plan {self.plan.plan_id}")
         options = EngineOptions(
-            n_ctx=self.plan.n_ctx, threads=default_threads(self.settings.n_threads), accuracy_level=r.accuracy_level
+            n_ctx=self.plan.n_ctx,
+            threads=default_threads(self.settings.n_threads),
+            accuracy_level=r.accuracy_level,
+            memory_budget=self.settings.effective_memory_budget(),
+            spill_dir=Path(self.settings.cache_dir) / "tp-spill",
         )
         return RankCompute.from_shard(shard, options)
 

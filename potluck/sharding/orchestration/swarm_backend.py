@@ -72,6 +72,8 @@ class SwarmTPBackend(TPBackendBase):
             timeout_s=s.tp_timeout_s,
             join_timeout_s=s.tp_join_timeout_s,
             threads=default_threads(s.n_threads),
+            memory_budget=s.effective_memory_budget(),
+            spill_dir=Path(s.cache_dir) / "tp-spill",
             stop=self._stop,
         )
         self._load_tokenizer()
