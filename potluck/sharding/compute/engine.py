@@ -38,8 +38,9 @@ from potluck.errors import ProtocolViolation, RequestError, ShardPlanError
 from potluck.sharding.collective.base import Collective
 from potluck.sharding.compute import blocks
 from potluck.sharding.compute.onnx_ops import DEFAULT_ACCURACY_LEVEL, GraphBuilder, Program, session_options
-from potluck.sharding.compute.residency import LayerWindow, file_mappings, release, trim_heap
+from potluck.sharding.compute.residency import LayerWindow
 from potluck.sharding.format.gguf_tensors import ModelConfig
+from potluck.sharding.format.pages import file_mappings, release, release_array, trim_heap
 from potluck.sharding.format.plan import ShardPlan
 from potluck.sharding.format.shard_file import ShardData, read_shard, write_shard
 
@@ -237,6 +238,13 @@ class RankCompute:
                 return gb.program(outputs, _options(options))
             return gb.program_on_disk(outputs, _options(options), spill / name, _options(options))
 
+        def drop_layer(i: int) -> None:  # windowed: its shard pages and ORT's heap copy are on disk now
+            if spill is not None:
+                for name, arr in t.items():
+                    if name.startswith(f"blk.{i}."):
+                        release_array(arr)
+                trim_heap()
+
         for i, layer in enumerate(layers):
             if kv:
                 gb = _builder(options)
@@ -250,6 +258,7 @@ class RankCompute:
                 blocks.declare_inputs(gb, config, attention=False)
                 part = gb.node("Identity", [blocks.ffn(gb, i, "x", config, linears, t)], "partial")
                 layer.ffn = compile_layer(gb, [(part, np.float32)], f"l{i}.ffn")
+            drop_layer(i)
         post = (
             [(t[f"blk.{i}.post_attention_norm"], t[f"blk.{i}.post_ffw_norm"]) for i in range(config.n_layers)]
             if config.post_norms

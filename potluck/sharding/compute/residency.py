@@ -25,57 +25,17 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import mmap
 import os
 import queue
 import threading
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from potluck.errors import ShardPlanError
+from potluck.sharding.format.pages import MADV_POPULATE_READ, MADV_WILLNEED, PAGE, file_mappings, madvise, release
 
 log = logging.getLogger(__name__)
-
-MADV_WILLNEED = 3
-MADV_DONTNEED = 4
-MADV_POPULATE_READ = 22  # Linux 5.14
-_PAGE = mmap.PAGESIZE
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-
-
-def _madvise(start: int, length: int, advice: int) -> bool:
-    return _libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(length), advice) == 0
-
-
-def trim_heap() -> None:
-    """Return freed heap memory to the OS (glibc ``malloc_trim``): compiling the layer programs
-    prepacks every layer on the heap once before writing it out, and glibc keeps what was freed."""
-    trim = getattr(_libc, "malloc_trim", None)
-    if trim is not None:
-        trim(0)
-
-
-def release(ranges: Sequence[tuple[int, int]]) -> None:
-    """``MADV_DONTNEED`` on address ranges of clean file mappings: their pages leave this process
-    (resident memory shrinks) and are read back from the file on the next touch."""
-    for lo, hi in ranges:
-        _madvise(lo, hi - lo, MADV_DONTNEED)
-
-
-def file_mappings(paths: Sequence[Path]) -> dict[Path, list[tuple[int, int]]]:
-    """``(start, end)`` address ranges of this process's mappings of each file in ``paths``."""
-    wanted = {str(Path(p).resolve()): Path(p) for p in paths}
-    found: dict[Path, list[tuple[int, int]]] = {p: [] for p in wanted.values()}
-    with open("/proc/self/maps") as fh:
-        for line in fh:
-            parts = line.split(maxsplit=5)
-            if len(parts) == 6 and parts[5].strip() in wanted:
-                lo, hi = (int(x, 16) for x in parts[0].split("-"))
-                found[wanted[parts[5].strip()]].append((lo, hi))
-    return found
 
 
 @dataclass
@@ -232,11 +192,12 @@ class LayerWindow:
 
     def _fetch(self, j: int) -> None:
         t0 = time.perf_counter()
-        for lo, hi in self.ranges[j]:
-            if not _madvise(lo, hi - lo, MADV_POPULATE_READ):
-                _madvise(lo, hi - lo, MADV_WILLNEED)
+        for lo, hi in self.ranges[j]:  # start the disk reads of every range at once (readahead) ...
+            madvise(lo, hi - lo, MADV_WILLNEED)
+        for lo, hi in self.ranges[j]:  # ... then map the pages in, waiting for them where needed
+            if not madvise(lo, hi - lo, MADV_POPULATE_READ):
                 buf = (ctypes.c_char * (hi - lo)).from_address(lo)
-                for off in range(0, hi - lo, _PAGE):  # touch every page
+                for off in range(0, hi - lo, PAGE):  # touch every page
                     buf[off]
         with self._lock:
             self._resident.add(j)

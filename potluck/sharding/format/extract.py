@@ -34,6 +34,7 @@ from potluck.sharding.format.gguf_tensors import (
     tensor_map,
 )
 from potluck.sharding.format.nbits import Q4_0_BYTES, decode_rows, q4_0_to_nbits, supported
+from potluck.sharding.format.pages import release_array
 from potluck.sharding.format.plan import PlanGeometry, ShardPlan
 from potluck.sharding.format.shard_file import ShardData, ShardWriter
 
@@ -221,14 +222,20 @@ def _extract(reader: GGUFReader, plan: ShardPlan, rank: int, emit: Callable[[str
     tensors: dict[str, np.ndarray] = {}
     linears: dict[str, dict[str, Any]] = {}
 
+    used: list[ReaderTensor] = []
+
     def flush() -> None:
         for name, arr in tensors.items():
             emit(name, arr)
         tensors.clear()
+        for src in used:  # the GGUF's pages this layer read leave memory (a model may exceed it)
+            release_array(src.data)
+        used.clear()
 
     def need(name: str) -> ReaderTensor:
         if name not in t:
             raise ModelFileError(f"GGUF tensor {name} is missing")
+        used.append(t[name])
         return t[name]
 
     def add_linear(name: str, rows: slice, cols: slice) -> None:
