@@ -100,14 +100,18 @@ def complete(master: NodeProcess, model: str, n: int) -> dict:
         return json.loads(resp.read())
 
 
-def test_tp_group_over_tcp_with_shard_transfer_equals_llama_cpp(swarm, model_path):
-    path = model_path("f32")
-    master = start_master(swarm, "m-tcp", path, "--tensor-parallel", "3")
+def complete_once(swarm: dict, home: str, path: Path, n: int, *args: str) -> tuple[dict, str]:
+    """Start a master with ``args``, complete ``n`` greedy tokens, stop it; its answer and its log."""
+    master = start_master(swarm, home, path, *args)
     try:
-        answer = complete(master, "tinyshakespeare-f32", 48)
-        log = master.output()
+        return complete(master, path.stem, n), master.output()
     finally:
         master.stop()
+
+
+def test_tp_group_over_tcp_with_shard_transfer_equals_llama_cpp(swarm, model_path):
+    path = model_path("f32")
+    answer, log = complete_once(swarm, "m-tcp", path, 48, "--tensor-parallel", "3")
     assert answer["choices"][0]["text"] == reference_text(path, 48)
     assert answer["usage"]["completion_tokens"] == 48
     assert "tensor-parallel group up: 3 ranks" in log
@@ -122,12 +126,7 @@ def test_tp_group_over_tcp_with_shard_transfer_equals_llama_cpp(swarm, model_pat
 def test_libp2p_stream_fallback_produces_the_same_tokens(swarm, model_path):
     path = model_path("f16")
     before = [w.output().count("joined the star over libp2p") for w in swarm["workers"]]
-    master = start_master(swarm, "m-libp2p", path, "--tensor-parallel", "2", "--tp-transport", "libp2p")
-    try:
-        answer = complete(master, "tinyshakespeare-f16", 48)
-        log = master.output()
-    finally:
-        master.stop()
+    answer, log = complete_once(swarm, "m-libp2p", path, 48, "--tensor-parallel", "2", "--tp-transport", "libp2p")
     assert answer["choices"][0]["text"] == reference_text(path, 48)
     assert "via libp2p" in log and "tensor-parallel group up: 2 ranks" in log
     after = [w.output().count("joined the star over libp2p") for w in swarm["workers"]]
@@ -136,12 +135,7 @@ def test_libp2p_stream_fallback_produces_the_same_tokens(swarm, model_path):
 
 def test_a_master_over_its_memory_budget_streams_its_layers_with_the_same_tokens(swarm, model_path):
     path = model_path("f32")
-    master = start_master(swarm, "m-budget", path, "--tensor-parallel", "2", "--memory-budget", "3MiB")
-    try:
-        answer = complete(master, "tinyshakespeare-f32", 48)
-        log = master.output()
-    finally:
-        master.stop()
+    answer, log = complete_once(swarm, "m-budget", path, 48, "--tensor-parallel", "2", "--memory-budget", "3MiB")
     assert answer["choices"][0]["text"] == reference_text(path, 48)
     assert "tensor-parallel group up: 2 ranks" in log
     assert "layers resident at once" in log  # rank 0 keeps a window of its 4 layers' slices

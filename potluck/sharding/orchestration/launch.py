@@ -25,6 +25,7 @@ from potluck.sharding.collective.star import StarMaster
 from potluck.sharding.compute.engine import EngineOptions, RankCompute, TPMaster
 from potluck.sharding.format.extract import extract_shard_to
 from potluck.sharding.format.gguf_tensors import open_gguf
+from potluck.sharding.format.pages import trim_heap
 from potluck.sharding.format.plan import NodeCapability, ShardPlan
 from potluck.sharding.format.shard_file import ShardData, read_shard
 from potluck.sharding.orchestration.group import plan_for
@@ -58,6 +59,7 @@ def _shard_file(reader, plan: ShardPlan, shard_dir: Path, rank: int) -> Path:
     path = shard_path(shard_dir, plan, rank)
     if not path.is_file():
         size = extract_shard_to(reader, plan, rank, path)
+        trim_heap()  # the decoded slices are on disk; glibc would keep their freed memory
         log.info("wrote %s (%.1f MB)", path, size / 1e6)
     return path
 
