@@ -101,10 +101,14 @@ class DecodedRows:
     def to_nbits(self) -> tuple[np.ndarray, np.ndarray]:
         """``B`` uint8 ``(N, K/block, block*bits/8)`` and ``scales`` float32 ``(N * K/block,)``."""
         n, k = self.q.shape
-        u = (self.q.astype(np.int16) + (1 << (self.bits - 1))).astype(np.uint8).reshape(n, k // self.block, self.block)
-        if self.bits == 4:
-            u = (u[:, :, 0::2] | (u[:, :, 1::2] << 4)).astype(np.uint8)
-        return np.ascontiguousarray(u), np.ascontiguousarray(self.scales, dtype=np.float32).reshape(-1)
+        nb = k // self.block
+        out = np.empty((n, nb, self.block * self.bits // 8), np.uint8)
+        step = max(1, _CHUNK_BYTES // max(1, k))  # rows per chunk: bounded temporaries
+        for r in range(0, n, step):
+            # u = q + 2^(bits-1) in uint8 arithmetic (wraps exactly: q is in range)
+            u = (self.q[r : r + step].view(np.uint8) + np.uint8(1 << (self.bits - 1))).reshape(-1, nb, self.block)
+            out[r : r + step] = (u[:, :, 0::2] | (u[:, :, 1::2] << 4)) if self.bits == 4 else u
+        return out, np.ascontiguousarray(self.scales, dtype=np.float32).reshape(-1)
 
 
 def supported(qtype: QT) -> bool:
@@ -253,10 +257,13 @@ def q4_0_to_nbits(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     n = raw.shape[0]
     blocks = np.ascontiguousarray(raw).reshape(n, -1, Q4_0_BYTES)  # (N, nb, 18)
     scales = blocks[:, :, :2].copy().view(np.float16).astype(np.float32).reshape(-1)
-    qs = blocks[:, :, 2:]  # (N, nb, 16)
-    q = np.concatenate([qs & 0x0F, qs >> 4], axis=2)  # (N, nb, 32) in element order
-    packed = (q[:, :, 0::2] | (q[:, :, 1::2] << 4)).astype(np.uint8)  # (N, nb, 16)
-    return np.ascontiguousarray(packed), scales
+    packed = np.empty((n, blocks.shape[1], 16), np.uint8)
+    step = max(1, _CHUNK_BYTES // max(1, blocks.shape[1] * 64))  # rows per chunk: bounded temporaries
+    for r in range(0, n, step):
+        qs = blocks[r : r + step, :, 2:]  # (rows, nb, 16)
+        q = np.concatenate([qs & 0x0F, qs >> 4], axis=2)  # (rows, nb, 32) in element order
+        packed[r : r + step] = q[:, :, 0::2] | (q[:, :, 1::2] << 4)
+    return packed, scales
 
 
 def q8_0_to_nbits(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
