@@ -19,7 +19,8 @@ Execution: the blocks are ONNX subgraphs (:mod:`potluck.sharding.compute.blocks`
 IO binding, the KV cache rows written in place. With N = 1 the whole model and the head are one
 graph, one ``run`` per forward pass (on the 1.1B bench model this took decode from 45 to 35 ms/token
 against 66 stage sessions plus numpy norms/RoPE/attention). With N > 1 each layer is two graphs cut
-at the all-reduce points.
+at the all-reduce points. A rank over its memory budget also runs layer by layer, its layer programs
+memory-mapped from disk through a sliding window (:mod:`potluck.sharding.compute.residency`).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from potluck.sharding.compute import blocks
 from potluck.sharding.compute.onnx_ops import DEFAULT_ACCURACY_LEVEL, GraphBuilder, Program, session_options
 from potluck.sharding.compute.residency import LayerWindow
 from potluck.sharding.format.gguf_tensors import ModelConfig
-from potluck.sharding.format.pages import file_mappings, release, release_array, trim_heap
+from potluck.sharding.format.pages import release_array, release_file, trim_heap
 from potluck.sharding.format.plan import ShardPlan
 from potluck.sharding.format.shard_file import ShardData, read_shard, write_shard
 
@@ -153,7 +154,8 @@ class RankCompute:
     With one rank (N = 1) the whole model, head included, is one ONNX graph (:attr:`stack`) run once
     per forward pass. With N > 1 each layer is two graphs cut at the all-reduce points (attention
     up to the o_proj partial sum, FFN up to the down-proj partial sum); the residual adds are numpy.
-    Build with :meth:`from_shard`.
+    A rank whose slices exceed ``options.memory_budget`` runs layer by layer at any N, with a
+    :attr:`window`. Build with :meth:`from_shard`; :meth:`close` stops the window's thread.
     """
 
     config: ModelConfig
@@ -230,7 +232,7 @@ class RankCompute:
             logits = blocks.head(gb, h, "rows", config, linears, t)
             stack = gb.program([(logits, np.float32), *_cache_outputs(config.n_layers)], _options(options))
             if shard.path is not None:  # compiled: ORT holds its own (prepacked) copies of the weights
-                release(file_mappings([shard.path])[shard.path])
+                release_file(shard.path)
             return cls(config, plan, rank, options, layers, stack, logits)
 
         def compile_layer(gb: GraphBuilder, outputs: list[tuple[str, type]], name: str) -> Program:
@@ -266,7 +268,7 @@ class RankCompute:
         )
         window = None
         if shard.path is not None:  # compiled: ORT holds its own (prepacked) copies of the weights
-            release(file_mappings([shard.path])[shard.path])
+            release_file(shard.path)
         if spill is not None:
             trim_heap()
             files = [[spill / f"l{i}.{part}.data" for part in ("attn", "ffn")] for i in range(config.n_layers)]
@@ -474,7 +476,7 @@ class TPMaster:
             self._head_out = blocks.head(gb, "x", "rows", self.config, shard.meta["linears"], t)
             self._head = gb.program([(self._head_out, np.float32)], _options(compute.options))
             if shard.path is not None:  # compiled: the head's shard pages (0.6 GB at 70B) can go
-                release(file_mappings([shard.path])[shard.path])
+                release_file(shard.path)
 
     @property
     def n_ctx(self) -> int:

@@ -55,6 +55,11 @@ def file_mappings(paths: Sequence[Path]) -> dict[Path, list[tuple[int, int]]]:
     return found
 
 
+def release_file(path: Path) -> None:
+    """:func:`release` every mapping of ``path`` in this process."""
+    release(file_mappings([path])[path])
+
+
 def _read_only_file_view(arr: np.ndarray) -> bool:
     base: object = arr
     while isinstance(base, np.ndarray):
