@@ -106,17 +106,75 @@ def plan_cmd(
     nodes: NodesOpt = 2,
     speeds: SpeedsOpt = None,
     n_ctx: Annotated[int, typer.Option("--ctx", min=16, help="KV-cache tokens per rank.")] = 2048,
+    predict: Annotated[
+        bool,
+        typer.Option(
+            "--predict",
+            help="Instead of one plan: predicted s/token for 1..--max-nodes devices like this one (measured "
+            "memory and disk bandwidth, --memory-budget each, --link), and the group it would pick.",
+        ),
+    ] = False,
+    max_nodes: Annotated[int, typer.Option("--max-nodes", min=1, max=64, help="Largest group to predict.")] = 8,
+    memory_budget: BudgetOpt = None,
+    link: Annotated[str, typer.Option("--link", help="wired (0.3 ms, 1 Gbit/s) or wifi (3 ms, 100 Mbit/s).")] = "wired",
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output (with --predict).")] = False,
 ) -> None:
-    """Print the shard plan (JSON) for N equal-memory nodes."""
+    """Print the shard plan (JSON) for N equal-memory nodes, or with --predict the forecast per group size."""
     from potluck.sharding.format.gguf_tensors import open_gguf
     from potluck.sharding.orchestration.group import plan_for
 
     try:
-        plan = plan_for(open_gguf(model), model, _nodes(nodes, speeds, _free_ram() // nodes), n_ctx)
+        reader = open_gguf(model)
+        if predict:
+            _predict(reader, model, n_ctx, max_nodes, _size(memory_budget) or int(_free_ram() * 0.8), link, as_json)
+            return
+        plan = plan_for(reader, model, _nodes(nodes, speeds, _free_ram() // nodes), n_ctx)
     except PotluckError as exc:
         console.print(f"[bold red]error:[/] {exc}")
         raise typer.Exit(1) from exc
     typer.echo(json.dumps({"plan_id": plan.plan_id, **plan.to_dict()}, indent=2))
+
+
+def _predict(reader: Any, model: Path, n_ctx: int, max_nodes: int, budget: int, link: str, as_json: bool) -> None:
+    from rich.table import Table
+
+    from potluck.sharding.orchestration import forecast as fc
+
+    if link not in fc.LINKS:
+        raise typer.BadParameter(f"--link must be one of {', '.join(fc.LINKS)}")
+    with console.status("measuring this device's memory and disk bandwidth"):
+        memory_bw, disk_bw = fc.measure_memory_bandwidth(), fc.measure_disk_bandwidth(model)
+    rows = fc.forecast(reader, model, n_ctx, budget, memory_bw, disk_bw, fc.LINKS[link], max_nodes)
+    best = min(rows, key=lambda r: r.s_per_token)
+    if as_json:
+        out = {
+            "memory_bw": memory_bw,
+            "disk_bw": disk_bw,
+            "budget": budget,
+            "link": link,
+            "groups": [r.__dict__ for r in rows],
+            "pick": best.nodes,
+        }
+        typer.echo(json.dumps(out))
+        return
+    table = Table(title=f"{model.name}: {budget / 2**20:.0f} MiB budget per device, {link} link")
+    for col in ("devices", "resident layers", "largest share", "predicted"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        mark = " <- pick" if r is best else ""
+        table.add_row(
+            str(r.nodes), f"{r.window}/{r.layers}", f"{r.rank_mib:.0f} MiB", f"{r.s_per_token * 1e3:.0f} ms/token{mark}"
+        )
+    console.print(table)
+    why = (
+        "every rank holds its whole share"
+        if best.window == best.layers
+        else f"{best.window} of {best.layers} layers resident"
+    )
+    console.print(
+        f"measured: memory {memory_bw / 1e9:.1f} GB/s, disk {disk_bw / 1e9:.2f} GB/s. Pick: {best.nodes} device(s), "
+        f"{best.s_per_token * 1e3:.0f} ms/token ({why}); more devices stream less but add 2 all-reduces per layer."
+    )
 
 
 @shard_app.command("generate")

@@ -73,6 +73,21 @@ def test_shard_generate_under_a_memory_budget_streams_layers_with_the_same_token
     assert res.returncode == 2 and "is not a size" in res.stderr
 
 
+def test_shard_plan_predicts_each_group_size_and_picks_one(model_path) -> None:
+    args = ["shard", "plan", "-m", str(model_path("q4_0")), "--predict", "--max-nodes", "4", "--json"]
+    wired = json.loads(potluck(*args, "--memory-budget", "1MiB").stdout)
+    wifi = json.loads(potluck(*args, "--memory-budget", "1MiB", "--link", "wifi").stdout)
+    assert wired["memory_bw"] > 0 and wired["disk_bw"] > 0 and wired["budget"] == 1 << 20
+    groups = {g["nodes"]: g for g in wired["groups"]}
+    assert set(groups) <= {1, 2, 3, 4} and wired["pick"] in groups
+    assert all(g["s_per_token"] > 0 and 1 <= g["window"] <= g["layers"] for g in groups.values())
+    for g in wifi["groups"]:  # same weights, a slower link: every multi-device group is predicted slower
+        if g["nodes"] > 1:
+            assert g["s_per_token"] > groups[g["nodes"]]["s_per_token"]
+    res = potluck(*args[:-1], "--link", "carrier-pigeon")
+    assert res.returncode == 2 and "--link must be one of" in res.stderr
+
+
 def test_shard_generate_reports_bad_input(tmp_path) -> None:
     bogus = tmp_path / "x.gguf"
     bogus.write_bytes(b"not a gguf at all")
