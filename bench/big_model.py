@@ -35,8 +35,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from potluck.sharding.format.cost import LinkCost, RankCost, predict_s_per_token  # noqa: E402
+from potluck.sharding.format.cost import RankCost, predict_s_per_token  # noqa: E402
 from potluck.sharding.format.synthetic import GEOMETRIES, write_random_gguf  # noqa: E402
+from potluck.sharding.orchestration.forecast import LINKS as LINK_COSTS  # noqa: E402
+from potluck.sharding.orchestration.forecast import measure_disk_bandwidth  # noqa: E402
 
 MiB = 1 << 20
 ANCHORS = [
@@ -44,7 +46,7 @@ ANCHORS = [
     ("distributed-llama, Llama 2 70B, 8 x Raspberry Pi 4B", 4.8),
     ("prima.cpp, 70B, 4 home devices (2 with GPUs)", 0.674),
 ]
-LINKS = {"wired 0.3 ms, 1 Gbit/s": LinkCost(0.3e-3, 125e6), "Wi-Fi 3 ms, 100 Mbit/s": LinkCost(3e-3, 12.5e6)}
+LINKS = {"wired 0.3 ms, 1 Gbit/s": LINK_COSTS["wired"], "Wi-Fi 3 ms, 100 Mbit/s": LINK_COSTS["wifi"]}
 
 
 def vm_hwm(pid: int) -> int:
@@ -60,20 +62,6 @@ def reset_hwm(pid: int) -> None:
     """Reset ``VmHWM`` of ``pid`` to its current RSS (``clear_refs`` 5, Linux 4.0+)."""
     with open(f"/proc/{pid}/clear_refs", "w") as fh:
         fh.write("5")
-
-
-def read_bandwidth(path: Path, cold: bool, limit: int = 2 << 30) -> float:
-    """Sequential read bytes/s of up to ``limit`` bytes of ``path`` (``cold``: page cache dropped first)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        if cold:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        t0, n = time.perf_counter(), 0
-        while n < limit and (chunk := os.read(fd, 8 << 20)):
-            n += len(chunk)
-        return n / (time.perf_counter() - t0)
-    finally:
-        os.close(fd)
 
 
 def run_group(model: Path, n: int, budget: int, tokens: int, shard_dir: Path) -> dict:
@@ -131,8 +119,8 @@ def main() -> None:
         size = write_random_gguf(model, g, args.typing)
         print(f"wrote {model.name}: {size / 1e9:.2f} GB in {time.perf_counter() - t0:.0f} s")
     budget = _size(args.budget)
-    disk_bw = read_bandwidth(model, cold=True)
-    cache_bw = read_bandwidth(model, cold=False)
+    disk_bw = measure_disk_bandwidth(model, 2 << 30)
+    cache_bw = measure_disk_bandwidth(model, 2 << 30, cold=False)
     print(f"{model.name}: {model.stat().st_size / 1e9:.2f} GB; disk read {disk_bw / 1e9:.2f} GB/s (cold), "
           f"{cache_bw / 1e9:.2f} GB/s (page cache); budget {budget / MiB:.0f} MiB per rank")  # fmt: skip
     print(f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")

@@ -59,11 +59,13 @@ def measure_memory_bandwidth(nbytes: int = 256 << 20) -> float:
     return nbytes / (time.perf_counter() - t0)
 
 
-def measure_disk_bandwidth(path: Path, limit: int = 1 << 30) -> float:
-    """Bytes/s of a sequential read of up to ``limit`` bytes of ``path``, its page cache dropped first."""
+def measure_disk_bandwidth(path: Path, limit: int = 1 << 30, cold: bool = True) -> float:
+    """Bytes/s of a sequential read of up to ``limit`` bytes of ``path`` (``cold``: its page cache
+    dropped first; otherwise as cached)."""
     fd = os.open(path, os.O_RDONLY)
     try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        if cold:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         t0, n = time.perf_counter(), 0
         while n < limit and (chunk := os.read(fd, 8 << 20)):
             n += len(chunk)
