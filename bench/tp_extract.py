@@ -24,7 +24,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-CHUNK = 8 << 20
 LLAMA_FTYPE_MOSTLY_Q4_K_M = 15
 
 
@@ -41,15 +40,6 @@ def build_q4_k_m(source: Path, out: Path) -> None:
     if rc != 0:
         raise SystemExit(f"llama_model_quantize failed with {rc}")
     tmp.replace(out)
-
-
-def sequential_read(path: Path) -> float:
-    t0 = time.perf_counter()
-    with open(path, "rb", buffering=0) as fh:
-        buf = bytearray(CHUNK)
-        while fh.readinto(buf):
-            pass
-    return time.perf_counter() - t0
 
 
 def extract_all(path: Path, n: int) -> float:
@@ -72,6 +62,7 @@ def main() -> None:
     from bench.tp_decode import build_model
     from potluck.config import default_cache_dir
     from potluck.sharding.format.gguf_tensors import open_gguf
+    from potluck.sharding.orchestration.forecast import measure_disk_bandwidth
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--nodes", default="1,2", help="comma-separated rank counts")
@@ -92,11 +83,11 @@ def main() -> None:
     size = model.stat().st_size
     types = Counter(GGMLQuantizationType(t.tensor_type).name for t in open_gguf(model).tensors)
     print(f"{model.name}: {size / 1e6:.0f} MB, tensor types {dict(types)}")
-    reads = [sequential_read(model)]
+    reads = [size / measure_disk_bandwidth(model, size, cold=False)]
     rows = []
     for n in (int(x) for x in args.nodes.split(",")):
         rows.append((n, extract_all(model, n)))
-    reads.append(sequential_read(model))
+    reads.append(size / measure_disk_bandwidth(model, size, cold=False))
     read = min(reads)
     print(f"sequential read (warm): {read:.2f} s, {size / read / 1e6:.0f} MB/s")
     print(f"{'N':>2} {'extract s':>9} {'MB/s':>6} {'vs read':>8}")

@@ -13,7 +13,16 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import platformdirs
-from pydantic import BaseModel, ByteSize, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ByteSize,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -50,6 +59,13 @@ class CloudPrice(BaseModel):
 
     input: float = Field(ge=0)
     output: float = Field(ge=0)
+
+
+def default_memory_budget() -> int:
+    """A rank's memory budget when none is set: 80 % of the RAM available now, bytes."""
+    import psutil
+
+    return int(psutil.virtual_memory().available * 0.8)
 
 
 class Settings(BaseSettings):
@@ -205,13 +221,18 @@ class Settings(BaseSettings):
         "0: 80 % of the RAM available when the rank loads.",
     )
 
-    def effective_memory_budget(self) -> int:
-        """:attr:`memory_budget`, or 80 % of the RAM available now when it is 0 (bytes)."""
-        if self.memory_budget:
-            return int(self.memory_budget)
-        import psutil
+    @model_validator(mode="after")
+    def _memory_budget_has_a_use(self) -> Settings:
+        if self.memory_budget and self.tensor_parallel == 1 and not self.tp_worker:
+            raise ValueError(
+                "memory_budget limits tensor-parallel ranks, and this node runs none (tensor_parallel = 1 "
+                "and tp_worker off): drop --memory-budget, or allow tensor parallelism"
+            )
+        return self
 
-        return int(psutil.virtual_memory().available * 0.8)
+    def effective_memory_budget(self) -> int:
+        """:attr:`memory_budget`, or :func:`default_memory_budget` when it is 0 (bytes)."""
+        return int(self.memory_budget) or default_memory_budget()
 
     # --- privacy --------------------------------------------------------------------------
     privacy: Literal["strict", "standard", "off"] = Field(

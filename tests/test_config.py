@@ -34,3 +34,14 @@ def test_bad_values_are_config_errors(tmp_path):
         load_settings(cfg)
     with pytest.raises(ConfigError, match="does not exist"):
         load_settings(tmp_path / "nope.toml")
+
+
+def test_memory_budget_parses_sizes_and_is_refused_where_nothing_uses_it(tmp_path, monkeypatch):
+    monkeypatch.setattr("potluck.config.default_config_file", lambda: tmp_path / "missing.toml")
+    s = load_settings(memory_budget="2GiB")
+    assert s.effective_memory_budget() == 2 << 30
+    assert load_settings().effective_memory_budget() > 0  # 80 % of the available RAM
+    with pytest.raises(ConfigError, match="memory_budget limits tensor-parallel ranks"):
+        load_settings(memory_budget="2GiB", tensor_parallel=1, tp_worker=False)
+    with pytest.raises(ConfigError, match="memory_budget"):
+        load_settings(memory_budget="lots")

@@ -103,7 +103,9 @@ def _process_group(
 @shard_app.command("plan")
 def plan_cmd(
     model: ModelOpt,
-    nodes: NodesOpt = 2,
+    nodes: Annotated[
+        int | None, typer.Option("--nodes", "-n", min=1, max=64, help="Ranks (master + N-1 workers); default 2.")
+    ] = None,
     speeds: SpeedsOpt = None,
     n_ctx: Annotated[int, typer.Option("--ctx", min=16, help="KV-cache tokens per rank.")] = 2048,
     predict: Annotated[
@@ -114,20 +116,39 @@ def plan_cmd(
             "memory and disk bandwidth, --memory-budget each, --link), and the group it would pick.",
         ),
     ] = False,
-    max_nodes: Annotated[int, typer.Option("--max-nodes", min=1, max=64, help="Largest group to predict.")] = 8,
+    max_nodes: Annotated[
+        int | None, typer.Option("--max-nodes", min=1, max=64, help="Largest group to predict (default 8).")
+    ] = None,
     memory_budget: BudgetOpt = None,
-    link: Annotated[str, typer.Option("--link", help="wired (0.3 ms, 1 Gbit/s) or wifi (3 ms, 100 Mbit/s).")] = "wired",
-    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output (with --predict).")] = False,
+    link: Annotated[
+        str | None, typer.Option("--link", help="wired (0.3 ms, 1 Gbit/s; default) or wifi (3 ms, 100 Mbit/s).")
+    ] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Machine-readable forecast (the plan itself is always JSON).")
+    ] = False,
 ) -> None:
     """Print the shard plan (JSON) for N equal-memory nodes, or with --predict the forecast per group size."""
+    from potluck.config import default_memory_budget
     from potluck.sharding.format.gguf_tensors import open_gguf
     from potluck.sharding.orchestration.group import plan_for
 
+    # Each flag belongs to one of the two modes: one given to the other mode is refused, not ignored.
+    given = (
+        {"--nodes": nodes, "--speeds": speeds}
+        if predict
+        else {"--max-nodes": max_nodes, "--memory-budget": memory_budget, "--link": link}
+    )
+    stray = [flag for flag, value in given.items() if value is not None]
+    if stray:
+        mode = "with --predict" if predict else "without --predict"
+        raise typer.BadParameter(f"{', '.join(stray)} {'does' if len(stray) == 1 else 'do'} not apply {mode}")
     try:
         reader = open_gguf(model)
         if predict:
-            _predict(reader, model, n_ctx, max_nodes, _size(memory_budget) or int(_free_ram() * 0.8), link, as_json)
+            budget = _size(memory_budget) or default_memory_budget()
+            _predict(reader, model, n_ctx, max_nodes or 8, budget, link or "wired", as_json)
             return
+        nodes = nodes or 2
         plan = plan_for(reader, model, _nodes(nodes, speeds, _free_ram() // nodes), n_ctx)
     except PotluckError as exc:
         console.print(f"[bold red]error:[/] {exc}")

@@ -86,6 +86,11 @@ def test_shard_plan_predicts_each_group_size_and_picks_one(model_path) -> None:
             assert g["s_per_token"] > groups[g["nodes"]]["s_per_token"]
     res = potluck(*args[:-1], "--link", "carrier-pigeon")
     assert res.returncode == 2 and "--link must be one of" in res.stderr
+    # each flag belongs to one mode: given to the other, it is refused by name, never ignored
+    res = potluck(*args, "--speeds", "1,2")
+    assert res.returncode == 2 and "--speeds does not apply with --predict" in res.stderr
+    res = potluck("shard", "plan", "-m", str(model_path("q4_0")), "--link", "wifi", "--memory-budget", "1GiB")
+    assert res.returncode == 2 and "--memory-budget, --link do not apply without --predict" in res.stderr
 
 
 def test_shard_generate_reports_bad_input(tmp_path) -> None:

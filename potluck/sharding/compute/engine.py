@@ -40,6 +40,7 @@ from potluck.sharding.collective.base import Collective
 from potluck.sharding.compute import blocks
 from potluck.sharding.compute.onnx_ops import DEFAULT_ACCURACY_LEVEL, GraphBuilder, Program, session_options
 from potluck.sharding.compute.residency import LayerWindow
+from potluck.sharding.format.cost import PREPACK_GROWTH
 from potluck.sharding.format.gguf_tensors import ModelConfig
 from potluck.sharding.format.pages import release_array, release_file, trim_heap
 from potluck.sharding.format.plan import ShardPlan
@@ -397,16 +398,12 @@ class RankCompute:
         return h
 
 
-#: MLAS repacks a 4-bit 32-block (18 bytes in the shard) into 24: the estimate of resident layer bytes.
-_PREPACK_GROWTH = 4 / 3
-
-
 def _fixed_bytes(shard: ShardData, options: EngineOptions, kv: int) -> int:
     """What a rank holds besides its layer weights: the KV cache and, on the master, the head."""
     config = ModelConfig.from_dict(shard.meta["config"])
     cache = 2 * config.n_layers * options.n_ctx * kv * config.head_dim * 2
     head = sum(a.nbytes for n, a in shard.tensors.items() if n.startswith(("output.", "output_norm")))
-    return int(cache + head * _PREPACK_GROWTH)
+    return int(cache + head * PREPACK_GROWTH)
 
 
 def _needs_window(shard: ShardData, config: ModelConfig, options: EngineOptions, kv: int) -> bool:
@@ -417,7 +414,7 @@ def _needs_window(shard: ShardData, config: ModelConfig, options: EngineOptions,
     """
     if options.memory_budget <= 0:
         return False
-    layer_bytes = sum(a.nbytes for n, a in shard.tensors.items() if n.startswith("blk.")) * _PREPACK_GROWTH
+    layer_bytes = sum(a.nbytes for n, a in shard.tensors.items() if n.startswith("blk.")) * PREPACK_GROWTH
     if layer_bytes + _fixed_bytes(shard, options, kv) <= options.memory_budget:
         return False
     if options.spill_dir is None:

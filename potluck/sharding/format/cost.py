@@ -18,6 +18,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+#: Resident bytes of a quantized weight per byte in the GGUF once ONNX Runtime has prepacked it:
+#: MLAS's level-4 4-bit block is 24 bytes (16 of nibbles, a float32 scale, a float32 block sum)
+#: where Q4_0 stores 18. The estimate behind every "does it fit" before a rank has compiled.
+PREPACK_GROWTH = 4 / 3
+
 
 @dataclass(frozen=True)
 class RankCost:

@@ -21,13 +21,12 @@ import numpy as np
 from gguf import GGUFReader
 
 from potluck.errors import ShardPlanError
-from potluck.sharding.format.cost import LinkCost, RankCost, predict_s_per_token
+from potluck.sharding.format.cost import PREPACK_GROWTH, LinkCost, RankCost, predict_s_per_token
 from potluck.sharding.format.extract import plan_geometry
 from potluck.sharding.format.gguf_tensors import read_config, tensor_map
 from potluck.sharding.format.plan import NodeCapability
 from potluck.sharding.orchestration.group import plan_for
 
-PREPACK_GROWTH = 4 / 3  # MLAS level-4 blocks: 24 bytes where the Q4_0 file has 18
 LINKS = {"wired": LinkCost(0.3e-3, 125e6), "wifi": LinkCost(3e-3, 12.5e6)}  # 1 Gbit/s, 100 Mbit/s
 
 
