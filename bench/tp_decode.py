@@ -5,7 +5,8 @@
 Builds (once, cached in ``DIR``, default ``<potluck cache>/bench``) a GGUF with TinyLlama-1.1B's
 geometry (hidden 2048, 22 layers, FFN 5632, 32 heads, 4 KV heads, vocab 32000) and random Q4_0
 weights (blocks quantized with ``gguf.quants`` from Gaussian rows, then drawn at random per tensor;
-``--typing q4_k_m``: the same model re-quantized by llama.cpp to Q4_K_M), then in one run measures greedy decode tokens/s of llama.cpp (llama-cpp-python, 2 threads) and of
+``--typing q4_k_m``: the same model re-quantized by llama.cpp to Q4_K_M), then in one run measures
+greedy decode tokens/s of llama.cpp (llama-cpp-python, 2 threads) and of
 potluck's TP engine with N = 1, 2, 4 ranks as real processes over the TCP star on this machine.
 For every rank it reports compute time and all-reduce (communication + waiting) time per token,
 so the cost model can be checked. On a 2-core machine N > 2 ranks share cores, so N = 4 measures
