@@ -61,11 +61,15 @@ class CloudPrice(BaseModel):
     output: float = Field(ge=0)
 
 
+#: A rank's memory budget when none is set, as a fraction of the RAM available.
+DEFAULT_BUDGET_FRACTION = 0.8
+
+
 def default_memory_budget() -> int:
     """A rank's memory budget when none is set: 80 % of the RAM available now, bytes."""
     import psutil
 
-    return int(psutil.virtual_memory().available * 0.8)
+    return int(psutil.virtual_memory().available * DEFAULT_BUDGET_FRACTION)
 
 
 class Settings(BaseSettings):

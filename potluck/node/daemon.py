@@ -13,6 +13,7 @@ import signal
 import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
@@ -47,6 +48,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SHUTDOWN_GRACE_S = 5.0
+#: Bytes of each bandwidth measurement at start (a RAM buffer, a temporary file in the cache).
+BANDWIDTH_PROBE_BYTES = 16 << 20
 
 
 class Node:
@@ -127,6 +130,8 @@ class Node:
             self.router.add_discoverer(peers)  # DHT lookup of models the cluster state lacks
             self.router.add_refresher(peers)  # a state sync before a failing request gives up
             self.tasks.start(self._watch_overlay(), "overlay-watch")
+            if s.tp_worker or s.tensor_parallel != 1:
+                self.tasks.start(self._measure_bandwidths(), "bandwidth-probe")
             if self.verifier is not None:
                 from potluck.node.verification import start_checks
 
@@ -194,6 +199,25 @@ class Node:
         assert self.overlay is not None
         await self.overlay.failed.wait()
         raise PotluckError(f"the overlay failed: {self.overlay.failure}")
+
+    async def _measure_bandwidths(self) -> None:
+        """Measure, once, the memory and disk bandwidth the tensor-parallel cost model predicts
+        ms/token from (:mod:`potluck.sharding.orchestration.forecast`), and advertise them in this
+        node's signed record (``hardware.memory_bw`` / ``disk_bw``)."""
+        from potluck.sharding.orchestration.forecast import measure_memory_bandwidth, probe_disk_bandwidth
+
+        assert self.overlay is not None
+        local = self.overlay.local
+        spill = Path(self.settings.cache_dir) / "tp-spill"  # where a windowed rank's layers would live
+        try:
+            local.memory_bw = await asyncio.to_thread(measure_memory_bandwidth, BANDWIDTH_PROBE_BYTES)
+            local.disk_bw = await asyncio.to_thread(probe_disk_bandwidth, spill, BANDWIDTH_PROBE_BYTES)
+        except OSError as exc:
+            log.warning("cannot measure disk bandwidth in %s (%s); peers will assume a default", spill, exc)
+            return
+        log.info("measured bandwidth: memory %.1f GB/s, disk %.2f GB/s", local.memory_bw / 1e9, local.disk_bw / 1e9)
+        if self.overlay.started:
+            await self.overlay.publish_own_record()
 
     async def _load(self, backend: Backend) -> None:
         t0 = time.perf_counter()

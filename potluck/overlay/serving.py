@@ -92,6 +92,8 @@ class LocalServing:
     ) -> None:
         self.router = router
         self.memory_budget = memory_budget  # the configured --memory-budget, advertised in the record
+        self.memory_bw = 0.0  # bytes/s, set once the node has measured them (Hardware.memory_bw/disk_bw)
+        self.disk_bw = 0.0
         self.rate_limit_tps = rate_limit_tps
         self.flush_interval_s = flush_interval_s
         self.served_tps = 0.0  # exponential moving average over generations served to peers
@@ -129,6 +131,8 @@ class LocalServing:
             cores=os.cpu_count() or 1,
             decode_tps=self.decode_tps,
             memory_budget=self.memory_budget,
+            memory_bw=self.memory_bw,
+            disk_bw=self.disk_bw,
         )
 
     def load(self) -> Load:

@@ -61,13 +61,17 @@ class ModelAd(_Strict):
 
 
 class Hardware(_Strict):
-    """Memory in bytes, decode speed in tokens/s (measured on the peer's own model, 0 if unknown)."""
+    """Memory in bytes, decode speed in tokens/s (measured on the peer's own model, 0 if unknown),
+    bandwidths in bytes/s (measured at start: resident weight streaming and cold disk reads, what a
+    tensor-parallel planner predicts ms/token from; 0 if unknown)."""
 
     ram_total: int = Field(ge=0, le=1 << 50)
     ram_free: int = Field(ge=0, le=1 << 50)
     cores: int = Field(ge=0, le=1 << 16)
     decode_tps: float = Field(ge=0.0, le=1e7)
     memory_budget: int = Field(default=0, ge=0, le=1 << 50)  # for a TP rank's weights (0: not set)
+    memory_bw: float = Field(default=0.0, ge=0.0, le=1e13)
+    disk_bw: float = Field(default=0.0, ge=0.0, le=1e13)
 
 
 class Load(_Strict):

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from potluck.identity import PeerId
 from potluck.overlay import rpc
 from potluck.overlay.service import OverlayService
+from potluck.overlay.state import Hardware
 from potluck.overlay.tp_stream import Libp2pByteStream, connect_star_stream
 from potluck.overlay.wire import TpJoinFrame
 
@@ -28,6 +29,8 @@ class TpPeer:
         decode_tps: decode tokens/s it measured on its own model (0: unknown).
         cores: CPU cores it advertises.
         rtt_s: our measured round trip to it, seconds (``None``: not measured yet).
+        memory_budget: resident bytes it gives a tensor-parallel rank (0: not set).
+        memory_bw, disk_bw: its measured weight-streaming and disk bandwidth, bytes/s (0: unknown).
     """
 
     peer_id: PeerId
@@ -35,6 +38,13 @@ class TpPeer:
     decode_tps: float
     cores: int
     rtt_s: float | None
+    memory_budget: int = 0
+    memory_bw: float = 0.0
+    disk_bw: float = 0.0
+
+    @classmethod
+    def of(cls, peer: PeerId, hw: Hardware, rtt_s: float | None) -> TpPeer:
+        return cls(peer, hw.ram_free, hw.decode_tps, hw.cores, rtt_s, hw.memory_budget, hw.memory_bw, hw.disk_bw)
 
 
 class OverlaySwarmPort:
@@ -53,8 +63,7 @@ class OverlaySwarmPort:
         return self._overlay.peer_id
 
     def local_peer(self) -> TpPeer:
-        hw = self._overlay.local.hardware()
-        return TpPeer(self._overlay.peer_id, hw.ram_free, hw.decode_tps, hw.cores, 0.0)
+        return TpPeer.of(self._overlay.peer_id, self._overlay.local.hardware(), 0.0)
 
     def listen_ips(self) -> list[str]:
         ips: list[str] = []
@@ -71,9 +80,8 @@ class OverlaySwarmPort:
             peer = signed.peer_id
             if peer == overlay.peer_id or overlay.is_excluded(peer):
                 continue  # a peer we are not connected to is dialled and admitted before tp_join
-            hw = signed.record.hardware
             link = overlay.links.get(peer)
-            out.append(TpPeer(peer, hw.ram_free, hw.decode_tps, hw.cores, link.rtt_s if link else None))
+            out.append(TpPeer.of(peer, signed.record.hardware, link.rtt_s if link else None))
         return out
 
     def record_failure(self, peer: PeerId) -> None:

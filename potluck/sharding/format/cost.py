@@ -18,6 +18,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from potluck.sharding.format.plan import ShardPlan
+
 #: Resident bytes of a quantized weight per byte in the GGUF once ONNX Runtime has prepacked it:
 #: MLAS's level-4 4-bit block is 24 bytes (16 of nibbles, a float32 scale, a float32 block sum)
 #: where Q4_0 stores 18. The estimate behind every "does it fit" before a rank has compiled.
@@ -74,3 +76,69 @@ def predict_s_per_token(ranks: Sequence[RankCost], layers: int, hidden: int, lin
     if len(ranks) == 1 or link is None:
         return weights
     return weights + 2 * layers * allreduce_s(hidden, link)
+
+
+#: Assumed when a device or link has not been measured (a peer that advertises 0): a laptop's
+#: weight-streaming and SSD bandwidth, and a LAN round trip. Bytes/s, bytes/s, seconds.
+DEFAULT_MEMORY_BW = 10e9
+DEFAULT_DISK_BW = 0.5e9
+DEFAULT_RTT_S = 0.01
+
+
+@dataclass(frozen=True)
+class RankSizing:
+    """How one rank's share sits in its memory budget.
+
+    Attributes:
+        weights: its layer weights once prepacked (estimate), bytes.
+        fixed: what stays resident besides them (KV cache; on the master also the output head), bytes.
+        layers: transformer layers.
+        window: layers it keeps resident (``layers``: all of them; 0: not even one fits the budget).
+    """
+
+    weights: float
+    fixed: float
+    layers: int
+    window: int
+
+    @property
+    def per_layer(self) -> float:
+        return self.weights / max(1, self.layers)
+
+    @property
+    def streamed(self) -> float:
+        """Weight bytes it reads from disk per token (the layers outside its window)."""
+        return (self.layers - self.window) * self.per_layer
+
+    @property
+    def needed(self) -> float:
+        """The smallest budget that holds a window of one layer, bytes."""
+        return self.fixed + self.per_layer
+
+    def cost(self, memory_bw: float, disk_bw: float) -> RankCost:
+        """Its per-token weight traffic on a device with these bandwidths (bytes/s)."""
+        return RankCost(self.window * self.per_layer + self.fixed, self.streamed, memory_bw, disk_bw)
+
+
+def size_rank(weights: float, fixed: float, layers: int, budget: int) -> RankSizing:
+    """The window of a rank with ``weights`` prepacked layer bytes and ``fixed`` resident bytes
+    under ``budget`` bytes (0: no limit), as :mod:`potluck.sharding.compute.residency` keeps it."""
+    if budget <= 0 or weights + fixed <= budget:
+        return RankSizing(weights, fixed, layers, layers)
+    per_layer = max(weights, 1.0) / max(1, layers)
+    window = int(min(layers, max(0.0, (budget - fixed) // per_layer)))
+    return RankSizing(weights, fixed, layers, window)
+
+
+def rank_sizing(plan: ShardPlan, rank: int, budget: int, master_extra: int = 0, head_bytes: int = 0) -> RankSizing:
+    """:func:`size_rank` for rank ``rank`` of ``plan`` (its share's planned bytes less its KV cache,
+    prepacked), under ``budget`` bytes.
+
+    Args:
+        master_extra: rank 0's planned bytes beyond its layers (embeddings, final norm, head),
+            :attr:`~potluck.sharding.format.plan.PlanGeometry.master_bytes`; 0 for a worker.
+        head_bytes: the output head's bytes in the GGUF (resident on rank 0); 0 for a worker.
+    """
+    cache = plan.kv_cache_bytes(rank)
+    weights = max(0, plan.shares[rank].est_bytes - cache - master_extra) * PREPACK_GROWTH
+    return size_rank(weights, cache + head_bytes * PREPACK_GROWTH, plan.n_layers, budget)

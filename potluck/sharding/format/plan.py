@@ -134,6 +134,10 @@ class ShardPlan:
     def group(self) -> int:
         return self.n_heads // self.n_kv_heads
 
+    def kv_cache_bytes(self, rank: int) -> int:
+        """Bytes of rank ``rank``'s float16 K and V cache at :attr:`n_ctx` tokens, all layers."""
+        return self.shares[rank].kv_count * self.n_layers * 2 * self.n_ctx * self.head_dim * 2
+
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["shares"] = [asdict(s) for s in self.shares]

@@ -1,19 +1,24 @@
 """Predicted ms/token of candidate tensor-parallel groups, from measured bandwidths (the planner's view).
 
-For N = 1, 2, ... devices like this one (its measured memory and disk bandwidth, each with the same
-memory budget), plan the model over N ranks (:func:`~potluck.sharding.orchestration.group.plan_for`),
-size each rank's layer window under the budget (as :mod:`potluck.sharding.compute.residency`
-would: the weights are estimated at 4/3 of the file's bytes once MLAS has prepacked them; the
-master also holds the output head), and predict seconds per token with
-:func:`potluck.sharding.format.cost.predict_s_per_token` for a given link. More devices mean smaller
-shares (fewer streamed bytes) but two more all-reduce hops per layer on every token; on a slow link
-the best group is often smaller than the largest.
+For a candidate group of devices (the live swarm's peers with the bandwidths and memory budgets
+their signed records advertise, :mod:`potluck.sharding.orchestration.selection`; or, for
+``potluck shard plan --predict``, N = 1, 2, ... devices like this one), plan the model over its
+ranks by speed (:func:`~potluck.sharding.orchestration.group.plan_for` with memory caps lifted:
+a share larger than the budget is streamed), size each rank's layer window under its budget (as
+:mod:`potluck.sharding.compute.residency` would: the weights are estimated at 4/3 of the file's
+bytes once MLAS has prepacked them; KV cache, and on the master the output head, stay resident),
+and predict seconds per token with :func:`potluck.sharding.format.cost.predict_s_per_token`. More
+devices mean smaller shares (fewer streamed bytes) but two more all-reduce hops per layer on every
+token; on a slow link the best group is often smaller than the largest.
 """
 
 from __future__ import annotations
 
+import math
 import os
+import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +26,7 @@ import numpy as np
 from gguf import GGUFReader
 
 from potluck.errors import ShardPlanError
-from potluck.sharding.format.cost import PREPACK_GROWTH, LinkCost, RankCost, predict_s_per_token
+from potluck.sharding.format.cost import LinkCost, predict_s_per_token, rank_sizing
 from potluck.sharding.format.extract import plan_geometry
 from potluck.sharding.format.gguf_tensors import read_config, tensor_map
 from potluck.sharding.format.plan import NodeCapability
@@ -30,16 +35,43 @@ from potluck.sharding.orchestration.group import plan_for
 LINKS = {"wired": LinkCost(0.3e-3, 125e6), "wifi": LinkCost(3e-3, 12.5e6)}  # 1 Gbit/s, 100 Mbit/s
 
 
+#: The memory cap a windowed plan gives every member: shares follow speed alone, and each rank's
+#: budget decides its window (the spill files live on disk).
+DISK_BACKED = 1 << 50
+
+
+@dataclass(frozen=True)
+class Device:
+    """A member of a candidate group, as measured or advertised.
+
+    Attributes:
+        name: peer ID (or any stable name).
+        budget: resident bytes it gives its rank (weights + KV cache; 0: no limit).
+        memory_bw: bytes/s it streams resident weights at.
+        disk_bw: bytes/s it reads its spill files at.
+        speed: the planner's split weight (measured tokens/s or cores; any consistent unit, > 0).
+        rtt_s: round trip between it and the master, seconds (0 for the master).
+    """
+
+    name: str
+    budget: int
+    memory_bw: float
+    disk_bw: float
+    speed: float = 1.0
+    rtt_s: float = 0.0
+
+
 @dataclass(frozen=True)
 class GroupForecast:
     """One candidate group.
 
     Attributes:
         nodes: ranks (devices).
-        window: layers the tightest rank keeps resident (``layers``: all of them).
+        window: layers the tightest rank keeps resident (``layers``: all of them; 0: infeasible).
         layers: the model's layers.
         rank_mib: the largest rank's weights, MiB (prepacked estimate).
-        s_per_token: predicted seconds per token on the link.
+        s_per_token: predicted seconds per token (``inf`` when some rank cannot hold one layer).
+        short: why the group is infeasible ("" when it is not): the member and the budget it needs.
     """
 
     nodes: int
@@ -47,6 +79,72 @@ class GroupForecast:
     layers: int
     rank_mib: float
     s_per_token: float
+    short: str = ""
+
+    @property
+    def feasible(self) -> bool:
+        return not self.short
+
+
+@dataclass(frozen=True)
+class ModelSizes:
+    """What every forecast of one model needs: its GGUF, layers, width, the master's extra bytes."""
+
+    reader: GGUFReader
+    path: Path
+    n_ctx: int
+    layers: int
+    hidden: int
+    master_extra: int  #: embeddings, final norm and head, bytes (plan geometry)
+    head_bytes: int  #: the output head in the GGUF, bytes (resident on the master)
+
+    @classmethod
+    def of(cls, reader: GGUFReader, path: Path, n_ctx: int) -> ModelSizes:
+        config = read_config(reader)
+        t = tensor_map(reader)
+        head = t.get("output.weight") or t["token_embd.weight"]
+        extra = plan_geometry(reader, config, n_ctx).master_bytes
+        return cls(reader, path, n_ctx, config.n_layers, config.hidden, extra, int(head.n_bytes))
+
+
+def forecast_group(model: ModelSizes, devices: Sequence[Device], link_bandwidth: float) -> GroupForecast:
+    """Plan ``model`` over ``devices`` (master first; shares by speed, :data:`DISK_BACKED`), size
+    each rank's window under its budget (:func:`~potluck.sharding.format.cost.rank_sizing`) and
+    predict s/token (:func:`~potluck.sharding.format.cost.predict_s_per_token`) over links of the
+    slowest member's RTT and ``link_bandwidth`` bytes/s.
+
+    Raises:
+        ShardPlanError: the planner cannot split the model over this many ranks.
+    """
+    nodes = [NodeCapability(d.name, DISK_BACKED, d.speed) for d in devices]
+    plan = plan_for(model.reader, model.path, nodes, model.n_ctx)
+    sizings = [
+        rank_sizing(plan, r, d.budget, *((model.master_extra, model.head_bytes) if r == 0 else (0, 0)))
+        for r, d in enumerate(devices)
+    ]
+    n, largest = len(devices), max(s.weights for s in sizings) / 2**20
+    short = [
+        f"{d.name} ({'master' if r == 0 else f'rank {r}'}) needs a budget of {s.needed / 2**20:.0f} MiB for one "
+        f"layer, it gives {d.budget / 2**20:.0f} MiB"
+        for r, (d, s) in enumerate(zip(devices, sizings, strict=True))
+        if s.window < 1
+    ]
+    if short:
+        return GroupForecast(n, 0, model.layers, largest, math.inf, "; ".join(short))
+    ranks = [s.cost(d.memory_bw, d.disk_bw) for d, s in zip(devices, sizings, strict=True)]
+    link = LinkCost(max(d.rtt_s for d in devices), link_bandwidth) if n > 1 else None
+    s_per_token = predict_s_per_token(ranks, model.layers, model.hidden, link)
+    return GroupForecast(n, min(s.window for s in sizings), model.layers, largest, s_per_token)
+
+
+def pick(forecasts: Sequence[GroupForecast], tolerance: float = 0.05) -> GroupForecast | None:
+    """The fewest devices predicted within ``tolerance`` of the fastest feasible group (``None``:
+    none is feasible): a device more must earn its two all-reduces per layer."""
+    feasible = [f for f in forecasts if f.feasible]
+    if not feasible:
+        return None
+    best = min(f.s_per_token for f in feasible)
+    return min((f for f in feasible if f.s_per_token <= best * (1 + tolerance)), key=lambda f: f.nodes)
 
 
 def measure_memory_bandwidth(nbytes: int = 256 << 20) -> float:
@@ -73,6 +171,22 @@ def measure_disk_bandwidth(path: Path, limit: int = 1 << 30, cold: bool = True) 
         os.close(fd)
 
 
+def probe_disk_bandwidth(directory: Path, nbytes: int = 32 << 20) -> float:
+    """Bytes/s of a cold sequential read on ``directory``'s disk: writes ``nbytes`` of random data
+    to a temporary file there, syncs it, drops it from the page cache, reads it back, deletes it.
+    (What a windowed rank's spill files are read at; cheap enough for a node to run at start.)
+
+    Raises:
+        OSError: the directory is not writable.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=directory, prefix=".bw-probe-") as fh:
+        fh.write(os.urandom(nbytes))
+        fh.flush()
+        os.fsync(fh.fileno())
+        return measure_disk_bandwidth(Path(fh.name), nbytes)
+
+
 def forecast(
     reader: GGUFReader,
     path: Path,
@@ -83,37 +197,26 @@ def forecast(
     link: LinkCost,
     max_nodes: int,
 ) -> list[GroupForecast]:
-    """Predictions for 1..``max_nodes`` devices (those the planner can split the model over).
+    """Predictions for 1..``max_nodes`` devices like this one (each with ``budget`` bytes and these
+    bandwidths, on ``link``): those the planner can split the model over and whose every rank holds
+    a window of at least one layer.
 
     Raises:
-        ShardPlanError: no group size can be planned (e.g. fewer KV heads than 1 per rank).
+        ShardPlanError: no group size is feasible (e.g. fewer KV heads than ranks, or a budget
+            too small for one layer plus the head on every group size).
     """
-    config = read_config(reader)
-    t = tensor_map(reader)
-    head = t.get("output.weight") or t["token_embd.weight"]
-    head_bytes = int(head.n_bytes) * PREPACK_GROWTH
-    master_extra = plan_geometry(reader, config, n_ctx).master_bytes  # embeddings, final norm, head
-    out = []
+    model = ModelSizes.of(reader, path, n_ctx)
+    out, short = [], ""
     for n in range(1, max_nodes + 1):
+        devices = [Device(f"device {i}", budget, memory_bw, disk_bw, 1.0, link.rtt_s if i else 0.0) for i in range(n)]
         try:
-            plan = plan_for(reader, path, [NodeCapability(f"d{i}", 1 << 50, 1.0) for i in range(n)], n_ctx)
+            row = forecast_group(model, devices, link.bandwidth)
         except ShardPlanError:
             continue
-        ranks, windows, sizes = [], [], []
-        for share in plan.shares:
-            weights = (share.est_bytes - (master_extra if share.rank == 0 else 0)) * PREPACK_GROWTH
-            per_layer = max(weights, 1.0) / config.n_layers
-            fixed = head_bytes if share.rank == 0 else 0.0
-            window = int(min(config.n_layers, max(0.0, (budget - fixed) // per_layer)))
-            if window < 1:
-                break
-            windows.append(window)
-            sizes.append(weights)
-            streamed = (config.n_layers - window) * per_layer
-            ranks.append(RankCost(window * per_layer + fixed, streamed, memory_bw, disk_bw))
+        if row.feasible:
+            out.append(row)
         else:
-            s = predict_s_per_token(ranks, config.n_layers, config.hidden, link if n > 1 else None)
-            out.append(GroupForecast(n, min(windows), config.n_layers, max(sizes) / 2**20, s))
+            short = row.short
     if not out:
-        raise ShardPlanError(f"no group of 1..{max_nodes} devices can hold a window of one layer per rank")
+        raise ShardPlanError(f"no group of 1..{max_nodes} devices can hold a window of one layer per rank: {short}")
     return out

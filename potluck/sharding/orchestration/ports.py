@@ -48,6 +48,21 @@ class PeerView(Protocol):
         """Our measured round trip to it, seconds (``None``: not measured yet)."""
         ...
 
+    @property
+    def memory_budget(self) -> int:
+        """Resident bytes it gives a tensor-parallel rank (0: not set)."""
+        ...
+
+    @property
+    def memory_bw(self) -> float:
+        """Its measured weight-streaming bandwidth, bytes/s (0: unknown)."""
+        ...
+
+    @property
+    def disk_bw(self) -> float:
+        """Its measured cold disk-read bandwidth, bytes/s (0: unknown)."""
+        ...
+
 
 class SwarmPort(Protocol):
     """The swarm as a tensor-parallel group sees it.

@@ -7,7 +7,8 @@ overlay's ``tp``. It reaches the swarm only through a
 
 - worker side, RPC ``tp_join`` (:meth:`TensorParallelService.join`, the payload validated into a
   :class:`~potluck.sharding.orchestration.messages.TpJoinRequest`): accepted only when
-  ``tp_worker`` is on, a session slot is free and the planned share fits this node's free memory;
+  ``tp_worker`` is on, a session slot is free and this node's memory budget holds the share's KV
+  cache and at least one of its layers (a share larger than the budget is streamed, a layer window);
   the reply goes back at once and a :class:`WorkerSession` runs in a thread: it connects to the
   master's star over direct TCP (the addresses in the request), or over a ``/potluck/tp-star/1``
   libp2p stream when no TCP path works or the master asks for it, authenticates with the session
@@ -49,7 +50,8 @@ from potluck.identity import PeerId
 from potluck.sharding.collective import transfer
 from potluck.sharding.collective.channel import ByteStream, FrameChannel
 from potluck.sharding.collective.star import StarWorker
-from potluck.sharding.format.plan import MEMORY_HEADROOM, ShardPlan
+from potluck.sharding.format.cost import rank_sizing
+from potluck.sharding.format.plan import ShardPlan
 from potluck.sharding.format.shard_file import read_shard
 from potluck.sharding.orchestration.messages import TpJoinReply, TpJoinRequest
 from potluck.sharding.orchestration.pending import PendingJoin
@@ -277,7 +279,7 @@ class TensorParallelService:
 
         Raises:
             PeerRefused: ``tp_worker`` is off, no session slot is free, the plan is malformed or
-                not meant for us, or the share does not fit our free memory.
+                not meant for us, or our memory budget cannot hold the share's KV cache and one layer.
         """
         s = self.settings
         if not s.tp_worker:
@@ -296,15 +298,26 @@ class TensorParallelService:
         if share.node_id != self.swarm.peer_id:
             raise PeerRefused(f"rank {request.rank} of this plan belongs to {share.node_id}, not to this node")
         free = int(psutil.virtual_memory().available)
-        if share.est_bytes > free * MEMORY_HEADROOM:
-            raise PeerRefused(f"the share needs {share.est_bytes / 1e6:.0f} MB; {free / 1e6:.0f} MB are free")
+        budget = s.effective_memory_budget()
+        sizing = rank_sizing(plan, request.rank, budget)
+        if sizing.window < 1:
+            raise PeerRefused(
+                f"the share needs {sizing.needed / 2**20:.0f} MiB resident (its KV cache and one layer); this "
+                f"node's memory budget is {budget / 2**20:.0f} MiB ({free / 2**20:.0f} MiB free)"
+            )
         if not request.star_addrs and request.transport == "tcp":
             raise PeerRefused("no star address to connect to")
         session = WorkerSession(request, plan, peer, s, self.swarm)
         self.sessions[request.session] = session
         task = self._tasks.start(self._run(session), f"tp-worker-{request.session[:8]}")
         self._running.append(task)
-        log.info("tensor-parallel: joining %s (%.1f MB share)", session.name, share.est_bytes / 1e6)
+        log.info(
+            "tensor-parallel: joining %s (%.1f MB share, %d of %d layers resident)",
+            session.name,
+            share.est_bytes / 1e6,
+            sizing.window,
+            sizing.layers,
+        )
         return TpJoinReply(session=request.session, free_ram=free)
 
     async def _run(self, session: WorkerSession) -> None:

@@ -67,11 +67,15 @@ def test_placement_uses_the_planners_memory_check(model_path, tmp_path):
     path = model_path("f32")
     assert fits_locally(path, 256, free_ram=8 << 30)
     assert not fits_locally(path, 256, free_ram=4 << 20)
+    assert not fits_locally(path, 256, free_ram=8 << 30, budget=4 << 20)  # a budget overrides free RAM
+    assert fits_locally(path, 256, free_ram=4 << 20, budget=64 << 20)
     overlay = object()
     assert wants_tensor_parallel(Settings(tensor_parallel=3, data_dir=tmp_path), path, overlay)
     assert not wants_tensor_parallel(Settings(tensor_parallel=1, data_dir=tmp_path), path, overlay)
     assert not wants_tensor_parallel(Settings(tensor_parallel=0, data_dir=tmp_path), path, overlay)  # fits here
     assert not wants_tensor_parallel(Settings(tensor_parallel=0, data_dir=tmp_path), path, None)
+    small = Settings(tensor_parallel=0, memory_budget="4MiB", data_dir=tmp_path)
+    assert wants_tensor_parallel(small, path, overlay)  # larger than this node's budget: the swarm's
     with pytest.raises(ConfigError):
         wants_tensor_parallel(Settings(tensor_parallel=2, data_dir=tmp_path), path, None)
 
@@ -121,7 +125,7 @@ def test_a_worker_refuses_work_it_should_not_take(model_path, tmp_path, settings
     asyncio.run(run())
 
 
-def test_a_worker_refuses_a_share_bigger_than_its_free_memory(model_path, tmp_path):
+def test_a_worker_refuses_a_share_whose_kv_cache_and_one_layer_exceed_its_budget(model_path, tmp_path):
     swarm = SimpleNamespace(peer_id="me")
     service = TensorParallelService(Settings(data_dir=tmp_path), swarm)
     request = join_request(model_path("f32"), "me", ram=1 << 50)  # a plan that assumed a huge node
@@ -136,7 +140,7 @@ def test_a_worker_refuses_a_share_bigger_than_its_free_memory(model_path, tmp_pa
 
     async def run() -> None:
         async with service:
-            with pytest.raises(PeerRefused, match="MB are free"):
+            with pytest.raises(PeerRefused, match=r"one layer.*memory budget is"):
                 await service.accept_join("master-peer", big)
 
     asyncio.run(run())
