@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import time
 import urllib.request
@@ -189,3 +190,48 @@ def test_killing_a_worker_mid_generation_still_completes(swarm, model_path):
     assert finish == "length"
     assert "re-planning" in log
     assert "tensor-parallel group up: 2 ranks" in log
+
+
+def test_a_model_larger_than_every_nodes_budget_is_served_by_the_group_the_planner_sizes(tmp_path, model_path):
+    """Three nodes, each with --memory-budget 4MiB, and the 13.6 MB F32 model: no node can hold it,
+    and the master alone cannot hold even one layer beside its head, so the cost model must form a
+    group (--tensor-parallel left at 0) whose ranks each stream a window of their share."""
+    path = model_path("f32")
+    budget = ("--memory-budget", "4MiB")
+    name = f"tp-budget-{os.getpid()}"
+    boot_port = free_port()
+    nodes: list[NodeProcess] = []
+    try:
+        boot = NodeProcess(
+            tmp_path / "b1",
+            *("-m", str(model_path("q8_0")), "--p2p-port", str(boot_port), *budget),
+            env=node_env(tmp_path / "b1", name),
+        )
+        nodes.append(boot)
+        boot.wait_ready()
+        boot_addr = f"/ip4/127.0.0.1/tcp/{boot_port}/p2p/{get_json(boot.url + '/api/node')['peer_id']}"
+        w2 = NodeProcess(
+            tmp_path / "b2",
+            *("-m", str(model_path("q4_0")), "--bootstrap", boot_addr, *budget),
+            env=node_env(tmp_path / "b2", name),
+        )
+        nodes.append(w2)
+        w2.wait_ready()
+        master = start_master({"base": tmp_path, "name": name, "boot_addr": boot_addr}, "m", path, *budget)
+        nodes.append(master)
+        answer = complete(master, path.stem, 48)
+        log = " ".join(master.output().split())  # rich wraps long lines
+    finally:
+        for n in nodes:
+            n.stop()
+    assert answer["choices"][0]["text"] == reference_text(path, 48)
+    assert "does not fit this node's memory budget" in log
+    choice = re.search(r"tensor-parallel planner: (.*) -> (\d+) ranks", log)
+    assert choice, log[-3000:]
+    assert "1 rank(s) infeasible (" in choice.group(1) and "needs a budget of" in choice.group(1)
+    ranks = int(choice.group(2))
+    assert ranks >= 2 and f"tensor-parallel group up: {ranks} ranks" in log
+    assert "layers resident at once" in log  # the master streams its share
+    joined = [re.search(r"MB share, (\d+) of (\d+) layers resident", " ".join(w.output().split())) for w in nodes[:2]]
+    windows = [(int(m.group(1)), int(m.group(2))) for m in joined if m]
+    assert len(windows) == ranks - 1 and all(w < layers for w, layers in windows)  # so do the workers
