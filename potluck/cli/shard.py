@@ -126,6 +126,17 @@ def plan_cmd(
     as_json: Annotated[
         bool, typer.Option("--json", help="Machine-readable forecast (the plan itself is always JSON).")
     ] = False,
+    swarm: Annotated[
+        bool,
+        typer.Option(
+            "--swarm",
+            help="With --predict: forecast groups of the live swarm a running node sees (GET /api/cluster: "
+            "each peer's advertised budget and bandwidths, the node's measured RTTs), that node as master.",
+        ),
+    ] = False,
+    url: Annotated[str | None, typer.Option("--url", help="With --swarm: the node's API base URL.")] = None,
+    api_key: Annotated[str | None, typer.Option("--api-key", help="With --swarm: key for the node's API.")] = None,
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="With --swarm: TOML config file.")] = None,
 ) -> None:
     """Print the shard plan (JSON) for N equal-memory nodes, or with --predict the forecast per group size."""
     from potluck.config import default_memory_budget
@@ -133,17 +144,24 @@ def plan_cmd(
     from potluck.sharding.orchestration.group import plan_for
 
     # Each flag belongs to one of the two modes: one given to the other mode is refused, not ignored.
-    given = (
-        {"--nodes": nodes, "--speeds": speeds}
-        if predict
-        else {"--max-nodes": max_nodes, "--memory-budget": memory_budget, "--link": link}
-    )
+    swarm_only = {"--url": url, "--api-key": api_key, "--config": config}
+    if not predict:
+        given = {"--max-nodes": max_nodes, "--memory-budget": memory_budget, "--link": link, **swarm_only}
+        given["--swarm"] = swarm or None
+    elif swarm:  # budgets, bandwidths and RTTs come from the swarm's records
+        given = {"--nodes": nodes, "--speeds": speeds, "--max-nodes": max_nodes, "--memory-budget": memory_budget}
+        given["--link"] = link
+    else:
+        given = {"--nodes": nodes, "--speeds": speeds, **swarm_only}
     stray = [flag for flag, value in given.items() if value is not None]
     if stray:
-        mode = "with --predict" if predict else "without --predict"
+        mode = "with --predict" + (" --swarm" if swarm else "") if predict else "without --predict"
         raise typer.BadParameter(f"{', '.join(stray)} {'does' if len(stray) == 1 else 'do'} not apply {mode}")
     try:
         reader = open_gguf(model)
+        if predict and swarm:
+            _predict_swarm(reader, model, n_ctx, _cluster(url, api_key, config), as_json)
+            return
         if predict:
             budget = _size(memory_budget) or default_memory_budget()
             _predict(reader, model, n_ctx, max_nodes or 8, budget, link or "wired", as_json)
@@ -154,6 +172,70 @@ def plan_cmd(
         console.print(f"[bold red]error:[/] {exc}")
         raise typer.Exit(1) from exc
     typer.echo(json.dumps({"plan_id": plan.plan_id, **plan.to_dict()}, indent=2))
+
+
+def _cluster(url: str | None, api_key: str | None, config: Path | None) -> dict[str, Any]:
+    from potluck.cli.client import ClientError, get_json
+    from potluck.cli.common import api_url, client_api_key, fail, settings_or_exit
+
+    settings = settings_or_exit(config)
+    try:
+        return get_json(api_url(settings, url) + "/api/cluster", api_key=client_api_key(settings, api_key))
+    except ClientError as exc:
+        raise fail(f"{exc} (--swarm needs a running node: `potluck node start`, or --url)") from exc
+
+
+def _predict_swarm(reader: Any, model: Path, n_ctx: int, view: dict[str, Any], as_json: bool) -> None:
+    """The forecasts the node's planner would make for ``model`` over the peers in ``view``."""
+    from rich.table import Table
+
+    from potluck.sharding.orchestration.forecast import ModelSizes, pick
+    from potluck.sharding.orchestration.selection import Candidate, forecast_groups, rank_candidates
+
+    def candidate(peer: dict[str, Any]) -> Candidate:
+        hw, rtt = peer["hardware"], peer.get("rtt_ms")
+        return Candidate(
+            peer_id=peer["peer_id"],
+            ram_free=hw["ram_free"],
+            decode_tps=hw["decode_tps"],
+            cores=hw["cores"],
+            rtt_s=None if rtt is None else rtt / 1e3,
+            memory_budget=hw.get("memory_budget", 0),
+            memory_bw=hw.get("memory_bw", 0.0),
+            disk_bw=hw.get("disk_bw", 0.0),
+        )
+
+    peers = view.get("peers", [])
+    me = next((candidate(p) for p in peers if p.get("self")), None)
+    if me is None:
+        raise PotluckError("the node's cluster view does not list the node itself")
+    others = rank_candidates([candidate(p) for p in peers if not p.get("self")])
+    rows = forecast_groups(ModelSizes.of(reader, model, n_ctx), me, others)
+    best = pick(rows)
+    if as_json:
+        groups = [{**{k: v for k, v in r.__dict__.items() if k != "sizings"}, "ranks": [
+            {"weights": s.weights, "fixed": s.fixed, "window": s.window} for s in r.sizings
+        ]} for r in rows]  # fmt: skip
+        typer.echo(json.dumps({"groups": groups, "pick": None if best is None else best.nodes}))
+        return
+    table = Table(title=f"{model.name} over the swarm of {me.peer_id[-8:]} ({len(others)} other peer(s))")
+    for col in ("ranks", "members (resident MiB, window)", "predicted"):
+        table.add_column(col, justify="right" if col != "members (resident MiB, window)" else "left")
+    for r in rows:
+        members = ", ".join(
+            f"{name[-8:]} ({(s.window * s.per_layer + s.fixed) / 2**20:.0f}, {s.window}/{s.layers})"
+            for name, s in zip(r.members, r.sizings, strict=True)
+        )
+        verdict = f"{r.s_per_token * 1e3:.1f} ms/token" if r.feasible else "infeasible"
+        table.add_row(str(r.nodes), members, verdict + (" <- pick" if r is best else ""))
+    console.print(table)
+    if best is None:
+        console.print("no group is feasible: " + "; ".join(r.short for r in rows if r.short))
+        return
+    console.print(
+        f"Pick: {best.nodes} rank(s), the fewest within 5 % of the fastest prediction; the peers are taken "
+        "in order of RTT, then speed, then free RAM, as `node start --tensor-parallel 0` does."
+    )
 
 
 def _predict(reader: Any, model: Path, n_ctx: int, max_nodes: int, budget: int, link: str, as_json: bool) -> None:

@@ -15,13 +15,14 @@ import json
 import os
 import re
 import signal
+import subprocess
 import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 
-from tests.e2e.procs import NodeProcess, free_port, get_json, sse_events, swarm_env
+from tests.e2e.procs import POTLUCK, NodeProcess, free_port, get_json, sse_events, swarm_env
 from tests.sharding.llama_ref import STEADY_PROMPT, greedy_tokens
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
@@ -221,6 +222,9 @@ def test_a_model_larger_than_every_nodes_budget_is_served_by_the_group_the_plann
         nodes.append(master)
         answer = complete(master, path.stem, 48)
         log = " ".join(master.output().split())  # rich wraps long lines
+        cmd = ["shard", "plan", "-m", str(path), "--ctx", "512", "--predict", "--swarm", "--url", master.url]
+        forecast = subprocess.run([*POTLUCK, *cmd, "--json"], capture_output=True, text=True, timeout=120)
+        refused = subprocess.run([*POTLUCK, *cmd, "--link", "wifi"], capture_output=True, text=True, timeout=120)
     finally:
         for n in nodes:
             n.stop()
@@ -235,3 +239,9 @@ def test_a_model_larger_than_every_nodes_budget_is_served_by_the_group_the_plann
     joined = [re.search(r"MB share, (\d+) of (\d+) layers resident", " ".join(w.output().split())) for w in nodes[:2]]
     windows = [(int(m.group(1)), int(m.group(2))) for m in joined if m]
     assert len(windows) == ranks - 1 and all(w < layers for w, layers in windows)  # so do the workers
+    # `shard plan --predict --swarm` shows what the master's planner saw, from its cluster view
+    assert forecast.returncode == 0, forecast.stderr
+    groups = json.loads(forecast.stdout)
+    assert [g["nodes"] for g in groups["groups"]] == [1, 2, 3] and groups["pick"] >= 2
+    assert groups["groups"][0]["short"] and all(g["ranks"][0]["window"] >= 1 for g in groups["groups"][1:])
+    assert refused.returncode != 0 and "--link does not apply with --predict --swarm" in refused.stderr

@@ -26,7 +26,7 @@ import numpy as np
 from gguf import GGUFReader
 
 from potluck.errors import ShardPlanError
-from potluck.sharding.format.cost import LinkCost, predict_s_per_token, rank_sizing
+from potluck.sharding.format.cost import LinkCost, RankSizing, predict_s_per_token, rank_sizing
 from potluck.sharding.format.extract import plan_geometry
 from potluck.sharding.format.gguf_tensors import read_config, tensor_map
 from potluck.sharding.format.plan import NodeCapability
@@ -72,6 +72,8 @@ class GroupForecast:
         rank_mib: the largest rank's weights, MiB (prepacked estimate).
         s_per_token: predicted seconds per token (``inf`` when some rank cannot hold one layer).
         short: why the group is infeasible ("" when it is not): the member and the budget it needs.
+        members: the devices' names, master first.
+        sizings: each rank's weights, resident bytes and window, master first.
     """
 
     nodes: int
@@ -80,6 +82,8 @@ class GroupForecast:
     rank_mib: float
     s_per_token: float
     short: str = ""
+    members: tuple[str, ...] = ()
+    sizings: tuple[RankSizing, ...] = ()
 
     @property
     def feasible(self) -> bool:
@@ -129,12 +133,14 @@ def forecast_group(model: ModelSizes, devices: Sequence[Device], link_bandwidth:
         for r, (d, s) in enumerate(zip(devices, sizings, strict=True))
         if s.window < 1
     ]
+    names = tuple(d.name for d in devices)
     if short:
-        return GroupForecast(n, 0, model.layers, largest, math.inf, "; ".join(short))
+        return GroupForecast(n, 0, model.layers, largest, math.inf, "; ".join(short), names, tuple(sizings))
     ranks = [s.cost(d.memory_bw, d.disk_bw) for d, s in zip(devices, sizings, strict=True)]
     link = LinkCost(max(d.rtt_s for d in devices), link_bandwidth) if n > 1 else None
     s_per_token = predict_s_per_token(ranks, model.layers, model.hidden, link)
-    return GroupForecast(n, min(s.window for s in sizings), model.layers, largest, s_per_token)
+    window = min(s.window for s in sizings)
+    return GroupForecast(n, window, model.layers, largest, s_per_token, "", names, tuple(sizings))
 
 
 def pick(forecasts: Sequence[GroupForecast], tolerance: float = 0.05) -> GroupForecast | None:

@@ -118,6 +118,19 @@ def devices(me: Candidate, workers: Sequence[Candidate]) -> list[Device]:
     return [m.device(speed, r == 0) for r, (m, speed) in enumerate(zip([me, *workers], speeds, strict=True))]
 
 
+def forecast_groups(model: ModelSizes, me: Candidate, others: Sequence[Candidate]) -> list[GroupForecast]:
+    """Predictions for ``me`` as master alone and with each prefix of ``others`` (best first, see
+    :func:`rank_candidates`), over links of the measured RTTs and an assumed 1 Gbit/s (group sizes
+    the planner cannot split the model over are left out)."""
+    out = []
+    for k in range(len(others) + 1):
+        try:
+            out.append(forecast_group(model, devices(me, others[:k]), LINKS["wired"].bandwidth))
+        except ShardPlanError:
+            continue
+    return out
+
+
 class WorkerSelector:
     """Picks workers for a group of ``want`` ranks (called from the group's blocking thread).
 
@@ -153,17 +166,10 @@ class WorkerSelector:
         return [Candidate.of(p) for p in peers]
 
     def forecasts(self, others: Sequence[Candidate]) -> list[GroupForecast]:
-        """Predictions for the master alone and with each prefix of ``others`` (group sizes the
-        planner cannot split the model over are left out)."""
+        """:func:`forecast_groups` with this node as the master."""
         if self._sizes is None:
             self._sizes = ModelSizes.of(self.reader, self.path, self.n_ctx)
-        me, out = self.me(), []
-        for k in range(len(others) + 1):
-            try:
-                out.append(forecast_group(self._sizes, devices(me, others[:k]), LINKS["wired"].bandwidth))
-            except ShardPlanError:
-                continue
-        return out
+        return forecast_groups(self._sizes, self.me(), others)
 
     def _best(self, keep: list[Candidate], others: list[Candidate]) -> list[Candidate] | None:
         """``keep`` plus the prefix of ``others`` the cost model picks (``None``: no group is feasible)."""
