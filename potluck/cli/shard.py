@@ -213,9 +213,7 @@ def _predict_swarm(reader: Any, model: Path, n_ctx: int, view: dict[str, Any], a
     rows = forecast_groups(ModelSizes.of(reader, model, n_ctx), me, others)
     best = pick(rows)
     if as_json:
-        groups = [{**{k: v for k, v in r.__dict__.items() if k != "sizings"}, "ranks": [
-            {"weights": s.weights, "fixed": s.fixed, "window": s.window} for s in r.sizings
-        ]} for r in rows]  # fmt: skip
+        groups = [r.to_dict() for r in rows]
         typer.echo(json.dumps({"groups": groups, "pick": None if best is None else best.nodes}))
         return
     table = Table(title=f"{model.name} over the swarm of {me.peer_id[-8:]} ({len(others)} other peer(s))")
@@ -248,14 +246,15 @@ def _predict(reader: Any, model: Path, n_ctx: int, max_nodes: int, budget: int, 
     with console.status("measuring this device's memory and disk bandwidth"):
         memory_bw, disk_bw = fc.measure_memory_bandwidth(), fc.measure_disk_bandwidth(model)
     rows = fc.forecast(reader, model, n_ctx, budget, memory_bw, disk_bw, fc.LINKS[link], max_nodes)
-    best = min(rows, key=lambda r: r.s_per_token)
+    best = fc.pick(rows)
+    assert best is not None  # forecast() returns feasible groups only, at least one
     if as_json:
         out = {
             "memory_bw": memory_bw,
             "disk_bw": disk_bw,
             "budget": budget,
             "link": link,
-            "groups": [r.__dict__ for r in rows],
+            "groups": [r.to_dict() for r in rows],
             "pick": best.nodes,
         }
         typer.echo(json.dumps(out))
@@ -266,7 +265,7 @@ def _predict(reader: Any, model: Path, n_ctx: int, max_nodes: int, budget: int, 
     for r in rows:
         mark = " <- pick" if r is best else ""
         table.add_row(
-            str(r.nodes), f"{r.window}/{r.layers}", f"{r.rank_mib:.0f} MiB", f"{r.s_per_token * 1e3:.0f} ms/token{mark}"
+            str(r.nodes), f"{r.window}/{r.layers}", f"{r.rank_mib:.1f} MiB", f"{r.s_per_token * 1e3:.1f} ms/token{mark}"
         )
     console.print(table)
     why = (
@@ -276,7 +275,8 @@ def _predict(reader: Any, model: Path, n_ctx: int, max_nodes: int, budget: int, 
     )
     console.print(
         f"measured: memory {memory_bw / 1e9:.1f} GB/s, disk {disk_bw / 1e9:.2f} GB/s. Pick: {best.nodes} device(s), "
-        f"{best.s_per_token * 1e3:.0f} ms/token ({why}); more devices stream less but add 2 all-reduces per layer."
+        f"{best.s_per_token * 1e3:.1f} ms/token ({why}), the fewest within 5 % of the fastest; more devices "
+        "stream less but add 2 all-reduces per layer."
     )
 
 

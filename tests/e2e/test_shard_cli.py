@@ -74,7 +74,7 @@ def test_shard_generate_under_a_memory_budget_streams_layers_with_the_same_token
 
 
 def test_shard_plan_predicts_each_group_size_and_picks_one(model_path) -> None:
-    args = ["shard", "plan", "-m", str(model_path("q4_0")), "--predict", "--max-nodes", "4", "--json"]
+    args = ["shard", "plan", "-m", str(model_path("q4_0")), "--ctx", "256", "--predict", "--max-nodes", "4", "--json"]
     wired = json.loads(potluck(*args, "--memory-budget", "1MiB").stdout)
     wifi = json.loads(potluck(*args, "--memory-budget", "1MiB", "--link", "wifi").stdout)
     assert wired["memory_bw"] > 0 and wired["disk_bw"] > 0 and wired["budget"] == 1 << 20

@@ -19,6 +19,7 @@ Errors (see :mod:`potluck.errors`): the master raises :class:`~potluck.errors.Pe
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -76,6 +77,25 @@ class Collective(Protocol):
         Raises:
             PeerFailed: (master) a worker died, stalled or sent a bad frame.
             TransferError: (worker) the master went away or stalled.
+        """
+        ...
+
+    def gather(self, array: np.ndarray, shapes: Sequence[tuple[int, ...]] = ()) -> list[np.ndarray]:
+        """Every rank's float32 array, collected at the master (one hop; the vocab-parallel head's
+        logits slices, Megatron-LM's parallel output embedding, Shoeybi et al. 2019, §3).
+
+        Args:
+            array: this rank's float32 array (its shape may differ from the other ranks').
+            shapes: master only: the shape expected from every rank, in rank order (``shapes[0]``
+                is the master's own); a worker sending another shape has failed.
+
+        Returns:
+            master: ``[own, rank 1's, ..., rank N-1's]`` (fresh arrays); worker: ``[]``.
+
+        Raises:
+            PeerFailed: (master) a worker died, stalled or sent a wrong shape.
+            TransferError: (worker) the master went away or stalled.
+            ProtocolViolation: the array exceeds the frame limit.
         """
         ...
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import queue
 import threading
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -117,6 +118,22 @@ class LocalCollective:
         for r in range(1, self.world_size):
             self._put(star.results[r], total.copy(), r)
         return total
+
+    def gather(self, array: np.ndarray, shapes: Sequence[tuple[int, ...]] = ()) -> list[np.ndarray]:
+        self._check_open()
+        star = self._star
+        if self.rank != 0:
+            self._put(star.up[self.rank], np.array(array, dtype=np.float32), 0)
+            return []
+        out = [np.array(array, dtype=np.float32)]
+        for r in range(1, self.world_size):
+            if star.members[r]._closed.is_set() and star.up[r].empty():
+                raise PeerFailed(f"rank {r} went away", rank=r)
+            part = self._get(star.up[r], r, star.timeout_s)
+            if part.shape != tuple(shapes[r]):
+                raise PeerFailed(f"rank {r} sent shape {part.shape}, expected {tuple(shapes[r])}", rank=r)
+            out.append(part)
+        return out
 
     def close(self) -> None:
         """Close this member; peers waiting on it are woken with a failure."""

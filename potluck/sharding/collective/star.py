@@ -30,6 +30,7 @@ import logging
 import math
 import socket
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -124,6 +125,7 @@ class StarMaster:
         self._key = auth.check_key(session_key)
         self._channels: dict[int, FrameChannel] = {}
         self._lanes: dict[tuple[int, ...], list[tuple[int, ArrayLane]]] = {}  # by shape, rank order
+        self._gather_lanes: dict[tuple[int, tuple[int, ...]], ArrayLane] = {}  # by (rank, shape)
         self._wire_is_f32 = self.wire_dtype == np.float32
         self._failed: PeerFailed | None = None
         self._closed = False
@@ -284,6 +286,34 @@ class StarMaster:
                 raise self._fail(rank, exc, "all-reduce (sum)") from exc
         return total if wire is total else wire.astype(np.float32)
 
+    def gather(self, array: np.ndarray, shapes: Sequence[tuple[int, ...]] = ()) -> list[np.ndarray]:
+        """``[array, rank 1's, ..., rank N-1's]``: every worker's float32 array of ``shapes[rank]``,
+        received in rank order (see :meth:`Collective.gather`).
+
+        Raises:
+            PeerFailed: a worker died, stalled past ``timeout_s`` or sent another shape.
+            ValueError: ``shapes`` does not give one shape per rank.
+            ClosedError: the master was closed.
+        """
+        own = _check_reduce_input(array)
+        if len(shapes) != self.world_size:
+            raise ValueError(f"gather needs {self.world_size} shapes, got {len(shapes)}")
+        self._ready()
+        deadline = time.monotonic() + self.timeout_s
+        out = [own.copy()]
+        for rank, channel in sorted(self._channels.items()):
+            lane = self._gather_lanes.get((rank, tuple(shapes[rank])))
+            if lane is None:
+                lane = ArrayLane(channel, Kind.REDUCED, Kind.PARTIAL, _F32, tuple(shapes[rank]))
+                if len(self._gather_lanes) >= _MAX_CACHED_LANES * self.world_size:
+                    self._gather_lanes.clear()
+                self._gather_lanes[(rank, lane.shape)] = lane
+            try:
+                out.append(lane.recv(deadline).copy())
+            except (TransferError, ClosedError, ProtocolViolation) as exc:
+                raise self._fail(rank, exc, "gather") from exc
+        return out
+
     def _members(self, shape: tuple[int, ...]) -> list[tuple[int, ArrayLane]]:
         """An all-reduce lane of ``shape`` per worker, in rank order (kept for a few shapes)."""
         lanes = [
@@ -339,6 +369,7 @@ class StarWorker:
         self.wire_dtype = wire_dtype
         self._closed = False
         self._lane: ArrayLane | None = None  # all-reduce frames of the last shape
+        self._gather_lane: ArrayLane | None = None  # gather frames of the last shape
         self._wire_is_f32 = wire_dtype == _F32
 
     @classmethod
@@ -454,6 +485,23 @@ class StarWorker:
             return total
         lane.send(own.astype(self.wire_dtype), deadline)
         return lane.recv(deadline).astype(np.float32)
+
+    def gather(self, array: np.ndarray, shapes: Sequence[tuple[int, ...]] = ()) -> list[np.ndarray]:
+        """Send this rank's float32 array to the master (see :meth:`Collective.gather`); returns ``[]``.
+
+        Raises:
+            TransferError: the master went away or stalled past ``timeout_s``.
+            ProtocolViolation: the array exceeds the frame limit.
+            ClosedError: we closed this worker.
+        """
+        own = _check_reduce_input(array)
+        if self._closed:
+            raise ClosedError("star worker is closed")
+        lane = self._gather_lane
+        if lane is None or lane.shape != own.shape:
+            lane = self._gather_lane = ArrayLane(self.channel, Kind.PARTIAL, Kind.REDUCED, _F32, own.shape)
+        lane.send(own, time.monotonic() + self.timeout_s)
+        return []
 
     def close(self) -> None:
         """Say goodbye to the master (best effort) and close the connection; idempotent."""

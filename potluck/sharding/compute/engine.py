@@ -1,4 +1,4 @@
-"""The tensor-parallel transformer: one rank's layer slices, the master's head, the worker loop.
+"""The tensor-parallel transformer: one rank's layer slices and head rows, the master, the worker loop.
 
 Per layer (Megatron-LM, Shoeybi et al. 2019, §3; TPI-LLM, Li et al. 2024, §3.1), on every rank::
 
@@ -8,12 +8,14 @@ Per layer (Megatron-LM, Shoeybi et al. 2019, §3; TPI-LLM, Li et al. 2024, §3.1
     b = RMSNorm(h) ; h = h + all_reduce((silu(b @ Wg_r.T) * (b @ Wu_r.T)) @ Wd_r.T)
 
 The all-reduce returns the same bytes on every rank, so every rank keeps an identical residual
-stream ``h``; only the master (rank 0) embeds tokens (it broadcasts the embeddings) and applies the
-final norm and the head. Numerics follow llama.cpp's CPU path where it matters for token equality:
-RMSNorm is ORT's fused SimplifiedLayerNormalization (llama.cpp sums squares in float64; see
-:func:`potluck.sharding.compute.blocks.rms_norm` for why that costs no fidelity), RoPE "normal" rotates pairs
-(2i, 2i+1) and "neox" pairs (i, i + d/2) (``ggml_rope``), and the KV cache is float16 with Q and the
-softmax probabilities rounded to float16 before they meet it (llama.cpp's default F16 cache).
+stream ``h``; only the master (rank 0) embeds tokens (it broadcasts the embeddings). The head is
+vocab-parallel: every rank applies the final norm and its rows of the output head to ``h`` and the
+master gathers the logits slices (:meth:`Collective.gather`). Numerics follow llama.cpp's CPU path
+where it matters for token equality: RMSNorm is ORT's fused SimplifiedLayerNormalization (llama.cpp
+sums squares in float64; see :func:`potluck.sharding.compute.blocks.rms_norm` for why that costs no
+fidelity), RoPE "normal" rotates pairs (2i, 2i+1) and "neox" pairs (i, i + d/2) (``ggml_rope``), and
+the KV cache is float16 with Q and the softmax probabilities rounded to float16 before they meet it
+(llama.cpp's default F16 cache).
 
 Execution: the blocks are ONNX subgraphs (:mod:`potluck.sharding.compute.blocks`) run by ONNX Runtime through
 IO binding, the KV cache rows written in place. With N = 1 the whole model and the head are one
@@ -171,6 +173,9 @@ class RankCompute:
     post_norms: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
     #: the sliding window over the layers, when the slices exceed ``options.memory_budget``
     window: LayerWindow | None = None
+    #: N > 1 (or windowed): final norm and this rank's rows of the output head; None without vocab rows
+    head: Program | None = None
+    head_out: str = ""
 
     @classmethod
     def from_shard(cls, shard: ShardData, options: EngineOptions) -> RankCompute:
@@ -268,8 +273,6 @@ class RankCompute:
             else []
         )
         window = None
-        if shard.path is not None:  # compiled: ORT holds its own (prepacked) copies of the weights
-            release_file(shard.path)
         if spill is not None:
             trim_heap()
             files = [[spill / f"l{i}.{part}.data" for part in ("attn", "ffn")] for i in range(config.n_layers)]
@@ -280,7 +283,27 @@ class RankCompute:
                 "rank %d: %d of %d layers resident at once (%.1f MiB each, budget %.0f MiB)",
                 rank, window.window, config.n_layers, max(window.layer_bytes) / 2**20, options.memory_budget / 2**20,
             )  # fmt: skip
-        return cls(config, plan, rank, options, layers, post_norms=post, window=window)
+        head, head_out = None, ""
+        if "output" in linears:  # this rank's slice of the vocab-parallel head (resident, not windowed)
+            gb = _builder(options)
+            gb.add_input("x", np.float32, ["T", config.hidden])
+            gb.add_input("rows", np.int64, ["R"])
+            head_out = blocks.head(gb, "x", "rows", config, linears, t)
+            head = gb.program([(head_out, np.float32)], _options(options))
+        if shard.path is not None:  # compiled: ORT holds its own (prepacked) copies of the weights
+            release_file(shard.path)
+        return cls(config, plan, rank, options, layers, post_norms=post, window=window, head=head, head_out=head_out)
+
+    def head_logits(self, h: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """Logits of this rank's vocabulary rows for rows ``rows`` (int64 ``(R,)``) of the residual
+        stream ``h`` float32 ``(T, hidden)``: float32 ``(R, vocab_count)`` (``(R, 0)`` without any)."""
+        share = self.plan.shares[self.rank]
+        logits = np.empty((len(rows), share.vocab_count), np.float32)
+        if self.head is not None and len(rows):
+            t0 = time.perf_counter()
+            self.head.run({"x": h, "rows": rows}, {self.head_out: logits})
+            self.stats.compute_s += time.perf_counter() - t0
+        return logits
 
     def stats_now(self) -> RankStats:
         """:attr:`stats` with the window's size filled in."""
@@ -399,7 +422,7 @@ class RankCompute:
 
 
 def _fixed_bytes(shard: ShardData, options: EngineOptions, kv: int) -> int:
-    """What a rank holds besides its layer weights: the KV cache and, on the master, the head."""
+    """What a rank holds besides its layer weights: the KV cache and its rows of the output head."""
     config = ModelConfig.from_dict(shard.meta["config"])
     cache = 2 * config.n_layers * options.n_ctx * kv * config.head_dim * 2
     head = sum(a.nbytes for n, a in shard.tensors.items() if n.startswith(("output.", "output_norm")))
@@ -445,11 +468,11 @@ def _options(options: EngineOptions) -> ort.SessionOptions:
 
 
 class TPMaster:
-    """Rank 0: embeds tokens, drives the workers, applies the final norm and head.
+    """Rank 0: embeds tokens, drives the workers, gathers the vocab-parallel head's logits.
 
     Args:
-        compute: rank 0's layer slices.
-        shard: rank 0's shard (needs ``token_embd.raw``, ``output_norm``, ``output.*``).
+        compute: rank 0's layer slices and head rows.
+        shard: rank 0's shard (needs ``token_embd.raw``).
         collective: the star group, or ``None`` for a single rank.
     """
 
@@ -464,16 +487,9 @@ class TPMaster:
         emb = shard.meta["embedding"]
         self._embd = t["token_embd.raw"]
         self._embd_type = GGMLQuantizationType(int(emb["qtype"]))
-        self._head: Program | None = None
-        self._head_out = ""
-        if compute.stack is None:
-            gb = _builder(compute.options)
-            gb.add_input("x", np.float32, ["T", self.config.hidden])
-            gb.add_input("rows", np.int64, ["R"])
-            self._head_out = blocks.head(gb, "x", "rows", self.config, shard.meta["linears"], t)
-            self._head = gb.program([(self._head_out, np.float32)], _options(compute.options))
-            if shard.path is not None:  # compiled: the head's shard pages (0.6 GB at 70B) can go
-                release_file(shard.path)
+        plan = compute.plan
+        self._vocab = [(sh.vocab_start, sh.vocab_count) for sh in plan.shares]
+        self._chunk_rows = gather_chunk_rows(plan)
 
     @property
     def n_ctx(self) -> int:
@@ -507,16 +523,25 @@ class TPMaster:
             raise RequestError(f"{pos + len(ids)} tokens exceed the context of {self.n_ctx}")
         x = self.embed(ids)
         rows = np.arange(len(ids), dtype=np.int64) if all_logits else np.array([len(ids) - 1], np.int64)
-        if self._head is None:
-            return self.compute.forward_logits(x, pos, rows)
-        if self.collective is not None:
-            self.collective.broadcast({"op": "forward", "pos": pos, "n": len(ids)}, x)
-        reduce = self.collective.all_reduce if self.collective is not None else None
-        h = self.compute.forward(x, pos, reduce)
-        t0 = time.perf_counter()
+        compute = self.compute
+        if compute.stack is not None:
+            return compute.forward_logits(x, pos, rows)
+        collective = self.collective
+        if collective is not None:
+            collective.broadcast({"op": "forward", "pos": pos, "n": len(ids), "rows": rows.tolist()}, x)
+        h = compute.forward(x, pos, collective.all_reduce if collective is not None else None)
         logits = np.empty((len(rows), self.config.vocab), np.float32)
-        self._head.run({"x": h, "rows": rows}, {self._head_out: logits})
-        self.compute.stats.compute_s += time.perf_counter() - t0
+        for c0 in range(0, len(rows), self._chunk_rows):
+            chunk = rows[c0 : c0 + self._chunk_rows]
+            own = compute.head_logits(h, chunk)
+            if collective is None:
+                parts = [own]
+            else:
+                t0 = time.perf_counter()
+                parts = collective.gather(own, [(len(chunk), count) for _, count in self._vocab])
+                compute.stats.comm_s += time.perf_counter() - t0
+            for (start, count), part in zip(self._vocab, parts, strict=True):
+                logits[c0 : c0 + len(chunk), start : start + count] = part
         return logits
 
     def gather_stats(self) -> list[RankStats]:
@@ -559,6 +584,27 @@ def serve_worker(collective: Collective, compute: RankCompute) -> None:
         compute.close()
 
 
+#: Largest logits slice a rank sends in one gather frame, bytes: a prefill that wants every row's
+#: logits (perplexity) is gathered in chunks of rows, within the star's frame limit.
+GATHER_FRAME_BYTES = 16 << 20
+
+
+def gather_chunk_rows(plan: ShardPlan) -> int:
+    """Rows of logits per gather, so that no rank's slice exceeds :data:`GATHER_FRAME_BYTES`."""
+    widest = max(1, max(s.vocab_count for s in plan.shares))
+    return max(1, GATHER_FRAME_BYTES // (4 * widest))
+
+
+def _send_head_logits(collective: Collective, compute: RankCompute, h: np.ndarray, rows: np.ndarray) -> None:
+    """A worker's side of the vocab-parallel head: its logits slice for ``rows``, chunk by chunk."""
+    step = gather_chunk_rows(compute.plan)
+    for c0 in range(0, len(rows), step):
+        part = compute.head_logits(h, rows[c0 : c0 + step])
+        t0 = time.perf_counter()
+        collective.gather(part)
+        compute.stats.comm_s += time.perf_counter() - t0
+
+
 def _serve(collective: Collective, compute: RankCompute) -> None:
     hidden = compute.config.hidden
     while True:
@@ -574,7 +620,11 @@ def _serve(collective: Collective, compute: RankCompute) -> None:
                 or array.shape != (n, hidden)
             ):
                 raise ProtocolViolation(f"malformed forward header {header!r}")
-            compute.forward(array, pos, collective.all_reduce)
+            rows = header.get("rows")
+            if not isinstance(rows, list) or not rows or not all(type(r) is int and 0 <= r < n for r in rows):
+                raise ProtocolViolation(f"malformed forward rows in {header!r}")
+            h = compute.forward(array, pos, collective.all_reduce)
+            _send_head_logits(collective, compute, h, np.asarray(rows, np.int64))
         elif op == "stats":
             row = compute.stats_now().row()
             vec = np.zeros((collective.world_size, len(row)), np.float32)

@@ -130,15 +130,15 @@ def size_rank(weights: float, fixed: float, layers: int, budget: int) -> RankSiz
     return RankSizing(weights, fixed, layers, window)
 
 
-def rank_sizing(plan: ShardPlan, rank: int, budget: int, master_extra: int = 0, head_bytes: int = 0) -> RankSizing:
-    """:func:`size_rank` for rank ``rank`` of ``plan`` (its share's planned bytes less its KV cache,
-    prepacked), under ``budget`` bytes.
+def rank_sizing(plan: ShardPlan, rank: int, budget: int, master_extra: int = 0) -> RankSizing:
+    """:func:`size_rank` for rank ``rank`` of ``plan`` under ``budget`` bytes: its layers are its
+    share's planned bytes less its KV cache and head slice, prepacked; the KV cache and its slice of
+    the output head stay resident.
 
     Args:
-        master_extra: rank 0's planned bytes beyond its layers (embeddings, final norm, head),
-            :attr:`~potluck.sharding.format.plan.PlanGeometry.master_bytes`; 0 for a worker.
-        head_bytes: the output head's bytes in the GGUF (resident on rank 0); 0 for a worker.
+        master_extra: rank 0's planned bytes beyond its layers and head slice (the token embeddings,
+            memory-mapped, :attr:`~potluck.sharding.format.plan.PlanGeometry.master_bytes`); 0 for a worker.
     """
-    cache = plan.kv_cache_bytes(rank)
-    weights = max(0, plan.shares[rank].est_bytes - cache - master_extra) * PREPACK_GROWTH
-    return size_rank(weights, cache + head_bytes * PREPACK_GROWTH, plan.n_layers, budget)
+    cache, head = plan.kv_cache_bytes(rank), plan.head_bytes(rank)
+    weights = max(0, plan.shares[rank].est_bytes - cache - head - master_extra) * PREPACK_GROWTH
+    return size_rank(weights, cache + head * PREPACK_GROWTH, plan.n_layers, budget)

@@ -153,7 +153,8 @@ def plan_geometry(reader: GGUFReader, config: ModelConfig, n_ctx: int) -> PlanGe
         )
         ffn_block += BLOCK * h * sum(bytes_per_element(t[p + f"ffn_{x}.weight"]) for x in ("gate", "up", "down"))
         replicated += (4 if c.post_norms else 2) * h * 4 + (2 * hd * 4 if c.qk_norm else 0)
-    master = sum(int(t[n].n_bytes) for n in ("token_embd.weight", "output.weight", "output_norm.weight") if n in t)
+    head = t.get("output.weight") or t["token_embd.weight"]  # tied embeddings: the head is token_embd
+    replicated += h * 4  # output_norm, on every rank with a head slice
     return PlanGeometry(
         n_layers=c.n_layers,
         n_kv_heads=c.n_kv_heads,
@@ -165,7 +166,9 @@ def plan_geometry(reader: GGUFReader, config: ModelConfig, n_ctx: int) -> PlanGe
         kv_cache_group_bytes=2 * n_ctx * hd * 2,
         ffn_block_bytes=int(ffn_block / c.n_layers),
         replicated_bytes=int(replicated),
-        master_bytes=master,
+        master_bytes=int(t["token_embd.weight"].n_bytes),
+        vocab=c.vocab,
+        head_row_bytes=int(head.n_bytes) // c.vocab,
     )
 
 
@@ -176,7 +179,8 @@ def extract_shard(reader: GGUFReader, plan: ShardPlan, rank: int) -> ShardData:
     (Q/K/V and gate/up stacked by :func:`fuse_linears`; ``attn_q``... separately when their layouts
     differ), ``blk.L.{attn_norm,ffn_norm}`` (and where the family has them ``attn_q_norm``,
     ``attn_k_norm``, ``post_attention_norm``, ``post_ffw_norm``); rank 0 also ``token_embd.raw`` (GGUF
-    rows, any type), ``output_norm`` and ``output.*``.
+    rows, any type); every rank with output-head rows (the share's vocab range) ``output_norm`` and
+    ``output.*`` (those rows of ``output.weight``, or of ``token_embd.weight`` when they are tied).
 
     Raises:
         ModelFileError: a tensor is missing or has an unsupported type.
@@ -278,9 +282,11 @@ def _extract(reader: GGUFReader, plan: ShardPlan, rank: int, emit: Callable[[str
         embd = need("token_embd.weight")
         tensors["token_embd.raw"] = np.ascontiguousarray(raw_rows(embd))
         embedding = {"qtype": int(embd.tensor_type), "n": config.vocab, "k": config.hidden}
+    if share.vocab_count:
         add_vector("output_norm", "output_norm.weight")
         head = "output" if not config.tied_embeddings else "token_embd"
-        layout, arrays = slice_linear(need(head + ".weight"), every, every)
+        vocab_rows = slice(share.vocab_start, share.vocab_start + share.vocab_count)
+        layout, arrays = slice_linear(need(head + ".weight"), vocab_rows, every)
         linears["output"] = layout
         for key, arr in arrays.items():
             tensors[f"output.{key}"] = arr

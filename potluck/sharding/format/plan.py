@@ -5,7 +5,11 @@ every layer's attention is divided by *KV groups* (a KV head with its ``n_heads 
 query heads, so GQA never needs K/V from another node) and the SwiGLU FFN by intermediate
 *columns* in multiples of the quantization block (32), so quantized rows split on block
 boundaries. Q/K/V and gate/up are column-parallel, o_proj and down row-parallel. Every layer is
-split the same way; rank 0 (the master) also holds token embeddings, the final norm and the head.
+split the same way; rank 0 (the master) also holds the token embeddings. The output head is
+*vocab-parallel* (Megatron-LM's parallel output embedding, Shoeybi et al. 2019, §3): each rank holds
+a slice of its rows, in proportion to its share, with the final norm, and computes that slice of
+the logits; the master gathers them. So no rank holds the whole head (0.6 GB at a 128k vocabulary
+and 8192 hidden in Q4), and its matmul is split like the layers'.
 
 Shares follow the nodes' measured speed (decode is memory-bound, so work is counted in weight
 bytes) within their free memory (water-filling, then integer units by largest remainder, then
@@ -32,8 +36,9 @@ MEMORY_HEADROOM = 0.85
 
 
 #: Version of the engine layout :mod:`potluck.sharding.format.extract` writes; part of
-#: :attr:`ShardPlan.plan_id`. 2: exact MatMulNBits layouts for K-quants, Q4_1 and Q5_x (1 re-quantized them).
-SHARD_LAYOUT = 2
+#: :attr:`ShardPlan.plan_id`. 2: exact MatMulNBits layouts for K-quants, Q4_1 and Q5_x (1 re-quantized them);
+#: 3: every rank holds its slice of the output head (2: rank 0 held all of it).
+SHARD_LAYOUT = 3
 
 
 @dataclass(frozen=True)
@@ -61,7 +66,9 @@ class PlanGeometry:
         kv_cache_group_bytes: KV-cache bytes of one KV group in one layer at the planned context.
         ffn_block_bytes: weight bytes of 32 FFN columns in one layer (gate/up rows, down columns).
         replicated_bytes: bytes every rank holds regardless of its share (norms), whole model.
-        master_bytes: extra bytes of rank 0 (embeddings, final norm, head).
+        master_bytes: extra bytes of rank 0 (token embeddings).
+        vocab: vocabulary size (rows of the output head).
+        head_row_bytes: bytes of one output-head row in the GGUF.
     """
 
     n_layers: int
@@ -75,6 +82,8 @@ class PlanGeometry:
     ffn_block_bytes: int
     replicated_bytes: int
     master_bytes: int
+    vocab: int = 0
+    head_row_bytes: int = 0
 
     @property
     def n_ffn_blocks(self) -> int:
@@ -91,7 +100,8 @@ class NodeShare:
         kv_start, kv_count: KV groups ``[kv_start, kv_start + kv_count)``; query heads are
             ``[kv_start * group, (kv_start + kv_count) * group)``.
         ffn_start, ffn_count: FFN columns ``[ffn_start, ffn_start + ffn_count)``, multiples of 32.
-        est_bytes: planned memory (weights + KV cache), in bytes.
+        est_bytes: planned memory (weights + KV cache + head slice), in bytes.
+        vocab_start, vocab_count: output-head rows (logits) ``[vocab_start, vocab_start + vocab_count)``.
     """
 
     rank: int
@@ -101,6 +111,8 @@ class NodeShare:
     ffn_start: int
     ffn_count: int
     est_bytes: int
+    vocab_start: int = 0
+    vocab_count: int = 0
 
 
 @dataclass(frozen=True)
@@ -113,6 +125,8 @@ class ShardPlan:
         n_layers, n_heads, n_kv_heads, head_dim, hidden, ffn: geometry the plan was made for.
         n_ctx: context length the KV-cache estimate assumes.
         shares: one per rank, in rank order.
+        vocab: vocabulary size; the shares' vocab ranges tile ``[0, vocab)``.
+        head_row_bytes: bytes of one output-head row in the GGUF (sizes each rank's head slice).
     """
 
     version: int
@@ -125,6 +139,8 @@ class ShardPlan:
     ffn: int
     n_ctx: int
     shares: tuple[NodeShare, ...]
+    vocab: int = 0
+    head_row_bytes: int = 0
 
     @property
     def world_size(self) -> int:
@@ -137,6 +153,10 @@ class ShardPlan:
     def kv_cache_bytes(self, rank: int) -> int:
         """Bytes of rank ``rank``'s float16 K and V cache at :attr:`n_ctx` tokens, all layers."""
         return self.shares[rank].kv_count * self.n_layers * 2 * self.n_ctx * self.head_dim * 2
+
+    def head_bytes(self, rank: int) -> int:
+        """Bytes of rank ``rank``'s output-head rows in the GGUF."""
+        return self.shares[rank].vocab_count * self.head_row_bytes
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -190,16 +210,22 @@ class ShardPlan:
             raise ShardPlanError("plan ranks must be 0..N-1 in order")
         if self.n_kv_heads <= 0 or self.n_heads % self.n_kv_heads:
             raise ShardPlanError("plan head counts are inconsistent")
-        kv = ffn = 0
+        kv = ffn = vocab = 0
         for s in self.shares:
             if s.kv_start != kv or s.kv_count < 0 or s.ffn_start != ffn or s.ffn_count < 0:
                 raise ShardPlanError(f"rank {s.rank}'s share does not follow rank {s.rank - 1}'s")
+            if s.vocab_start != vocab or s.vocab_count < 0:
+                raise ShardPlanError(f"rank {s.rank}'s vocabulary range does not follow rank {s.rank - 1}'s")
             if s.ffn_start % FFN_BLOCK or s.ffn_count % FFN_BLOCK:
                 raise ShardPlanError(f"rank {s.rank}'s FFN range is not a multiple of {FFN_BLOCK}")
             kv += s.kv_count
             ffn += s.ffn_count
-        if kv != self.n_kv_heads or ffn != self.ffn:
-            raise ShardPlanError(f"plan covers {kv}/{self.n_kv_heads} KV groups and {ffn}/{self.ffn} FFN columns")
+            vocab += s.vocab_count
+        if kv != self.n_kv_heads or ffn != self.ffn or vocab != self.vocab:
+            raise ShardPlanError(
+                f"plan covers {kv}/{self.n_kv_heads} KV groups, {ffn}/{self.ffn} FFN columns and "
+                f"{vocab}/{self.vocab} vocabulary rows"
+            )
 
 
 def _water_fill(speeds: list[float], caps: list[float]) -> list[float]:
@@ -262,26 +288,33 @@ def make_plan(
     ]
     if caps[0] < 0:
         raise ShardPlanError(
-            f"the master ({nodes[0].node_id}) cannot hold embeddings and head "
+            f"the master ({nodes[0].node_id}) cannot hold the token embeddings "
             f"({g.master_bytes / 1e6:.1f} MB) in {nodes[0].free_ram_bytes / 1e6:.1f} MB"
         )
-    if sum(max(c, 0.0) for c in caps) < total:
+    need = total + g.vocab * g.head_row_bytes
+    if sum(max(c, 0.0) for c in caps) < need:
         raise ShardPlanError(
             f"the {len(nodes)} nodes can give {sum(max(c, 0) for c in caps) / 1e6:.1f} MB, "
-            f"the model's layers need {total / 1e6:.1f} MB"
+            f"the model's layers and head need {need / 1e6:.1f} MB"
         )
-    frac = _water_fill([n.speed for n in nodes], [max(c, 0.0) / total for c in caps])
+    frac = _water_fill([n.speed for n in nodes], [max(c, 0.0) / need for c in caps])
+    # The head's rows follow the same fractions (its memory comes out of each node's cap first).
+    vocab = _largest_remainder(frac, g.vocab) if g.vocab else [0] * len(nodes)
+    caps = [c - v * g.head_row_bytes for c, v in zip(caps, vocab, strict=True)]
     kv = _largest_remainder(frac, g.n_kv_heads)
     # FFN work makes up each node's shortfall (or excess) from the coarse head split.
     ffn_target = [max(0.0, f * total - k * unit_kv) for f, k in zip(frac, kv, strict=False)]
     blocks = _largest_remainder(ffn_target if sum(ffn_target) > 0 else frac, g.n_ffn_blocks)
     _repair_memory(kv, blocks, caps, unit_kv, unit_ffn)
-    shares, kv_at, ffn_at = [], 0, 0
+    shares, kv_at, ffn_at, vocab_at = [], 0, 0, 0
     for r, node in enumerate(nodes):
-        est = kv[r] * unit_kv + blocks[r] * unit_ffn + g.replicated_bytes + (g.master_bytes if r == 0 else 0)
-        shares.append(NodeShare(r, node.node_id, kv_at, kv[r], ffn_at * FFN_BLOCK, blocks[r] * FFN_BLOCK, int(est)))
+        est = kv[r] * unit_kv + blocks[r] * unit_ffn + g.replicated_bytes + vocab[r] * g.head_row_bytes
+        est += g.master_bytes if r == 0 else 0
+        ffn_range = (ffn_at * FFN_BLOCK, blocks[r] * FFN_BLOCK)
+        shares.append(NodeShare(r, node.node_id, kv_at, kv[r], *ffn_range, int(est), vocab_at, vocab[r]))
         kv_at += kv[r]
         ffn_at += blocks[r]
+        vocab_at += vocab[r]
     plan = ShardPlan(
         PLAN_VERSION,
         model_id,
@@ -293,6 +326,8 @@ def make_plan(
         g.ffn,
         n_ctx,
         tuple(shares),
+        g.vocab,
+        g.head_row_bytes,
     )
     plan.validate()
     return plan

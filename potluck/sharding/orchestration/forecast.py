@@ -6,7 +6,7 @@ their signed records advertise, :mod:`potluck.sharding.orchestration.selection`;
 ranks by speed (:func:`~potluck.sharding.orchestration.group.plan_for` with memory caps lifted:
 a share larger than the budget is streamed), size each rank's layer window under its budget (as
 :mod:`potluck.sharding.compute.residency` would: the weights are estimated at 4/3 of the file's
-bytes once MLAS has prepacked them; KV cache, and on the master the output head, stay resident),
+bytes once MLAS has prepacked them; the KV cache and the rank's slice of the output head stay resident),
 and predict seconds per token with :func:`potluck.sharding.format.cost.predict_s_per_token`. More
 devices mean smaller shares (fewer streamed bytes) but two more all-reduce hops per layer on every
 token; on a slow link the best group is often smaller than the largest.
@@ -21,6 +21,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from gguf import GGUFReader
@@ -28,7 +29,7 @@ from gguf import GGUFReader
 from potluck.errors import ShardPlanError
 from potluck.sharding.format.cost import LinkCost, RankSizing, predict_s_per_token, rank_sizing
 from potluck.sharding.format.extract import plan_geometry
-from potluck.sharding.format.gguf_tensors import read_config, tensor_map
+from potluck.sharding.format.gguf_tensors import read_config
 from potluck.sharding.format.plan import NodeCapability
 from potluck.sharding.orchestration.group import plan_for
 
@@ -89,6 +90,14 @@ class GroupForecast:
     def feasible(self) -> bool:
         return not self.short
 
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: the scalar fields, ``members``, and ``ranks`` (weights/fixed bytes, window)."""
+        out: dict[str, Any] = {k: v for k, v in self.__dict__.items() if k != "sizings"}
+        out["s_per_token"] = None if math.isinf(self.s_per_token) else self.s_per_token
+        out["members"] = list(self.members)
+        out["ranks"] = [{"weights": s.weights, "fixed": s.fixed, "window": s.window} for s in self.sizings]
+        return out
+
 
 @dataclass(frozen=True)
 class ModelSizes:
@@ -99,16 +108,13 @@ class ModelSizes:
     n_ctx: int
     layers: int
     hidden: int
-    master_extra: int  #: embeddings, final norm and head, bytes (plan geometry)
-    head_bytes: int  #: the output head in the GGUF, bytes (resident on the master)
+    master_extra: int  #: the token embeddings, bytes (plan geometry; memory-mapped on the master)
 
     @classmethod
     def of(cls, reader: GGUFReader, path: Path, n_ctx: int) -> ModelSizes:
         config = read_config(reader)
-        t = tensor_map(reader)
-        head = t.get("output.weight") or t["token_embd.weight"]
         extra = plan_geometry(reader, config, n_ctx).master_bytes
-        return cls(reader, path, n_ctx, config.n_layers, config.hidden, extra, int(head.n_bytes))
+        return cls(reader, path, n_ctx, config.n_layers, config.hidden, extra)
 
 
 def forecast_group(model: ModelSizes, devices: Sequence[Device], link_bandwidth: float) -> GroupForecast:
@@ -122,14 +128,11 @@ def forecast_group(model: ModelSizes, devices: Sequence[Device], link_bandwidth:
     """
     nodes = [NodeCapability(d.name, DISK_BACKED, d.speed) for d in devices]
     plan = plan_for(model.reader, model.path, nodes, model.n_ctx)
-    sizings = [
-        rank_sizing(plan, r, d.budget, *((model.master_extra, model.head_bytes) if r == 0 else (0, 0)))
-        for r, d in enumerate(devices)
-    ]
+    sizings = [rank_sizing(plan, r, d.budget, model.master_extra if r == 0 else 0) for r, d in enumerate(devices)]
     n, largest = len(devices), max(s.weights for s in sizings) / 2**20
     short = [
-        f"{d.name} ({'master' if r == 0 else f'rank {r}'}) needs a budget of {s.needed / 2**20:.0f} MiB for one "
-        f"layer, it gives {d.budget / 2**20:.0f} MiB"
+        f"{d.name} ({'master' if r == 0 else f'rank {r}'}) needs a budget of {s.needed / 2**20:.1f} MiB for one "
+        f"layer, it gives {d.budget / 2**20:.1f} MiB"
         for r, (d, s) in enumerate(zip(devices, sizings, strict=True))
         if s.window < 1
     ]

@@ -30,6 +30,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -97,6 +98,9 @@ class _Throttled:
 
     def all_reduce(self, array: np.ndarray) -> np.ndarray:
         return self.inner.all_reduce(array)
+
+    def gather(self, array: np.ndarray, shapes: Sequence[tuple[int, ...]] = ()) -> list[np.ndarray]:
+        return self.inner.gather(array, shapes)
 
     def close(self) -> None:
         self.inner.close()

@@ -122,6 +122,39 @@ def test_broadcast_delivers_header_and_array() -> None:
                 assert np.array_equal(got_array, array)
 
 
+@pytest.mark.parametrize("wire", [np.float32, np.float16])
+def test_gather_collects_every_ranks_slice_of_its_own_shape_in_float32(wire: type) -> None:
+    """The vocab-parallel head's gather: ranks send (rows, their vocab slice) float32 arrays of
+    different widths, zero included; a float16 all-reduce wire does not round them."""
+    widths = [5, 3, 0, 7]
+
+    def slice_of(rank: int, rows: int) -> np.ndarray:
+        return (np.arange(rows * widths[rank], dtype=np.float32) / 3 + rank).reshape(rows, widths[rank])
+
+    def body(worker: StarWorker) -> list[list[np.ndarray]]:
+        return [worker.gather(slice_of(worker.rank, rows)) for rows in (1, 4, 1)]
+
+    with group(4, body, wire_dtype=wire) as (master, workers):
+        got = [master.gather(slice_of(0, rows), [(rows, w) for w in widths]) for rows in (1, 4, 1)]
+        workers.join()
+    assert not workers.errors and all(r == [[], [], []] for r in workers.results.values())
+    for rows, parts in zip((1, 4, 1), got, strict=True):
+        for rank, part in enumerate(parts):
+            assert part.dtype == np.float32 and part.tobytes() == slice_of(rank, rows).tobytes()
+
+
+def test_a_gathered_slice_of_the_wrong_shape_fails_that_worker() -> None:
+    def body(worker: StarWorker) -> None:
+        worker.gather(np.zeros((1, 9 if worker.rank == 2 else 4), np.float32))
+
+    with group(3, body) as (master, _):
+        with pytest.raises(PeerFailed) as failed:
+            master.gather(np.zeros((1, 4), np.float32), [(1, 4)] * 3)
+        assert failed.value.rank == 2
+        with pytest.raises(ValueError, match="3 shapes"):
+            master.gather(np.zeros((1, 4), np.float32), [(1, 4)])
+
+
 def test_world_size_one_is_local() -> None:
     with StarMaster(1, KEY) as master:
         master.accept_workers(timeout_s=1)

@@ -25,7 +25,7 @@ def test_a_budget_below_one_layer_makes_the_group_infeasible_and_says_what_would
     model = sizes(model_path)
     alone = forecast_group(model, [dev("me", 4 * MIB)], 125e6)
     assert not alone.feasible and alone.s_per_token == math.inf and alone.window == 0
-    assert "me (master) needs a budget of" in alone.short and "it gives 4 MiB" in alone.short
+    assert "me (master) needs a budget of" in alone.short and "it gives 4.0 MiB" in alone.short
     pair = forecast_group(model, [dev("me", 4 * MIB), dev("w", 4 * MIB, 1e-3)], 125e6)
     assert pair.feasible and 1 <= pair.window < pair.layers  # half a layer each fits, not the whole share
 
