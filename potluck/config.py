@@ -205,7 +205,8 @@ class Settings(BaseSettings):
         ge=0,
         le=64,
         description="Serve the model tensor-parallel across N swarm nodes (N >= 2). 0: only when the "
-        "model does not fit this node's free RAM; 1: never.",
+        "model does not fit this node's memory_budget (or, without one, its free RAM), with N chosen by the "
+        "cost model from the swarm's advertised bandwidths and budgets; 1: never.",
     )
     tp_worker: bool = Field(True, description="Accept tensor-parallel work (a shard of a peer's model).")
     tp_transport: Literal["auto", "tcp", "libp2p"] = Field(

@@ -80,7 +80,8 @@ def node_start(
             "--tensor-parallel",
             min=0,
             max=64,
-            help="Serve the model tensor-parallel across N swarm nodes (0: only if it does not fit here).",
+            help="Serve the model tensor-parallel across N swarm nodes (0: only if it does not fit this "
+            "node's --memory-budget or free RAM, with N chosen by the cost model).",
         ),
     ] = None,
     tp_worker: Annotated[
