@@ -35,12 +35,14 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from potluck.sharding.format.cost import RankCost, predict_s_per_token  # noqa: E402
+from potluck.sharding.format.cost import RankCost, predict_s_per_token, rank_sizing  # noqa: E402
+from potluck.sharding.format.gguf_tensors import open_gguf  # noqa: E402
 from potluck.sharding.format.synthetic import GEOMETRIES, write_random_gguf  # noqa: E402
 from potluck.sharding.orchestration.forecast import LINKS as LINK_COSTS  # noqa: E402
-from potluck.sharding.orchestration.forecast import measure_disk_bandwidth  # noqa: E402
+from potluck.sharding.orchestration.forecast import ModelSizes, measure_disk_bandwidth  # noqa: E402
 
 MiB = 1 << 20
+N_CTX = 128
 ANCHORS = [
     ("TPI-LLM, Llama 2 70B, 8 laptops on Wi-Fi, 3.1 GB each", 26.0),
     ("distributed-llama, Llama 2 70B, 8 x Raspberry Pi 4B", 4.8),
@@ -70,7 +72,7 @@ def run_group(model: Path, n: int, budget: int, tokens: int, shard_dir: Path) ->
     from potluck.sharding.orchestration.launch import ProcessGroup
 
     nodes = [NodeCapability(f"local-{r}", 1 << 40, 1.0) for r in range(n)]
-    options = EngineOptions(n_ctx=128, memory_budget=budget, drop_cache=True)
+    options = EngineOptions(n_ctx=N_CTX, memory_budget=budget, drop_cache=True)
     me = os.getpid()
     reset_hwm(me)
     t0 = time.perf_counter()
@@ -89,7 +91,9 @@ def run_group(model: Path, n: int, budget: int, tokens: int, shard_dir: Path) ->
         s_per_token = (time.perf_counter() - t1) / tokens
         stats = master.gather_stats()
         decode_peak = [vm_hwm(p) for p in pids]
+        plan = group.plan
     return {
+        "plan": plan,
         "load_s": load_s,
         "s_per_token": s_per_token,
         "stats": stats,
@@ -119,6 +123,7 @@ def main() -> None:
         size = write_random_gguf(model, g, args.typing)
         print(f"wrote {model.name}: {size / 1e9:.2f} GB in {time.perf_counter() - t0:.0f} s")
     budget = _size(args.budget)
+    sizes = ModelSizes.of(open_gguf(model), model, N_CTX)
     disk_bw = measure_disk_bandwidth(model, 2 << 30)
     cache_bw = measure_disk_bandwidth(model, 2 << 30, cold=False)
     print(f"{model.name}: {model.stat().st_size / 1e9:.2f} GB; disk read {disk_bw / 1e9:.2f} GB/s (cold), "
@@ -130,18 +135,25 @@ def main() -> None:
             results[n] = r = run_group(model, n, budget, args.tokens, Path(shard_dir))
         print(f"\nN = {n}: loaded in {r['load_s']:.0f} s; decode {r['s_per_token']:.2f} s/token")
         print("rank  window    peak RSS load | decode   compute | all-reduce | I/O stall  ms/token")
-        floors = []
-        layer_mib = max(st.layer_mib for st in r["stats"])  # a fully resident rank does not report it
+        costs = []
         for rank, st in enumerate(r["stats"]):
             steps = max(st.steps, 1)
             window = st.window or g.layers
-            layer = (st.layer_mib or layer_mib) * MiB
-            floors.append(RankCost(window * layer, (g.layers - window) * layer, cache_bw, disk_bw).weight_s)
+            # measured per-layer bytes of a windowed rank; the planner's estimate for a resident one
+            extra = sizes.master_extra if rank == 0 else 0
+            layer = st.layer_mib * MiB or rank_sizing(r["plan"], rank, budget, extra).per_layer
+            costs.append(RankCost(window * layer, (g.layers - window) * layer, cache_bw, disk_bw))
             peaks = f"{r['load_peak'][rank] / MiB:7.0f} | {r['decode_peak'][rank] / MiB:6.0f} MiB"
             ms = [x / steps * 1e3 for x in (st.compute_s, st.comm_s, st.io_s)]
             print(f"{rank:>4}  {window:>3}/{g.layers:<3}   {peaks}  {ms[0]:8.0f} | {ms[1]:10.0f} | {ms[2]:9.0f}")
-        floor = max(floors)
-        print(f"streaming floor {floor:.2f} s/token (slowest rank); measured / floor = {r['s_per_token'] / floor:.2f}x")
+        floor = max(c.weight_s for c in costs)
+        # here the N ranks share one disk and one memory bus: their reads add up
+        shared = sum(c.streamed_bytes for c in costs) / disk_bw + sum(c.resident_bytes for c in costs) / cache_bw
+        print(
+            f"streaming floor {floor:.2f} s/token with a disk per rank (slowest rank), {shared:.2f} s/token for "
+            f"{n} ranks sharing this machine's disk; measured / floor = {r['s_per_token'] / floor:.2f}x, "
+            f"measured / shared-disk floor = {r['s_per_token'] / shared:.2f}x"
+        )
     # Projection: 80 layers; each device holds 1/N of every layer; per-layer bytes from the run's N.
     print("\nprojected Llama-3-70B geometry, 80 layers, one rank per device (cost model, measured bandwidths):")
     for n, r in results.items():

@@ -93,3 +93,25 @@ def test_prefix_reuse_gives_the_same_tokens(model_path) -> None:
         g.close()
     assert first == again == final == want[:12]
     assert other != first
+
+
+def test_logits_gathered_in_chunks_of_rows_equal_one_gather(model_path, monkeypatch) -> None:
+    """A prefill that wants every row's logits gathers the vocab-parallel head's slices in chunks
+    of rows within the frame limit (here 3 rows a chunk): the same logits, bit for bit."""
+    from potluck.sharding.compute import engine
+
+    path = model_path("q8_0")
+    ids, _ = teacher_forced_logits(path)
+    g = group(path, 3)
+    try:
+        whole = g.master.forward(ids, 0, all_logits=True)
+    finally:
+        g.close()
+    widest = max(s.vocab_count for s in g.master.compute.plan.shares)
+    monkeypatch.setattr(engine, "GATHER_FRAME_BYTES", 3 * 4 * widest)
+    g = group(path, 3)
+    try:
+        assert engine.gather_chunk_rows(g.master.compute.plan) == 3 < len(ids)
+        assert g.master.forward(ids, 0, all_logits=True).tobytes() == whole.tobytes()
+    finally:
+        g.close()

@@ -107,3 +107,21 @@ def test_plan_from_the_fixture_gguf(model_path) -> None:
     plan = make_plan(g, nodes((1, 1.0), (1, 1.0), (1, 1.0)), "tiny", config.n_heads, 256)
     assert (plan.n_kv_heads, plan.ffn, plan.world_size) == (4, 768, 3)
     assert sum(s.kv_count for s in plan.shares) == 4
+
+
+def test_the_output_head_is_split_by_vocabulary_rows_in_proportion_to_speed(model_path) -> None:
+    reader = open_gguf(model_path("q4_0"))
+    config = read_config(reader)
+    g = plan_geometry(reader, config, 256)
+    assert g.vocab == config.vocab and g.head_row_bytes > 0
+    plan = make_plan(g, nodes((1, 1.0), (1, 2.0), (1, 1.0)), "tiny", config.n_heads, 256)
+    counts = [s.vocab_count for s in plan.shares]
+    assert sum(counts) == config.vocab and [s.vocab_start for s in plan.shares] == [0, counts[0], sum(counts[:2])]
+    assert counts == pytest.approx([config.vocab / 4, config.vocab / 2, config.vocab / 4], abs=1)
+    assert [plan.head_bytes(r) for r in range(3)] == [c * g.head_row_bytes for c in counts]
+    alone = make_plan(g, nodes((1, 1.0)), "tiny", config.n_heads, 256)
+    assert alone.shares[0].vocab_count == config.vocab  # one rank holds the whole head
+    bad = plan.to_dict()
+    bad["shares"][2]["vocab_start"] += 1  # a gap in the vocabulary
+    with pytest.raises(ShardPlanError, match="vocabulary range"):
+        ShardPlan.from_dict(bad)
