@@ -48,8 +48,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SHUTDOWN_GRACE_S = 5.0
-#: Bytes of each bandwidth measurement at start (a RAM buffer, a temporary file in the cache).
-BANDWIDTH_PROBE_BYTES = 16 << 20
+#: Bytes of the disk-bandwidth measurement at start (a temporary file in the cache).
+DISK_PROBE_BYTES = 16 << 20
 
 
 class Node:
@@ -210,12 +210,14 @@ class Node:
         local = self.overlay.local
         spill = Path(self.settings.cache_dir) / "tp-spill"  # where a windowed rank's layers would live
         try:
-            local.memory_bw = await asyncio.to_thread(measure_memory_bandwidth, BANDWIDTH_PROBE_BYTES)
-            local.disk_bw = await asyncio.to_thread(probe_disk_bandwidth, spill, BANDWIDTH_PROBE_BYTES)
+            local.memory_bw = await asyncio.to_thread(measure_memory_bandwidth)
+            local.disk_bw = await asyncio.to_thread(probe_disk_bandwidth, spill, DISK_PROBE_BYTES)
         except OSError as exc:
             log.warning("cannot measure disk bandwidth in %s (%s); peers will assume a default", spill, exc)
             return
-        log.info("measured bandwidth: memory %.1f GB/s, disk %.2f GB/s", local.memory_bw / 1e9, local.disk_bw / 1e9)
+        log.info(
+            "measured bandwidth: weight streaming %.1f GB/s, disk %.2f GB/s", local.memory_bw / 1e9, local.disk_bw / 1e9
+        )
         if self.overlay.started:
             await self.overlay.publish_own_record()
 

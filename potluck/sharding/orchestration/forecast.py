@@ -27,7 +27,8 @@ import numpy as np
 from gguf import GGUFReader
 
 from potluck.errors import ShardPlanError
-from potluck.sharding.format.cost import LinkCost, RankSizing, predict_s_per_token, rank_sizing
+from potluck.sharding.compute.onnx_ops import GraphBuilder, session_options
+from potluck.sharding.format.cost import PREPACK_GROWTH, LinkCost, RankSizing, predict_s_per_token, rank_sizing
 from potluck.sharding.format.extract import plan_geometry
 from potluck.sharding.format.gguf_tensors import read_config
 from potluck.sharding.format.plan import NodeCapability
@@ -156,13 +157,32 @@ def pick(forecasts: Sequence[GroupForecast], tolerance: float = 0.05) -> GroupFo
     return min((f for f in feasible if f.s_per_token <= best * (1 + tolerance)), key=lambda f: f.nodes)
 
 
-def measure_memory_bandwidth(nbytes: int = 256 << 20) -> float:
-    """Bytes/s of one pass summing a float32 buffer (a rough stand-in for weight streaming)."""
-    a = np.ones(nbytes // 4, np.float32)
-    a.sum()  # fault the pages in
+def measure_memory_bandwidth(nbytes: int = 64 << 20, threads: int | None = None, runs: int = 4) -> float:
+    """Bytes/s of prepacked 4-bit weights the engine's own kernel streams in a decode step: a chain
+    of ``MatMulNBits`` mat-vecs (4096 x 4096, block 32, accuracy level 4, as
+    :meth:`~potluck.sharding.compute.onnx_ops.GraphBuilder.linear` builds them) over about
+    ``nbytes`` of random weights (more than a CPU's caches), counted as MLAS's prepacked bytes
+    (the GGUF's x :data:`~potluck.sharding.format.cost.PREPACK_GROWTH`): what a rank's resident
+    weights cost per token in the cost model. ``threads``: ORT intra-op threads (default: all cores).
+    """
+    k = 4096
+    prepacked = k * k // 32 * 18 * PREPACK_GROWTH  # bytes of one matrix once MLAS has packed it
+    count = max(1, int(nbytes // prepacked))
+    rng = np.random.default_rng(0)
+    gb = GraphBuilder()
+    h = gb.add_input("x", np.float32, [1, k])
+    layout = {"kind": "q4", "n": k, "k": k, "block": 32}
+    for i in range(count):
+        weights = {f"w{i}.B": rng.integers(0, 256, (k, k // 32, 16), dtype=np.uint8)}
+        weights[f"w{i}.scales"] = np.full(k * k // 32, 1e-3, np.float32)
+        h = gb.linear(h, f"w{i}", layout, weights)
+    program = gb.program([(h, np.float32)], session_options(threads or os.cpu_count() or 1, False))
+    x, out = np.ones((1, k), np.float32), np.empty((1, k), np.float32)
+    program.run({"x": x}, {h: out})  # warm: pages faulted in, thread pool up
     t0 = time.perf_counter()
-    a.sum()
-    return nbytes / (time.perf_counter() - t0)
+    for _ in range(runs):
+        program.run({"x": x}, {h: out})
+    return count * prepacked * runs / (time.perf_counter() - t0)
 
 
 def measure_disk_bandwidth(path: Path, limit: int = 1 << 30, cold: bool = True) -> float:
