@@ -164,7 +164,7 @@ def main() -> None:
         window = max(1, int((2 << 30) * 0.6 // layer_bytes))  # a 2 GiB device, 60 % of it for the window
         per_rank = RankCost(min(window, 80) * layer_bytes, max(0, 80 - window) * layer_bytes, cache_bw, disk_bw)
         for name, link in LINKS.items():
-            s = predict_s_per_token([per_rank] * n, 80, g.hidden, link)
+            s = predict_s_per_token([per_rank] * n, 80, g.hidden, link, g.vocab)
             print(f"  N = {n}, {name}: {s:.2f} s/token (window {window} of 80 layers per device)")
     for name, s in ANCHORS:
         print(f"  anchor: {name}: {s} s/token")

@@ -1,16 +1,21 @@
 """The tensor-parallel cost model: predicted milliseconds per decoded token for a group.
 
 Decoding one token reads every rank's weights once and runs two star all-reduces per layer
-(after attention and after the FFN; TPI-LLM, Li et al. 2024, §3.3, whose analysis this follows).
-Ranks work in parallel and meet at every all-reduce, so a token costs the slowest rank's weight
-streaming plus the all-reduce latency chain::
+(after attention and after the FFN; TPI-LLM, Li et al. 2024, §3.3, whose analysis this follows),
+plus one more exchange per token: the master broadcasts the token's embedding and gathers the
+vocab-parallel head's logits slices. Ranks work in parallel and meet at every exchange, so a token
+costs the slowest rank's weight streaming plus the exchanges' latency chain::
 
-    ms/token = max over ranks (resident_bytes / memory_bw + streamed_bytes / disk_bw)
-             + 2 * layers * (rtt + allreduce_bytes / link_bw)
+    s/token = max over ranks (resident_bytes / memory_bw + streamed_bytes / disk_bw)
+            + 2 * layers * (rtt + overhead + 2 * hidden * 4 / link_bw)      all-reduces
+            + (rtt + overhead + (hidden + vocab / N) * 4 / link_bw)         broadcast + gather
 
 ``streamed_bytes`` are the weights of the layers outside a rank's window (read again every token,
 :mod:`potluck.sharding.compute.residency`); with prefetching they overlap compute, so the
-weight term is a floor, not a sum. ``allreduce_bytes`` is one ``hidden``-wide float32 row each way.
+weight term is a floor, not a sum. An all-reduce moves one ``hidden``-wide float32 row each way.
+``overhead`` is what one exchange costs beyond the wire (serialization, syscalls, waking the
+waiting rank, the per-layer program launches between exchanges): measured at zero added delay
+(``bench/tp_netem.py``: 75-100 us per exchange with two ranks on this project's 2-core test machine).
 """
 
 from __future__ import annotations
@@ -49,33 +54,49 @@ class RankCost:
         return self.resident_bytes / self.memory_bw + disk
 
 
+#: Seconds one exchange over the star costs beyond the wire when nothing better is known
+#: (:attr:`LinkCost.overhead_s`; measured on this project's test machine, module docstring).
+DEFAULT_EXCHANGE_OVERHEAD_S = 1e-4
+
+
 @dataclass(frozen=True)
 class LinkCost:
-    """The star's links, as the slowest member sees them: round trip (s) and bandwidth (bytes/s)."""
+    """The star's links, as the slowest member sees them: round trip (s), bandwidth (bytes/s), and
+    the software cost of one exchange beyond the wire (s; see the module docstring)."""
 
     rtt_s: float
     bandwidth: float
+    overhead_s: float = 0.0
 
 
 def allreduce_s(hidden: int, link: LinkCost, tokens: int = 1) -> float:
-    """Seconds of one star all-reduce of ``tokens`` float32 rows of ``hidden``: a round trip plus
-    the row's bytes up and the sum's bytes down."""
-    return link.rtt_s + 2 * tokens * hidden * 4 / link.bandwidth
+    """Seconds of one star all-reduce of ``tokens`` float32 rows of ``hidden``: a round trip and
+    the exchange's overhead, plus the row's bytes up and the sum's bytes down."""
+    return link.rtt_s + link.overhead_s + 2 * tokens * hidden * 4 / link.bandwidth
 
 
-def predict_s_per_token(ranks: Sequence[RankCost], layers: int, hidden: int, link: LinkCost | None) -> float:
+def token_exchange_s(hidden: int, vocab: int, ranks: int, link: LinkCost) -> float:
+    """Seconds of a token's broadcast (its float32 embedding, ``hidden`` wide) and gather (each
+    worker's ``vocab / ranks`` float32 logits): one round trip and overhead, plus the bytes."""
+    return link.rtt_s + link.overhead_s + (hidden + vocab / ranks) * 4 / link.bandwidth
+
+
+def predict_s_per_token(
+    ranks: Sequence[RankCost], layers: int, hidden: int, link: LinkCost | None, vocab: int = 0
+) -> float:
     """Predicted seconds per decoded token (see the module docstring).
 
     Args:
-        ranks: every rank's weight traffic (a single rank: no all-reduce).
+        ranks: every rank's weight traffic (a single rank: no exchange).
         layers: transformer layers.
         hidden: model width (the all-reduced row).
         link: the star's links (``None`` for a single rank).
+        vocab: vocabulary size (the gathered logits; 0 leaves their bytes out).
     """
     weights = max(r.weight_s for r in ranks)
     if len(ranks) == 1 or link is None:
         return weights
-    return weights + 2 * layers * allreduce_s(hidden, link)
+    return weights + 2 * layers * allreduce_s(hidden, link) + token_exchange_s(hidden, vocab, len(ranks), link)
 
 
 #: Assumed when a device or link has not been measured (a peer that advertises 0): a laptop's

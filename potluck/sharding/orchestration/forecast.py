@@ -28,13 +28,24 @@ from gguf import GGUFReader
 
 from potluck.errors import ShardPlanError
 from potluck.sharding.compute.onnx_ops import GraphBuilder, session_options
-from potluck.sharding.format.cost import PREPACK_GROWTH, LinkCost, RankSizing, predict_s_per_token, rank_sizing
+from potluck.sharding.format.cost import (
+    DEFAULT_EXCHANGE_OVERHEAD_S,
+    PREPACK_GROWTH,
+    LinkCost,
+    RankSizing,
+    predict_s_per_token,
+    rank_sizing,
+)
 from potluck.sharding.format.extract import plan_geometry
 from potluck.sharding.format.gguf_tensors import read_config
 from potluck.sharding.format.plan import NodeCapability
 from potluck.sharding.orchestration.group import plan_for
 
-LINKS = {"wired": LinkCost(0.3e-3, 125e6), "wifi": LinkCost(3e-3, 12.5e6)}  # 1 Gbit/s, 100 Mbit/s
+#: Link presets: 0.3 ms and 1 Gbit/s, 3 ms and 100 Mbit/s, each with the default exchange overhead.
+LINKS = {
+    "wired": LinkCost(0.3e-3, 125e6, DEFAULT_EXCHANGE_OVERHEAD_S),
+    "wifi": LinkCost(3e-3, 12.5e6, DEFAULT_EXCHANGE_OVERHEAD_S),
+}
 
 
 #: The memory cap a windowed plan gives every member: shares follow speed alone, and each rank's
@@ -110,19 +121,25 @@ class ModelSizes:
     layers: int
     hidden: int
     master_extra: int  #: the token embeddings, bytes (plan geometry; memory-mapped on the master)
+    vocab: int
 
     @classmethod
     def of(cls, reader: GGUFReader, path: Path, n_ctx: int) -> ModelSizes:
         config = read_config(reader)
         extra = plan_geometry(reader, config, n_ctx).master_bytes
-        return cls(reader, path, n_ctx, config.n_layers, config.hidden, extra)
+        return cls(reader, path, n_ctx, config.n_layers, config.hidden, extra, config.vocab)
 
 
-def forecast_group(model: ModelSizes, devices: Sequence[Device], link_bandwidth: float) -> GroupForecast:
+def forecast_group(
+    model: ModelSizes,
+    devices: Sequence[Device],
+    link_bandwidth: float,
+    link_overhead: float = DEFAULT_EXCHANGE_OVERHEAD_S,
+) -> GroupForecast:
     """Plan ``model`` over ``devices`` (master first; shares by speed, :data:`DISK_BACKED`), size
     each rank's window under its budget (:func:`~potluck.sharding.format.cost.rank_sizing`) and
     predict s/token (:func:`~potluck.sharding.format.cost.predict_s_per_token`) over links of the
-    slowest member's RTT and ``link_bandwidth`` bytes/s.
+    slowest member's RTT, ``link_bandwidth`` bytes/s and ``link_overhead`` s per exchange.
 
     Raises:
         ShardPlanError: the planner cannot split the model over this many ranks.
@@ -141,8 +158,8 @@ def forecast_group(model: ModelSizes, devices: Sequence[Device], link_bandwidth:
     if short:
         return GroupForecast(n, 0, model.layers, largest, math.inf, "; ".join(short), names, tuple(sizings))
     ranks = [s.cost(d.memory_bw, d.disk_bw) for d, s in zip(devices, sizings, strict=True)]
-    link = LinkCost(max(d.rtt_s for d in devices), link_bandwidth) if n > 1 else None
-    s_per_token = predict_s_per_token(ranks, model.layers, model.hidden, link)
+    link = LinkCost(max(d.rtt_s for d in devices), link_bandwidth, link_overhead) if n > 1 else None
+    s_per_token = predict_s_per_token(ranks, model.layers, model.hidden, link, model.vocab)
     window = min(s.window for s in sizings)
     return GroupForecast(n, window, model.layers, largest, s_per_token, "", names, tuple(sizings))
 
@@ -239,7 +256,7 @@ def forecast(
     for n in range(1, max_nodes + 1):
         devices = [Device(f"device {i}", budget, memory_bw, disk_bw, 1.0, link.rtt_s if i else 0.0) for i in range(n)]
         try:
-            row = forecast_group(model, devices, link.bandwidth)
+            row = forecast_group(model, devices, link.bandwidth, link.overhead_s)
         except ShardPlanError:
             continue
         if row.feasible:

@@ -15,7 +15,7 @@ import logging
 import os
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -75,6 +75,9 @@ class ProcessGroup:
         shard_dir: where worker shard files are written.
         timeout_s: collective deadline: a dead or stalled worker is noticed within it.
         cores: CPU cores the ranks share (default: ``os.cpu_count()``).
+        host: address the master's :class:`StarMaster` listens on; the workers connect to it.
+        worker_prefix: argv prefix of worker ``rank``'s command (e.g. ``["ip", "netns", "exec",
+            NAME]`` to run it in a network namespace); ``None``: no prefix.
     """
 
     def __init__(
@@ -85,6 +88,8 @@ class ProcessGroup:
         shard_dir: Path,
         timeout_s: float = 10.0,
         cores: int | None = None,
+        host: str = "127.0.0.1",
+        worker_prefix: Callable[[int], Sequence[str]] | None = None,
     ) -> None:
         self.path = Path(model_path)
         self.reader = open_gguf(self.path)
@@ -94,6 +99,8 @@ class ProcessGroup:
         self.options = options
         self.timeout_s = timeout_s
         self.cores = cores or os.cpu_count() or 1
+        self.host = host
+        self.worker_prefix = worker_prefix
         self.nodes = list(nodes)
         self.procs: dict[int, subprocess.Popen[bytes]] = {}
         self.star: StarMaster | None = None
@@ -112,10 +119,11 @@ class ProcessGroup:
         paths = write_worker_shards(self.reader, plan, self.shard_dir)
         if n > 1:
             key = auth.new_session_key()
-            self.star = StarMaster(n, key, timeout_s=self.timeout_s)
+            self.star = StarMaster(n, key, host=self.host, timeout_s=self.timeout_s)
             host, port = self.star.address
             for rank, path in enumerate(paths, start=1):
                 cmd = [
+                    *(self.worker_prefix(rank) if self.worker_prefix else ()),
                     sys.executable,
                     "-m",
                     "potluck.sharding.orchestration.worker",
