@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -487,9 +487,7 @@ class TPMaster:
         emb = shard.meta["embedding"]
         self._embd = t["token_embd.raw"]
         self._embd_type = GGMLQuantizationType(int(emb["qtype"]))
-        plan = compute.plan
-        self._vocab = [(sh.vocab_start, sh.vocab_count) for sh in plan.shares]
-        self._chunk_rows = gather_chunk_rows(plan)
+        self._vocab = [(sh.vocab_start, sh.vocab_count) for sh in compute.plan.shares]
 
     @property
     def n_ctx(self) -> int:
@@ -531,8 +529,7 @@ class TPMaster:
             collective.broadcast({"op": "forward", "pos": pos, "n": len(ids), "rows": rows.tolist()}, x)
         h = compute.forward(x, pos, collective.all_reduce if collective is not None else None)
         logits = np.empty((len(rows), self.config.vocab), np.float32)
-        for c0 in range(0, len(rows), self._chunk_rows):
-            chunk = rows[c0 : c0 + self._chunk_rows]
+        for c0, chunk in _row_chunks(compute.plan, rows):
             own = compute.head_logits(h, chunk)
             if collective is None:
                 parts = [own]
@@ -595,11 +592,18 @@ def gather_chunk_rows(plan: ShardPlan) -> int:
     return max(1, GATHER_FRAME_BYTES // (4 * widest))
 
 
+def _row_chunks(plan: ShardPlan, rows: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
+    """``(offset, rows[offset:offset + k])`` with ``k = gather_chunk_rows(plan)``: the gathers of one
+    forward pass, the same on the master and every worker."""
+    step = gather_chunk_rows(plan)
+    for c0 in range(0, len(rows), step):
+        yield c0, rows[c0 : c0 + step]
+
+
 def _send_head_logits(collective: Collective, compute: RankCompute, h: np.ndarray, rows: np.ndarray) -> None:
     """A worker's side of the vocab-parallel head: its logits slice for ``rows``, chunk by chunk."""
-    step = gather_chunk_rows(compute.plan)
-    for c0 in range(0, len(rows), step):
-        part = compute.head_logits(h, rows[c0 : c0 + step])
+    for _, chunk in _row_chunks(compute.plan, rows):
+        part = compute.head_logits(h, chunk)
         t0 = time.perf_counter()
         collective.gather(part)
         compute.stats.comm_s += time.perf_counter() - t0
