@@ -130,6 +130,7 @@ def main() -> None:
           f"{cache_bw / 1e9:.2f} GB/s (page cache); budget {budget / MiB:.0f} MiB per rank")  # fmt: skip
     print(f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     results = {}
+    whole_layer: dict[int, float] = {}  # per N: one whole layer's bytes, the sum of the ranks' slices
     for n in (int(x) for x in args.nodes.split(",")):
         with tempfile.TemporaryDirectory(prefix="potluck-big-", dir=args.dir) as shard_dir:
             results[n] = r = run_group(model, n, budget, args.tokens, Path(shard_dir))
@@ -143,6 +144,7 @@ def main() -> None:
             extra = sizes.master_extra if rank == 0 else 0
             layer = st.layer_mib * MiB or rank_sizing(r["plan"], rank, budget, extra).per_layer
             costs.append(RankCost(window * layer, (g.layers - window) * layer, cache_bw, disk_bw))
+            whole_layer[n] = whole_layer.get(n, 0.0) + layer
             peaks = f"{r['load_peak'][rank] / MiB:7.0f} | {r['decode_peak'][rank] / MiB:6.0f} MiB"
             ms = [x / steps * 1e3 for x in (st.compute_s, st.comm_s, st.io_s)]
             print(f"{rank:>4}  {window:>3}/{g.layers:<3}   {peaks}  {ms[0]:8.0f} | {ms[1]:10.0f} | {ms[2]:9.0f}")
@@ -156,11 +158,8 @@ def main() -> None:
         )
     # Projection: 80 layers; each device holds 1/N of every layer; per-layer bytes from the run's N.
     print("\nprojected Llama-3-70B geometry, 80 layers, one rank per device (cost model, measured bandwidths):")
-    for n, r in results.items():
-        st = max(r["stats"], key=lambda s: s.layer_mib)
-        layer_bytes = (st.layer_mib or 0) * MiB
-        if not layer_bytes:
-            continue
+    for n in results:
+        layer_bytes = whole_layer[n] / n  # each device holds 1/N of every layer
         window = max(1, int((2 << 30) * 0.6 // layer_bytes))  # a 2 GiB device, 60 % of it for the window
         per_rank = RankCost(min(window, 80) * layer_bytes, max(0, 80 - window) * layer_bytes, cache_bw, disk_bw)
         for name, link in LINKS.items():

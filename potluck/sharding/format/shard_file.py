@@ -28,6 +28,7 @@ import msgpack
 import numpy as np
 
 from potluck.errors import ModelFileError
+from potluck.sharding.format.pages import release_array
 
 MAGIC = b"PLKSHRD\0"
 FORMAT_VERSION = 1
@@ -98,7 +99,9 @@ class ShardWriter:
         self._fh.seek(self.data_start + self.offset)
         flat = np.ascontiguousarray(arr).reshape(-1).view(np.uint8)  # a view when arr is contiguous
         for start in range(0, flat.size, _WRITE_CHUNK):  # no whole copy of a big (memory-mapped) tensor
-            self._fh.write(flat[start : start + _WRITE_CHUNK].data)
+            chunk = flat[start : start + _WRITE_CHUNK]
+            self._fh.write(chunk.data)
+            release_array(chunk)  # a view of a mapped GGUF (the token embeddings): its pages go again
         self.entries.append(
             {
                 "name": name,
