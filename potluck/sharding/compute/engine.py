@@ -251,6 +251,9 @@ class RankCompute:
                 for name, arr in t.items():
                     if name.startswith(f"blk.{i}."):
                         release_array(arr)
+                for part in ("attn", "ffn"):  # and the pages ORT touched loading its programs back
+                    if (spill / f"l{i}.{part}.data").exists():
+                        release_file(spill / f"l{i}.{part}.data")
                 trim_heap()
 
         for i, layer in enumerate(layers):
