@@ -246,12 +246,14 @@ class RankCompute:
                 return gb.program(outputs, _options(options))
             return gb.program_on_disk(outputs, _options(options), spill / name, _options(options))
 
-        def drop_layer(i: int) -> None:  # windowed: its shard pages and ORT's heap copy are on disk now
-            if spill is not None:
-                for name, arr in t.items():
-                    if name.startswith(f"blk.{i}."):
-                        release_array(arr)
-                for part in ("attn", "ffn"):  # and the pages ORT touched loading its programs back
+        def drop_layer(i: int) -> None:
+            # Compiled: ORT holds its own (prepacked) copy, so the layer's shard pages can go now
+            # rather than after the last layer (they are clean file pages: read back if touched).
+            for name, arr in t.items():
+                if name.startswith(f"blk.{i}."):
+                    release_array(arr)
+            if spill is not None:  # windowed: ORT's copy is on disk too, and the pages it touched
+                for part in ("attn", "ffn"):  # loading the programs back can go as well
                     if (spill / f"l{i}.{part}.data").exists():
                         release_file(spill / f"l{i}.{part}.data")
                 trim_heap()
