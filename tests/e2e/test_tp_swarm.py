@@ -52,24 +52,31 @@ def reference_text(path: Path, n: int) -> str:
         tok.close()
 
 
+def start_workers(base: Path, name: str, nodes: list[NodeProcess], model_path, *args: str) -> str:  # type: ignore[no-untyped-def]
+    """Two worker nodes (serving the Q8_0 and Q4_0 fixtures, not the F32/F16 the masters serve),
+    appended to ``nodes`` as they start; ``args`` go to both. Returns the bootstrap multiaddr."""
+    boot_port = free_port()
+    boot = NodeProcess(
+        base / "w1", "-m", str(model_path("q8_0")), "--p2p-port", str(boot_port), *args, env=node_env(base / "w1", name)
+    )
+    nodes.append(boot)
+    boot.wait_ready()
+    boot_addr = f"/ip4/127.0.0.1/tcp/{boot_port}/p2p/{get_json(boot.url + '/api/node')['peer_id']}"
+    w2 = NodeProcess(
+        base / "w2", "-m", str(model_path("q4_0")), "--bootstrap", boot_addr, *args, env=node_env(base / "w2", name)
+    )
+    nodes.append(w2)
+    w2.wait_ready()
+    return boot_addr
+
+
 @pytest.fixture(scope="module")
 def swarm(tmp_path_factory, model_path):
     base = tmp_path_factory.mktemp("tp-swarm")
     name = f"tp-e2e-{os.getpid()}"
-    boot_port = free_port()
     nodes: list[NodeProcess] = []
     try:
-        boot = NodeProcess(
-            base / "w1", "-m", str(model_path("q8_0")), "--p2p-port", str(boot_port), env=node_env(base / "w1", name)
-        )
-        nodes.append(boot)
-        boot.wait_ready()
-        boot_addr = f"/ip4/127.0.0.1/tcp/{boot_port}/p2p/{get_json(boot.url + '/api/node')['peer_id']}"
-        w2 = NodeProcess(
-            base / "w2", "-m", str(model_path("q4_0")), "--bootstrap", boot_addr, env=node_env(base / "w2", name)
-        )
-        nodes.append(w2)
-        w2.wait_ready()
+        boot_addr = start_workers(base, name, nodes, model_path)
         yield {"base": base, "name": name, "boot_addr": boot_addr, "workers": nodes}
     finally:
         for n in nodes:
@@ -200,24 +207,9 @@ def test_a_model_larger_than_every_nodes_budget_is_served_by_the_group_the_plann
     path = model_path("f32")
     budget = ("--memory-budget", "4MiB")
     name = f"tp-budget-{os.getpid()}"
-    boot_port = free_port()
     nodes: list[NodeProcess] = []
     try:
-        boot = NodeProcess(
-            tmp_path / "b1",
-            *("-m", str(model_path("q8_0")), "--p2p-port", str(boot_port), *budget),
-            env=node_env(tmp_path / "b1", name),
-        )
-        nodes.append(boot)
-        boot.wait_ready()
-        boot_addr = f"/ip4/127.0.0.1/tcp/{boot_port}/p2p/{get_json(boot.url + '/api/node')['peer_id']}"
-        w2 = NodeProcess(
-            tmp_path / "b2",
-            *("-m", str(model_path("q4_0")), "--bootstrap", boot_addr, *budget),
-            env=node_env(tmp_path / "b2", name),
-        )
-        nodes.append(w2)
-        w2.wait_ready()
+        boot_addr = start_workers(tmp_path, name, nodes, model_path, *budget)
         master = start_master({"base": tmp_path, "name": name, "boot_addr": boot_addr}, "m", path, *budget)
         nodes.append(master)
         answer = complete(master, path.stem, 48)

@@ -48,7 +48,7 @@ import re
 from dataclasses import dataclass
 from types import TracebackType
 
-from tests.netem.netns import Namespace, NetemError, delete_namespace, list_namespaces, sh
+from tests.netem.netns import Namespace, NetemError, delete_namespace, list_namespaces, process_alive, sh
 
 log = logging.getLogger(__name__)
 
@@ -85,22 +85,12 @@ def cleanup_stale(prefix: str = PREFIX) -> list[str]:
         if not name.startswith(prefix) or m is None:
             continue
         owner = int(m.group(1))
-        if owner == os.getpid() or _pid_exists(owner):
+        if owner == os.getpid() or process_alive(owner):
             continue
         log.info("removing stale namespace %s (owner %d is gone)", name, owner)
         delete_namespace(name)
         removed.append(name)
     return removed
-
-
-def _pid_exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class Internet:

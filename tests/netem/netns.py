@@ -81,11 +81,17 @@ def delete_namespace(name: str, kill_timeout: float = 5.0) -> None:
         except ProcessLookupError:
             pass
     with contextlib.suppress(AssertionError):  # best effort: the namespace goes either way
-        until(lambda: not any(_alive(p) for p in pids), kill_timeout, f"the processes in {name} to die", interval=0.05)
+        until(
+            lambda: not any(process_alive(p) for p in pids),
+            kill_timeout,
+            f"the processes in {name} to die",
+            interval=0.05,
+        )
     sh("ip", "netns", "del", name, check=False)
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists and is not a zombie."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -39,7 +39,15 @@ from pathlib import Path
 from types import TracebackType
 
 from potluck.sharding.format.cost import LinkCost
-from tests.netem.netns import Namespace, NetemError, delete_namespace, in_namespace, list_namespaces, sh
+from tests.netem.netns import (
+    Namespace,
+    NetemError,
+    delete_namespace,
+    in_namespace,
+    list_namespaces,
+    process_alive,
+    sh,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 #: The star's addresses, in the root namespace (tests/netem's 198.18.0.0/24 and 10.<n>.0.0/24
@@ -60,16 +68,6 @@ def _owner(name: str) -> int | None:
     return int(m[1]) if m else None
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _root_links() -> list[str]:
     """Interface names in the root namespace (without the ``@peer`` suffix)."""
     out = sh("ip", "-o", "link", "show").stdout
@@ -80,11 +78,11 @@ def cleanup_stale() -> list[str]:
     """Delete the namespaces and root interfaces of stars whose run is gone; return their names."""
     removed = []
     for name in list_namespaces():
-        if (pid := _owner(name)) is not None and not _alive(pid):
+        if (pid := _owner(name)) is not None and not process_alive(pid):
             delete_namespace(name)  # its veth pair goes with it
             removed.append(name)
     for name in _root_links():
-        if (pid := _owner(name)) is not None and not _alive(pid):
+        if (pid := _owner(name)) is not None and not process_alive(pid):
             sh("ip", "link", "del", name, check=False)
             removed.append(name)
     return removed
@@ -135,7 +133,7 @@ class StarNet:
     def __enter__(self) -> StarNet:
         cleanup_stale()
         names = _root_links() + list_namespaces()
-        others = [n for n in names if (pid := _owner(n)) not in (None, os.getpid()) and _alive(pid)]
+        others = [n for n in names if (pid := _owner(n)) not in (None, os.getpid()) and process_alive(pid)]
         if others:
             raise NetemError(f"another star owns {SUBNET}.0/24 ({others[0]})")
         try:
