@@ -218,3 +218,25 @@ def test_wall_clock_records_are_accepted_now():
     ident = IDENTITIES[0]
     rec = record(ident, 1).model_copy(update={"expires_at": time.time() + 30})
     assert ClusterState("test").merge_raw(sign_record(ident, rec).raw, time.time()) is not None
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("memory_bw", -1.0), ("disk_bw", 1e30), ("memory_bw", "fast"), ("memory_budget", -5), ("disk_bw", True)],
+)
+def test_signed_records_with_out_of_range_bandwidths_are_refused(field, value):
+    """The bandwidths and budget a peer advertises feed every master's planner: a signed record
+    whose values are out of range or of the wrong type is refused, not clamped."""
+    ident = IDENTITIES[0]
+    fields = record(ident, 1).model_dump()
+    fields["hardware"][field] = value
+    body = msgpack.packb(fields, use_bin_type=True)
+    raw = msgpack.packb({"body": body, "sig": ident.sign(b"potluck-record/1\x00" + body)}, use_bin_type=True)
+    metrics = OverlayMetrics()
+    state = ClusterState("test", metrics)
+    assert state.merge_raw(raw, NOW) is None
+    assert rejected(metrics, "malformed") == 1
+    good = record(ident, 1).model_copy(
+        update={"hardware": Hardware(ram_total=1, ram_free=1, cores=1, decode_tps=0.0, memory_bw=3e10, disk_bw=2e9)}
+    )
+    assert state.merge_raw(sign_record(ident, good).raw, NOW) is not None

@@ -15,7 +15,7 @@ costs the slowest rank's weight streaming plus the exchanges' latency chain::
 weight term is a floor, not a sum. An all-reduce moves one ``hidden``-wide float32 row each way.
 ``overhead`` is what one exchange costs beyond the wire (serialization, syscalls, waking the
 waiting rank, the per-layer program launches between exchanges): measured at zero added delay
-(``bench/tp_netem.py``: 75-100 us per exchange with two ranks on this project's 2-core test machine).
+(``bench/tp_netem.py``: 50-90 us per exchange with two ranks on this project's 2-core test machine).
 """
 
 from __future__ import annotations

@@ -79,3 +79,11 @@ def test_the_selector_lets_the_cost_model_choose_the_group_size(model_path) -> N
     # a master whose budget holds the whole model is predicted fastest alone: no all-reduce
     ctx.memory_budget = 1 << 30
     assert selector.choose([], wait=False) == []
+
+
+def test_bandwidth_probes_measure_something_and_leave_nothing_behind(tmp_path) -> None:
+    from potluck.sharding.orchestration.forecast import measure_memory_bandwidth, probe_disk_bandwidth
+
+    assert 1e8 < measure_memory_bandwidth(8 << 20, threads=1, runs=1) < 1e13  # bytes/s through MatMulNBits
+    assert 1e6 < probe_disk_bandwidth(tmp_path / "spill", 1 << 20) < 1e12
+    assert list((tmp_path / "spill").iterdir()) == []  # the temporary file is gone
