@@ -29,3 +29,14 @@ def model_path(shared_dir: Path):
         return path
 
     return get
+
+
+@pytest.fixture
+def hub_offline(monkeypatch):
+    """Hugging Face Hub offline for this test: the environment variable (for subprocesses and a
+    first import) and huggingface_hub's constant, which it reads once at import (an earlier test
+    may have imported it; the network call would then retry with backoff instead of failing)."""
+    import huggingface_hub.constants as hub_constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)

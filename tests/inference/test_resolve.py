@@ -23,10 +23,6 @@ def test_no_model_and_nothing_cached_gives_demo_model(tmp_path):
     assert resolved.path in list(cached_models(tmp_path))
 
 
-def test_uncached_hub_model_offline_is_a_clear_error(tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    import huggingface_hub.constants as c
-
-    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
+def test_uncached_hub_model_offline_is_a_clear_error(tmp_path, hub_offline):
     with pytest.raises(DownloadError, match=r"--model PATH|cannot download"):
         resolve_model("nobody/nothing-GGUF:model.gguf", tmp_path)

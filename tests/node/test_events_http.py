@@ -97,8 +97,7 @@ async def test_event_stream_starts_with_the_snapshot_and_follows_changes(tmp_pat
             assert (await read_events(resp, "activity"))["activity"] == {"text": "hello"}
 
 
-async def test_pull_offline_fails_with_a_clear_error_in_the_stream(tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+async def test_pull_offline_fails_with_a_clear_error_in_the_stream(tmp_path, hub_offline):
     async with dashboard_app(tmp_path) as (http, _):
         async with http.post("/api/models/pull", data="model=x", headers={"Content-Type": "text/plain"}) as resp:
             assert resp.status == 400  # a cross-site form cannot start a download
