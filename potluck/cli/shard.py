@@ -187,23 +187,23 @@ def _cluster(url: str | None, api_key: str | None, config: Path | None) -> dict[
 
 def _predict_swarm(reader: Any, model: Path, n_ctx: int, view: dict[str, Any], as_json: bool) -> None:
     """The forecasts the node's planner would make for ``model`` over the peers in ``view``."""
+    from pydantic import ValidationError
     from rich.table import Table
 
+    from potluck.overlay.state import Hardware
+    from potluck.overlay.tp_swarm import TpPeer
     from potluck.sharding.orchestration.forecast import ModelSizes, pick
     from potluck.sharding.orchestration.selection import Candidate, forecast_groups, rank_candidates
 
     def candidate(peer: dict[str, Any]) -> Candidate:
-        hw, rtt = peer["hardware"], peer.get("rtt_ms")
-        return Candidate(
-            peer_id=peer["peer_id"],
-            ram_free=hw["ram_free"],
-            decode_tps=hw["decode_tps"],
-            cores=hw["cores"],
-            rtt_s=None if rtt is None else rtt / 1e3,
-            memory_budget=hw.get("memory_budget", 0),
-            memory_bw=hw.get("memory_bw", 0.0),
-            disk_bw=hw.get("disk_bw", 0.0),
-        )
+        """A cluster-view entry as the node's selector sees it (the record's schema, then the same
+        conversion as ``OverlaySwarmPort.candidates``)."""
+        rtt = peer.get("rtt_ms")
+        try:
+            hw = Hardware.model_validate(peer["hardware"])
+        except (KeyError, ValidationError) as exc:
+            raise PotluckError(f"the node's cluster view has a malformed peer entry: {exc}") from exc
+        return Candidate.of(TpPeer.of(peer["peer_id"], hw, None if rtt is None else rtt / 1e3))
 
     peers = view.get("peers", [])
     me = next((candidate(p) for p in peers if p.get("self")), None)

@@ -210,11 +210,12 @@ class Node:
         local = self.overlay.local
         spill = Path(self.settings.cache_dir) / "tp-spill"  # where a windowed rank's layers would live
         try:
-            local.memory_bw = await asyncio.to_thread(measure_memory_bandwidth)
-            local.disk_bw = await asyncio.to_thread(probe_disk_bandwidth, spill, DISK_PROBE_BYTES)
-        except OSError as exc:
-            log.warning("cannot measure disk bandwidth in %s (%s); peers will assume a default", spill, exc)
+            memory_bw = await asyncio.to_thread(measure_memory_bandwidth)
+            disk_bw = await asyncio.to_thread(probe_disk_bandwidth, spill, DISK_PROBE_BYTES)
+        except Exception as exc:
+            log.warning("cannot measure bandwidth (disk probe in %s): %s; peers will assume defaults", spill, exc)
             return
+        local.memory_bw, local.disk_bw = memory_bw, disk_bw
         log.info(
             "measured bandwidth: weight streaming %.1f GB/s, disk %.2f GB/s", local.memory_bw / 1e9, local.disk_bw / 1e9
         )

@@ -33,6 +33,9 @@ PLAN_VERSION = 1
 FFN_BLOCK = 32
 #: Fraction of a node's free RAM the planner lets weights + KV cache take.
 MEMORY_HEADROOM = 0.85
+#: The memory a node offers when its rank may stream its layers from disk (a memory budget sizes
+#: its window instead): shares then follow speed alone.
+DISK_BACKED = 1 << 50
 
 
 #: Version of the engine layout :mod:`potluck.sharding.format.extract` writes; part of

@@ -38,19 +38,14 @@ from potluck.sharding.format.cost import (
 )
 from potluck.sharding.format.extract import plan_geometry
 from potluck.sharding.format.gguf_tensors import read_config
-from potluck.sharding.format.plan import NodeCapability
-from potluck.sharding.orchestration.group import plan_for
+from potluck.sharding.format.plan import DISK_BACKED, NodeCapability, PlanGeometry, make_plan
+from potluck.sharding.orchestration.group import model_file_key
 
 #: Link presets: 0.3 ms and 1 Gbit/s, 3 ms and 100 Mbit/s, each with the default exchange overhead.
 LINKS = {
     "wired": LinkCost(0.3e-3, 125e6, DEFAULT_EXCHANGE_OVERHEAD_S),
     "wifi": LinkCost(3e-3, 12.5e6, DEFAULT_EXCHANGE_OVERHEAD_S),
 }
-
-
-#: The memory cap a windowed plan gives every member: shares follow speed alone, and each rank's
-#: budget decides its window (the spill files live on disk).
-DISK_BACKED = 1 << 50
 
 
 @dataclass(frozen=True)
@@ -113,21 +108,35 @@ class GroupForecast:
 
 @dataclass(frozen=True)
 class ModelSizes:
-    """What every forecast of one model needs: its GGUF, layers, width, the master's extra bytes."""
+    """What every forecast of one model needs, read from its GGUF once: the planner's geometry at
+    ``n_ctx``, the query heads and the model id (the selector forecasts on every poll for peers)."""
 
-    reader: GGUFReader
-    path: Path
+    geometry: PlanGeometry
+    n_heads: int
+    model_id: str
     n_ctx: int
-    layers: int
-    hidden: int
-    master_extra: int  #: the token embeddings, bytes (plan geometry; memory-mapped on the master)
-    vocab: int
 
     @classmethod
     def of(cls, reader: GGUFReader, path: Path, n_ctx: int) -> ModelSizes:
         config = read_config(reader)
-        extra = plan_geometry(reader, config, n_ctx).master_bytes
-        return cls(reader, path, n_ctx, config.n_layers, config.hidden, extra, config.vocab)
+        return cls(plan_geometry(reader, config, n_ctx), config.n_heads, model_file_key(path), n_ctx)
+
+    @property
+    def layers(self) -> int:
+        return self.geometry.n_layers
+
+    @property
+    def hidden(self) -> int:
+        return self.geometry.hidden
+
+    @property
+    def vocab(self) -> int:
+        return self.geometry.vocab
+
+    @property
+    def master_extra(self) -> int:
+        """The token embeddings, bytes (memory-mapped on the master, not resident)."""
+        return self.geometry.master_bytes
 
 
 def forecast_group(
@@ -145,7 +154,7 @@ def forecast_group(
         ShardPlanError: the planner cannot split the model over this many ranks.
     """
     nodes = [NodeCapability(d.name, DISK_BACKED, d.speed) for d in devices]
-    plan = plan_for(model.reader, model.path, nodes, model.n_ctx)
+    plan = make_plan(model.geometry, nodes, model.model_id, model.n_heads, model.n_ctx)
     sizings = [rank_sizing(plan, r, d.budget, model.master_extra if r == 0 else 0) for r, d in enumerate(devices)]
     n, largest = len(devices), max(s.weights for s in sizings) / 2**20
     short = [

@@ -24,7 +24,7 @@ def fits_locally(path: Path, n_ctx: int, free_ram: int | None = None, budget: in
     ``n_ctx``, embeddings and head) within ``budget`` bytes when one is given, else the planner's
     memory check against ``free_ram`` bytes (default: the RAM available now)."""
     from potluck.sharding.format.gguf_tensors import open_gguf
-    from potluck.sharding.format.plan import MEMORY_HEADROOM, NodeCapability
+    from potluck.sharding.format.plan import DISK_BACKED, MEMORY_HEADROOM, NodeCapability
     from potluck.sharding.orchestration.group import plan_for
 
     ram = int(psutil.virtual_memory().available) if free_ram is None else free_ram
@@ -32,7 +32,7 @@ def fits_locally(path: Path, n_ctx: int, free_ram: int | None = None, budget: in
     if path.stat().st_size * 2 < limit:
         return True  # far from the limit: skip reading the geometry
     try:
-        plan = plan_for(open_gguf(path), path, [NodeCapability("self", 1 << 50, 1.0)], n_ctx)
+        plan = plan_for(open_gguf(path), path, [NodeCapability("self", DISK_BACKED, 1.0)], n_ctx)
     except ShardPlanError:
         return False
     return plan.shares[0].est_bytes <= limit

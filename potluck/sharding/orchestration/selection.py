@@ -11,7 +11,7 @@ predicts ms/token from the bandwidths, memory budgets and RTTs the members adver
 hold even one layer is infeasible), and :func:`~potluck.sharding.orchestration.forecast.pick` takes
 the fewest within 5 % of the fastest.
 
-Shares are planned by speed with the memory caps lifted (:data:`~potluck.sharding.orchestration.forecast.DISK_BACKED`):
+Shares are planned by speed with the memory caps lifted (:data:`~potluck.sharding.format.plan.DISK_BACKED`):
 each rank's budget decides how much of its share stays resident, not whether it may take it.
 """
 
@@ -31,10 +31,9 @@ from potluck.config import DEFAULT_BUDGET_FRACTION
 from potluck.errors import ShardPlanError
 from potluck.identity import PeerId
 from potluck.sharding.format.cost import DEFAULT_DISK_BW, DEFAULT_MEMORY_BW, DEFAULT_RTT_S
-from potluck.sharding.format.plan import NodeCapability
+from potluck.sharding.format.plan import DISK_BACKED, NodeCapability
 from potluck.sharding.orchestration.context import SwarmContext
 from potluck.sharding.orchestration.forecast import (
-    DISK_BACKED,
     LINKS,
     Device,
     GroupForecast,
