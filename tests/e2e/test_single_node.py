@@ -42,7 +42,9 @@ def test_openai_client_chat_non_streaming_and_streaming(node):
     assert completion.choices[0].text
 
 
-@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed on this machine")
+@pytest.mark.skipif(
+    shutil.which("curl") is None, reason="curl is not installed (apt-get install curl; .ci/run installs it)"
+)
 def test_curl_streaming_and_non_streaming(node):
     body = json.dumps({"messages": [{"role": "user", "content": "ROMEO:"}], "max_tokens": 16})
     out = subprocess.run(

@@ -123,8 +123,12 @@ class LocalCollective:
         self._check_open()
         star = self._star
         if self.rank != 0:
+            if shapes:
+                raise ValueError("gather shapes are the master's to check; a worker passes none")
             self._put(star.up[self.rank], np.array(array, dtype=np.float32), 0)
             return []
+        if len(shapes) != self.world_size:
+            raise ValueError(f"gather needs {self.world_size} shapes, got {len(shapes)}")
         out = [np.array(array, dtype=np.float32)]
         for r in range(1, self.world_size):
             if star.members[r]._closed.is_set() and star.up[r].empty():

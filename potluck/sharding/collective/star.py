@@ -492,9 +492,12 @@ class StarWorker:
         Raises:
             TransferError: the master went away or stalled past ``timeout_s``.
             ProtocolViolation: the array exceeds the frame limit.
+            ValueError: ``shapes`` given (only the master checks shapes).
             ClosedError: we closed this worker.
         """
         own = _check_reduce_input(array)
+        if shapes:
+            raise ValueError("gather shapes are the master's to check; a worker passes none")
         if self._closed:
             raise ClosedError("star worker is closed")
         lane = self._gather_lane
