@@ -29,16 +29,24 @@ from onnx import TensorProto, helper
 from potluck.sharding.compute.onnx_ops import GraphBuilder
 from potluck.sharding.format.gguf_tensors import ModelConfig
 
+#: Fused attention's inputs: int32 ``(1,)`` the last new position (P + T - 1), int32 ``()`` P + T.
+SEQLENS_K, TOTAL_LEN = "seqlens_k", "total_len"
 #: The causal mask tiled over the query heads of a KV group: float32 ``(g*T, S)``, row ``j*T + t``.
 MASK_G = "mask.g"
 #: The same for the sliding-window layers (input ``mask_local``; models with a sliding window only).
 MASK_G_LOCAL = "mask.g.local"
 
 
-def declare_inputs(gb: GraphBuilder, config: ModelConfig, attention: bool = True) -> None:
-    """Declare ``x`` float32 ``(T, hidden)`` and, for graphs with attention, ``pos_ids`` and ``mask``."""
+def declare_inputs(gb: GraphBuilder, config: ModelConfig, attention: bool = True, fused: bool = False) -> None:
+    """Declare ``x`` float32 ``(T, hidden)`` and, for graphs with attention, ``pos_ids`` and ``mask``
+    (``fused``: ``seqlens_k`` int32 ``(1,)`` = P + T - 1 and ``total_len`` int32 ``()`` = P + T, the
+    inputs of :func:`fused_attention`)."""
     gb.add_input("x", np.float32, ["T", config.hidden])
     if not attention:
+        return
+    if fused:
+        gb.add_input(SEQLENS_K, np.int32, [1])
+        gb.add_input(TOTAL_LEN, np.int32, [])
         return
     gb.add_input("pos_ids", np.int64, [1, "T"])
     gb.add_input("mask", np.float32, ["T", "S"])
@@ -189,6 +197,68 @@ def attention(
     out = gb.node("Transpose", [out], f"{n}.ot", perm=[2, 0, 1, 3])  # (T, kv, g, hd)
     out = gb.node("Reshape", [out, _shape(gb, f"{n}.tq", [-1, kv * g * hd])], f"{n}.attn")
     return gb.linear(out, p + "attn_output", linears[p + "attn_output"], tensors)
+
+
+def fused_attention(
+    gb: GraphBuilder,
+    layer: int,
+    h: str,
+    config: ModelConfig,
+    kv: int,
+    linears: Mapping[str, Any],
+    tensors: Mapping[str, np.ndarray],
+    rope: tuple[str, str],
+) -> str:
+    """The same block as :func:`attention` in a few kernels: RMSNorm, one QKV linear, ORT's
+    ``com.microsoft.GroupQueryAttention`` (RoPE, KV-cache append, causal or sliding-window GQA in
+    one CPU kernel; ORT contrib-op spec, ``local_window_size`` as llama.cpp's SWA) and the o_proj
+    partial sum; for quantized weights.
+
+    The KV cache is float16 ``(1, kv, n_ctx, hd)`` per layer (as llama.cpp's default F16 cache, so
+    the same bytes), bound as both ``L.past_k`` and ``L.present_k``: ORT writes the new rows in
+    place at positions ``P .. P+T-1``, from the inputs ``seqlens_k`` and ``total_len``. The kernel
+    runs in float16 (Q, K, V, RoPE and the ``rope`` tables rounded to it), so results differ from
+    llama.cpp's (float32 RoPE, float16 K/V) in the last float16 bits; :func:`attention` reproduces
+    llama.cpp bit for bit for F32/F16 weights. Measured on the 1.1B bench model: 1-2.5 ms/token
+    faster than :func:`attention`; a float32 cache would be another 0.75 ms faster at twice the
+    memory. Arguments and return value as :func:`attention` (``rope``: float16 tables).
+    """
+    p, hd, g = f"blk.{layer}.", config.head_dim, config.group
+    n = f"l{layer}"
+    cache = [1, kv, "C", hd]
+    past_k = gb.add_input(f"{layer}.past_k", np.float16, cache)
+    past_v = gb.add_input(f"{layer}.past_v", np.float16, cache)
+    a = rms_norm(gb, h, f"{n}.attn_norm", tensors[p + "attn_norm"], config.rms_eps)
+    if p + "attn_qkv" in linears and not config.qk_norm:
+        qkv = gb.linear(a, p + "attn_qkv", linears[p + "attn_qkv"], tensors)
+    else:
+        q, k, v = _linears(gb, a, p, ("attn_qkv", ("attn_q", "attn_k", "attn_v")), linears, tensors)
+        if config.qk_norm:
+            q = _head_norm(gb, q, f"{n}.q_norm", tensors[p + "attn_q_norm"], kv * g, config)
+            k = _head_norm(gb, k, f"{n}.k_norm", tensors[p + "attn_k_norm"], kv, config)
+        qkv = gb.node("Concat", [q, k, v], f"{n}.qkv", axis=-1)
+    packed = gb.node("Unsqueeze", [qkv, _shape(gb, f"{n}.ax0", [0])], f"{n}.qkv3")  # (1, T, (H + 2kv) hd)
+    packed = gb.node("Cast", [packed], f"{n}.qkv16", to=TensorProto.FLOAT16)
+    window = config.sliding_window if config.is_local(layer) else -1
+    cos, sin = rope
+    out = f"{n}.gqa"
+    gb.nodes.append(
+        helper.make_node(
+            "GroupQueryAttention",
+            [packed, "", "", past_k, past_v, SEQLENS_K, TOTAL_LEN, cos, sin],
+            [out, f"{layer}.present_k", f"{layer}.present_v"],
+            domain="com.microsoft",
+            num_heads=kv * g,
+            kv_num_heads=kv,
+            do_rotary=1,
+            rotary_interleaved=1 if config.rope_mode == "normal" else 0,
+            scale=float(1.0 / np.sqrt(hd)),
+            local_window_size=window,
+        )
+    )
+    out = gb.node("Cast", [out], f"{n}.gqa32", to=TensorProto.FLOAT)
+    flat = gb.node("Squeeze", [out, f"{n}.ax0"], f"{n}.attn")  # (T, H hd)
+    return gb.linear(flat, p + "attn_output", linears[p + "attn_output"], tensors)
 
 
 def ffn(

@@ -32,6 +32,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -60,11 +61,18 @@ class EngineOptions:
     Attributes:
         n_ctx: KV-cache length in tokens.
         threads: ONNX Runtime intra-op threads.
-        spinning: let ORT pool threads spin between calls. Off by default: with N > 1 every
-            segment is its own session with its own pool, and 44-66 spinning pools starve the
-            running one (measured on the 1.1B bench model with 66 stages: 5000 ms/token spinning
-            vs 50 off). With N = 1 there is one session, so spinning is harmless.
+        spinning: let ORT pool threads spin between calls. ``None`` (default): only where the rank
+            is one program (N = 1, not windowed), which owns the process's cores (1.1B bench model:
+            22.3 -> 20.8 ms/token). With N > 1 every segment is its own session with its own pool,
+            and 44-66 spinning pools starve the running one (measured on the 1.1B bench model with
+            66 stages: 5000 ms/token spinning vs 50 off).
         accuracy_level: ``MatMulNBits`` accuracy level (4: int8 activations, like llama.cpp).
+        attention: ``"exact"``: llama.cpp's F16-cache attention bit for bit
+            (:func:`~potluck.sharding.compute.blocks.attention`, about 25 kernels a layer);
+            ``"fused"``: one ``GroupQueryAttention`` kernel, float16 like the cache
+            (:func:`~potluck.sharding.compute.blocks.fused_attention`); ``"auto"`` (default): fused
+            when the layers' weights are quantized (their results are judged by perplexity, not by
+            bit-equal tokens), exact for F32/F16 weights.
         memory_budget: bytes this rank's model state may keep resident (layer weights, KV cache,
             the master's head); 0: no limit. A rank whose slices do not fit keeps a sliding window
             of layers (:mod:`potluck.sharding.compute.residency`).
@@ -75,8 +83,9 @@ class EngineOptions:
 
     n_ctx: int = 256
     threads: int = 2
-    spinning: bool = False
+    spinning: bool | None = None
     accuracy_level: int = DEFAULT_ACCURACY_LEVEL
+    attention: str = "auto"
     memory_budget: int = 0
     spill_dir: Path | None = None
     drop_cache: bool = False
@@ -126,8 +135,14 @@ def causal_mask(pos: int, n: int, window: int = 0) -> np.ndarray:
     return mask
 
 
-def attention_inputs(config: ModelConfig, pos: int, n: int) -> dict[str, np.ndarray]:
-    """``pos_ids``, ``mask`` (and ``mask_local`` for sliding-window models) of a forward pass."""
+def attention_inputs(config: ModelConfig, pos: int, n: int, fused: bool = False) -> dict[str, np.ndarray]:
+    """``pos_ids``, ``mask`` (and ``mask_local`` for sliding-window models) of a forward pass; with
+    ``fused`` attention, ``seqlens_k`` and ``total_len`` (:func:`~potluck.sharding.compute.blocks.declare_inputs`)."""
+    if fused:
+        return {
+            blocks.SEQLENS_K: np.array([pos + n - 1], np.int32),
+            blocks.TOTAL_LEN: np.array(pos + n, np.int32),
+        }
     inputs = {"pos_ids": np.arange(pos, pos + n, dtype=np.int64)[None], "mask": causal_mask(pos, n)}
     if config.sliding_window:
         inputs["mask_local"] = causal_mask(pos, n, config.sliding_window)
@@ -146,7 +161,7 @@ def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
 class _Layer:
     attn: Program | None  # N > 1: RMSNorm .. o_proj partial sum; None without KV heads or for N = 1
     ffn: Program | None  # N > 1: RMSNorm .. down partial sum; None without FFN columns or for N = 1
-    k_cache: np.ndarray  # (n_ctx, kv_local, hd) float16
+    k_cache: np.ndarray  # float16, exact attention: (n_ctx, kv_local, hd); fused: (1, kv_local, n_ctx, hd)
     v_cache: np.ndarray
 
 
@@ -176,6 +191,8 @@ class RankCompute:
     #: N > 1 (or windowed): final norm and this rank's rows of the output head; None without vocab rows
     head: Program | None = None
     head_out: str = ""
+    #: attention through :func:`~potluck.sharding.compute.blocks.fused_attention` (see ``EngineOptions.attention``)
+    fused: bool = False
 
     @classmethod
     def from_shard(cls, shard: ShardData, options: EngineOptions) -> RankCompute:
@@ -195,11 +212,15 @@ class RankCompute:
             raise ShardPlanError(f"shard metadata is incomplete: {exc}") from exc
         t = shard.tensors
         hd, kv = config.head_dim, share.kv_count
+        fused = _fused_attention(options, linears)
+        attend = blocks.fused_attention if fused else blocks.attention
         tables = {"": rope_tables(config, options.n_ctx)}
         if config.sliding_window:
             tables["local."] = rope_tables(
                 replace(config, rope_theta=config.rope_theta_local, rope_freq_scale=1.0), options.n_ctx
             )
+        if fused:  # GroupQueryAttention's tables have the cache's dtype
+            tables = {k: (cos.astype(np.float16), sin.astype(np.float16)) for k, (cos, sin) in tables.items()}
 
         def rope(gb: GraphBuilder, layer: int) -> tuple[str, str]:
             key = "local." if config.is_local(layer) else ""
@@ -209,10 +230,9 @@ class RankCompute:
                     gb.constant(name, table)
             return names
 
+        cache_shape = (1, kv, options.n_ctx, hd) if fused else (options.n_ctx, kv, hd)
         layers = [
-            _Layer(
-                None, None, np.zeros((options.n_ctx, kv, hd), np.float16), np.zeros((options.n_ctx, kv, hd), np.float16)
-            )
+            _Layer(None, None, np.zeros(cache_shape, np.float16), np.zeros(cache_shape, np.float16))
             for _ in range(config.n_layers)
         ]
         spill: Path | None = None
@@ -227,19 +247,20 @@ class RankCompute:
             if "output" not in linears:
                 raise ShardPlanError("a single-rank shard must hold the head")
             gb = _builder(options)
-            blocks.declare_inputs(gb, config)
+            blocks.declare_inputs(gb, config, fused=fused)
             h = "x"
             for i in range(config.n_layers):
-                attn = blocks.attention(gb, i, h, config, kv, linears, t, rope(gb, i))
+                attn = attend(gb, i, h, config, kv, linears, t, rope(gb, i))
                 h = gb.node("Add", [h, blocks.post_norm(gb, attn, i, "post_attention_norm", config, t)], f"l{i}.h_attn")
                 ffn = blocks.ffn(gb, i, h, config, linears, t)
                 h = gb.node("Add", [h, blocks.post_norm(gb, ffn, i, "post_ffw_norm", config, t)], f"l{i}.h_ffn")
             gb.add_input("rows", np.int64, ["R"])
             logits = blocks.head(gb, h, "rows", config, linears, t)
-            stack = gb.program([(logits, np.float32), *_cache_outputs(config.n_layers)], _options(options))
+            outputs = [(logits, np.float32), *_cache_outputs(config.n_layers, fused=fused)]
+            stack = gb.program(outputs, _options(options, owns_cores=True))
             if shard.path is not None:  # compiled: ORT holds its own (prepacked) copies of the weights
                 release_file(shard.path)
-            return cls(config, plan, rank, options, layers, stack, logits)
+            return cls(config, plan, rank, options, layers, stack, logits, fused=fused)
 
         def compile_layer(gb: GraphBuilder, outputs: list[tuple[str, type]], name: str) -> Program:
             if spill is None:
@@ -261,11 +282,10 @@ class RankCompute:
         for i, layer in enumerate(layers):
             if kv:
                 gb = _builder(options)
-                blocks.declare_inputs(gb, config)
-                part = gb.node(
-                    "Identity", [blocks.attention(gb, i, "x", config, kv, linears, t, rope(gb, i))], "partial"
-                )
-                layer.attn = compile_layer(gb, [(part, np.float32), *_cache_outputs(1, first=i)], f"l{i}.attn")
+                blocks.declare_inputs(gb, config, fused=fused)
+                part = gb.node("Identity", [attend(gb, i, "x", config, kv, linears, t, rope(gb, i))], "partial")
+                outputs = [(part, np.float32), *_cache_outputs(1, first=i, fused=fused)]
+                layer.attn = compile_layer(gb, outputs, f"l{i}.attn")
             if share.ffn_count:
                 gb = _builder(options)
                 blocks.declare_inputs(gb, config, attention=False)
@@ -297,7 +317,18 @@ class RankCompute:
             head = gb.program([(head_out, np.float32)], _options(options))
         if shard.path is not None:  # compiled: ORT holds its own (prepacked) copies of the weights
             release_file(shard.path)
-        return cls(config, plan, rank, options, layers, post_norms=post, window=window, head=head, head_out=head_out)
+        return cls(
+            config,
+            plan,
+            rank,
+            options,
+            layers,
+            post_norms=post,
+            window=window,
+            head=head,
+            head_out=head_out,
+            fused=fused,
+        )
 
     def head_logits(self, h: np.ndarray, rows: np.ndarray) -> np.ndarray:
         """Logits of this rank's vocabulary rows for rows ``rows`` (int64 ``(R,)``) of the residual
@@ -327,8 +358,14 @@ class RankCompute:
             raise RequestError(f"positions {pos}..{pos + n} exceed the context of {self.options.n_ctx} tokens")
 
     def _cache_io(self, i: int, pos: int, n: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-        """Layer ``i``'s cache bindings: inputs rows ``[0, pos)``, outputs rows ``[pos, pos + n)`` (in place)."""
+        """Layer ``i``'s cache bindings: inputs rows ``[0, pos)``, outputs rows ``[pos, pos + n)`` (in place;
+        fused attention binds the whole cache as input and output, and ORT writes those rows)."""
         layer = self.layers[i]
+        if self.fused:
+            return (
+                {f"{i}.past_k": layer.k_cache, f"{i}.past_v": layer.v_cache},
+                {f"{i}.present_k": layer.k_cache, f"{i}.present_v": layer.v_cache},
+            )
         past = {f"{i}.past_k": layer.k_cache[:pos], f"{i}.past_v": layer.v_cache[:pos]}
         new = {f"{i}.new_k": layer.k_cache[pos : pos + n], f"{i}.new_v": layer.v_cache[pos : pos + n]}
         return past, new
@@ -354,7 +391,7 @@ class RankCompute:
         t0 = time.perf_counter()
         inputs = {
             "x": np.ascontiguousarray(x, dtype=np.float32),
-            **attention_inputs(self.config, pos, n),
+            **attention_inputs(self.config, pos, n, self.fused),
             "rows": np.ascontiguousarray(rows, dtype=np.int64),
         }
         logits = np.empty((len(rows), self.config.vocab), np.float32)
@@ -391,7 +428,7 @@ class RankCompute:
         self._check(n, pos)
         zeros = np.zeros((n, c.hidden), np.float32)
         h = np.ascontiguousarray(x, dtype=np.float32)
-        attn_in = attention_inputs(c, pos, n)
+        attn_in = attention_inputs(c, pos, n, self.fused)
         post = self.post_norms
         clock = time.perf_counter
         window = self.window
@@ -460,16 +497,37 @@ def _file_backed(shard: ShardData, spill: Path) -> ShardData:
     return read_shard(path)
 
 
-def _cache_outputs(n_layers: int, first: int = 0) -> list[tuple[str, type]]:
+def _cache_outputs(n_layers: int, first: int = 0, fused: bool = False) -> list[tuple[str, type]]:
+    if fused:
+        return [(f"{i}.present_{kv}", np.float16) for i in range(first, first + n_layers) for kv in "kv"]
     return [(f"{i}.new_{kv}", np.float16) for i in range(first, first + n_layers) for kv in "kv"]
+
+
+#: Values of ``EngineOptions.attention``.
+ATTENTION_MODES = ("auto", "exact", "fused")
+
+
+def _fused_attention(options: EngineOptions, linears: dict[str, Any]) -> bool:
+    """Whether a rank's attention is :func:`~potluck.sharding.compute.blocks.fused_attention`.
+
+    Raises:
+        ShardPlanError: ``options.attention`` is not one of :data:`ATTENTION_MODES`.
+    """
+    if options.attention not in ATTENTION_MODES:
+        raise ShardPlanError(f"attention {options.attention!r} is not one of {', '.join(ATTENTION_MODES)}")
+    if options.attention != "auto":
+        return options.attention == "fused"
+    return any(lay["kind"] in ("q4", "q8") for name, lay in linears.items() if name.startswith("blk."))
 
 
 def _builder(options: EngineOptions) -> GraphBuilder:
     return GraphBuilder(accuracy_level=options.accuracy_level)
 
 
-def _options(options: EngineOptions) -> ort.SessionOptions:
-    return session_options(options.threads, options.spinning)
+def _options(options: EngineOptions, owns_cores: bool = False) -> ort.SessionOptions:
+    """Session options of a rank's programs; ``owns_cores``: the rank is one program (N = 1)."""
+    spinning = owns_cores if options.spinning is None else options.spinning
+    return session_options(options.threads, spinning)
 
 
 class TPMaster:

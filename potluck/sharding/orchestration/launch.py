@@ -115,7 +115,7 @@ class ProcessGroup:
         self.plan = plan
         n = plan.world_size
         threads = max(1, self.cores // n)
-        rank_options = replace(self.options, threads=threads, spinning=n == 1 and self.options.spinning)
+        rank_options = replace(self.options, threads=threads, spinning=self.options.spinning if n == 1 else False)
         paths = write_worker_shards(self.reader, plan, self.shard_dir)
         if n > 1:
             key = auth.new_session_key()

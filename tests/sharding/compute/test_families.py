@@ -8,11 +8,13 @@ their own RoPE base; the window is 16 tokens, so the 18-token prompt plus 48 gen
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
+from potluck.errors import ShardPlanError
 from potluck.sharding.format.gguf_tensors import open_gguf, read_config
 from tests.sharding.arch_fixtures import retarget
-from tests.sharding.compute.test_equivalence import tp_greedy
+from tests.sharding.compute.test_equivalence import group, tp_greedy
 from tests.sharding.llama_ref import greedy_tokens
 
 FAMILIES = ("qwen2", "qwen3", "gemma3")
@@ -41,3 +43,37 @@ def test_family_greedy_tokens_equal_llama_cpp(family_paths, arch, n) -> None:
     prompt_ids, want = greedy_tokens(path)
     assert len(set(want)) > 10  # the retargeted model still says varied things
     assert tp_greedy(path, n, prompt_ids, len(want)) == want
+
+
+def _chunked_logits(path, n: int, ids: list[int], attention: str, cut: int):  # type: ignore[no-untyped-def]
+    """Teacher-forced logits of ``ids`` in two passes (``ids[:cut]``, then the rest over the cache)."""
+    g = group(path, n, attention=attention)
+    try:
+        head = g.master.forward(ids[:cut], 0, all_logits=True)
+        tail = g.master.forward(ids[cut:], cut, all_logits=True)
+    finally:
+        g.close()
+    return np.concatenate([head, tail])
+
+
+@pytest.mark.parametrize("arch", ("llama", *FAMILIES))
+@pytest.mark.parametrize("n", [1, 2])
+def test_fused_attention_computes_what_the_exact_block_does(family_paths, shared_dir, arch, n) -> None:
+    """GroupQueryAttention (float16 RoPE and cache) against llama.cpp's bit-exact block on the F32 files:
+    RoPE modes, Q/K norms, QKV biases, and gemma3's sliding window (16 tokens; the 66 positions cross
+    it, and the second pass attends over the cache written by the first)."""
+    path = family_paths.get(arch, shared_dir / "models" / "tinyshakespeare-f32.gguf")
+    prompt_ids, want = greedy_tokens(path)
+    ids = [*prompt_ids, *want]
+    exact = _chunked_logits(path, n, ids, "exact", 23)
+    fused = _chunked_logits(path, n, ids, "fused", 23)
+    diff = float(np.abs(fused - exact).max())
+    agree = float((fused.argmax(1) == exact.argmax(1)).mean())
+    print(f"{arch} N={n}: max |logit diff| {diff:.4f}, top-1 agreement {agree:.4f} over {len(ids)} positions")
+    assert diff < 0.03
+    assert agree >= 0.98
+
+
+def test_an_unknown_attention_mode_is_refused(shared_dir) -> None:
+    with pytest.raises(ShardPlanError, match="attention 'flash' is not one of auto, exact, fused"):
+        group(shared_dir / "models" / "tinyshakespeare-f32.gguf", 1, attention="flash")
