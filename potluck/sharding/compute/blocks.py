@@ -225,7 +225,7 @@ def fused_attention(
     """
     p, hd, g = f"blk.{layer}.", config.head_dim, config.group
     n = f"l{layer}"
-    cache = [1, kv, "C", hd]
+    cache: list[int | str] = [1, kv, "C", hd]
     past_k = gb.add_input(f"{layer}.past_k", np.float16, cache)
     past_v = gb.add_input(f"{layer}.past_v", np.float16, cache)
     a = rms_norm(gb, h, f"{n}.attn_norm", tensors[p + "attn_norm"], config.rms_eps)
