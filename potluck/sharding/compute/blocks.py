@@ -125,6 +125,25 @@ def _shape(gb: GraphBuilder, name: str, dims: list[int]) -> str:
     return gb.constant(name, np.array(dims, np.int64))
 
 
+def _qkv(
+    gb: GraphBuilder,
+    a: str,
+    layer: int,
+    config: ModelConfig,
+    kv: int,
+    linears: Mapping[str, Any],
+    tensors: Mapping[str, np.ndarray],
+) -> tuple[str, str, str]:
+    """This rank's Q, K, V float32 ``(T, heads * hd)`` of the normed ``a``, Q/K RMSNormed per head
+    where the family has Q/K norms."""
+    p, n = f"blk.{layer}.", f"l{layer}"
+    q, k, v = _linears(gb, a, p, ("attn_qkv", ("attn_q", "attn_k", "attn_v")), linears, tensors)
+    if config.qk_norm:
+        q = _head_norm(gb, q, f"{n}.q_norm", tensors[p + "attn_q_norm"], kv * config.group, config)
+        k = _head_norm(gb, k, f"{n}.k_norm", tensors[p + "attn_k_norm"], kv, config)
+    return q, k, v
+
+
 def attention(
     gb: GraphBuilder,
     layer: int,
@@ -156,10 +175,7 @@ def attention(
     past_k = gb.add_input(f"{layer}.past_k", np.float16, ["P", kv, hd])
     past_v = gb.add_input(f"{layer}.past_v", np.float16, ["P", kv, hd])
     a = rms_norm(gb, h, f"{n}.attn_norm", tensors[p + "attn_norm"], config.rms_eps)
-    q, k, v = _linears(gb, a, p, ("attn_qkv", ("attn_q", "attn_k", "attn_v")), linears, tensors)
-    if config.qk_norm:
-        q = _head_norm(gb, q, f"{n}.q_norm", tensors[p + "attn_q_norm"], kv * g, config)
-        k = _head_norm(gb, k, f"{n}.k_norm", tensors[p + "attn_k_norm"], kv, config)
+    q, k, v = _qkv(gb, a, layer, config, kv, linears, tensors)
     interleaved = 1 if config.rope_mode == "normal" else 0
     cos, sin = rope
 
@@ -232,11 +248,7 @@ def fused_attention(
     if p + "attn_qkv" in linears and not config.qk_norm:
         qkv = gb.linear(a, p + "attn_qkv", linears[p + "attn_qkv"], tensors)
     else:
-        q, k, v = _linears(gb, a, p, ("attn_qkv", ("attn_q", "attn_k", "attn_v")), linears, tensors)
-        if config.qk_norm:
-            q = _head_norm(gb, q, f"{n}.q_norm", tensors[p + "attn_q_norm"], kv * g, config)
-            k = _head_norm(gb, k, f"{n}.k_norm", tensors[p + "attn_k_norm"], kv, config)
-        qkv = gb.node("Concat", [q, k, v], f"{n}.qkv", axis=-1)
+        qkv = gb.node("Concat", list(_qkv(gb, a, layer, config, kv, linears, tensors)), f"{n}.qkv", axis=-1)
     packed = gb.node("Unsqueeze", [qkv, _shape(gb, f"{n}.ax0", [0])], f"{n}.qkv3")  # (1, T, (H + 2kv) hd)
     packed = gb.node("Cast", [packed], f"{n}.qkv16", to=TensorProto.FLOAT16)
     window = config.sliding_window if config.is_local(layer) else -1

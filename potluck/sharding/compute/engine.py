@@ -15,7 +15,9 @@ where it matters for token equality: RMSNorm is ORT's fused SimplifiedLayerNorma
 sums squares in float64; see :func:`potluck.sharding.compute.blocks.rms_norm` for why that costs no
 fidelity), RoPE "normal" rotates pairs (2i, 2i+1) and "neox" pairs (i, i + d/2) (``ggml_rope``), and
 the KV cache is float16 with Q and the softmax probabilities rounded to float16 before they meet it
-(llama.cpp's default F16 cache).
+(llama.cpp's default F16 cache). That exact block is for F32/F16 weights, whose greedy tokens must
+equal llama.cpp's; with quantized weights attention is ORT's fused ``GroupQueryAttention`` kernel
+(``EngineOptions.attention``), judged by perplexity against llama.cpp instead.
 
 Execution: the blocks are ONNX subgraphs (:mod:`potluck.sharding.compute.blocks`) run by ONNX Runtime through
 IO binding, the KV cache rows written in place. With N = 1 the whole model and the head are one
@@ -63,7 +65,7 @@ class EngineOptions:
         threads: ONNX Runtime intra-op threads.
         spinning: let ORT pool threads spin between calls. ``None`` (default): only where the rank
             is one program (N = 1, not windowed), which owns the process's cores (1.1B bench model:
-            22.3 -> 20.8 ms/token). With N > 1 every segment is its own session with its own pool,
+            22.3 -> 21.2 ms/token). With N > 1 every segment is its own session with its own pool,
             and 44-66 spinning pools starve the running one (measured on the 1.1B bench model with
             66 stages: 5000 ms/token spinning vs 50 off).
         accuracy_level: ``MatMulNBits`` accuracy level (4: int8 activations, like llama.cpp).
