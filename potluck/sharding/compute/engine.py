@@ -160,6 +160,33 @@ def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
 
 
 @dataclass
+class _StepBuffers:
+    """The arrays one forward pass of ``T`` tokens binds into a rank's programs besides the KV cache:
+    reused step after step for ``T = 1``, so that :meth:`Program.run` finds them bound already."""
+
+    h: np.ndarray  #: float32 ``(T, hidden)``: the residual stream, updated in place
+    partial: np.ndarray  #: float32 ``(T, hidden)``: a program's partial sum (the all-reduce copies it)
+    zeros: np.ndarray  #: float32 ``(T, hidden)``: the partial sum of a rank without heads/columns
+    fused: dict[str, np.ndarray] = field(default_factory=dict)  #: fused attention's position inputs
+
+    @classmethod
+    def of(cls, n: int, hidden: int) -> _StepBuffers:
+        h, partial, zeros = (np.zeros((n, hidden), np.float32) for _ in range(3))
+        return cls(h, partial, zeros)
+
+    def attention_inputs(self, config: ModelConfig, pos: int, n: int, fused: bool) -> dict[str, np.ndarray]:
+        """:func:`attention_inputs`; fused attention's are written into the same two arrays every step."""
+        if not fused:
+            return attention_inputs(config, pos, n)
+        if not self.fused:
+            self.fused = attention_inputs(config, pos, n, fused=True)
+        else:
+            self.fused[blocks.SEQLENS_K][0] = pos + n - 1
+            self.fused[blocks.TOTAL_LEN][()] = pos + n
+        return self.fused
+
+
+@dataclass
 class _Layer:
     attn: Program | None  # N > 1: RMSNorm .. o_proj partial sum; None without KV heads or for N = 1
     ffn: Program | None  # N > 1: RMSNorm .. down partial sum; None without FFN columns or for N = 1
@@ -195,6 +222,8 @@ class RankCompute:
     head_out: str = ""
     #: attention through :func:`~potluck.sharding.compute.blocks.fused_attention` (see ``EngineOptions.attention``)
     fused: bool = False
+    #: N > 1: the decode step's buffers (``T = 1``), the same every step so the programs keep their bindings
+    _buffers: dict[int, _StepBuffers] = field(default_factory=dict)
 
     @classmethod
     def from_shard(cls, shard: ShardData, options: EngineOptions) -> RankCompute:
@@ -428,9 +457,12 @@ class RankCompute:
         c = self.config
         n = x.shape[0]
         self._check(n, pos)
-        zeros = np.zeros((n, c.hidden), np.float32)
-        h = np.ascontiguousarray(x, dtype=np.float32)
-        attn_in = attention_inputs(c, pos, n, self.fused)
+        buf = self._buffers.get(n) or _StepBuffers.of(n, c.hidden)
+        if n == 1:
+            self._buffers[1] = buf
+        zeros, h = buf.zeros, buf.h
+        np.copyto(h, x)
+        attn_in = buf.attention_inputs(c, pos, n, self.fused)
         post = self.post_norms
         clock = time.perf_counter
         window = self.window
@@ -442,27 +474,27 @@ class RankCompute:
             t0 = clock()
             part = zeros
             if layer.attn is not None:
-                part = np.empty((n, c.hidden), np.float32)
+                part = buf.partial
                 past, new = self._cache_io(i, pos, n)
                 layer.attn.run({"x": h, **attn_in, **past}, {"partial": part, **new})
             t1 = clock()
             out = reduce(part) if reduce else part
-            h = h + (rms_norm(out, post[i][0], c.rms_eps) if post else out)
+            np.add(h, rms_norm(out, post[i][0], c.rms_eps) if post else out, out=h)
             t2 = clock()
             part = zeros
             if layer.ffn is not None:
-                part = np.empty((n, c.hidden), np.float32)
+                part = buf.partial
                 layer.ffn.run({"x": h}, {"partial": part})
             t3 = clock()
             out = reduce(part) if reduce else part
-            h = h + (rms_norm(out, post[i][1], c.rms_eps) if post else out)
+            np.add(h, rms_norm(out, post[i][1], c.rms_eps) if post else out, out=h)
             t4 = clock()
             self.stats.compute_s += (t1 - t0) + (t3 - t2)
             self.stats.comm_s += (t2 - t1) + (t4 - t3)
             if window is not None:
                 window.leave(i)
         self.stats.steps += 1
-        return h
+        return h.copy()  # the buffer is the next step's
 
 
 def _fixed_bytes(shard: ShardData, options: EngineOptions, kv: int) -> int:

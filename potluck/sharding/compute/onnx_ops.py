@@ -245,13 +245,14 @@ class Program:
         self.session = session
         self.keep_alive = keep_alive
         self._io = session.io_binding()
-        self._bound: dict[str, tuple[int, tuple[int, ...], np.dtype]] = {}  # name -> (address, shape, dtype)
+        self._bound: dict[str, np.ndarray] = {}  # name -> the array bound last (kept alive with its address)
 
     def run(self, inputs: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray]) -> None:
         """Bind ``inputs`` and preallocated ``outputs`` (exact shapes and dtypes) by address and run.
 
-        A binding whose address, shape and dtype are those of the previous run is kept (the KV cache
-        of fused attention is the same buffer every step), so only what moved is bound again.
+        An argument that is the very array bound by the previous run keeps its binding (the engine
+        reuses its decode buffers and fused attention's KV cache every step), so only new arrays are
+        bound; an array's shape must not be changed in place between runs.
 
         Raises:
             ValueError: an array is not C-contiguous (or an output is read-only).
@@ -261,15 +262,13 @@ class Program:
         for name, a in inputs.items():
             if not a.flags.c_contiguous:
                 raise ValueError(f"input {name} is not C-contiguous")
-            key = (a.ctypes.data, a.shape, a.dtype)
-            if bound.get(name) != key:
-                io.bind_input(name, "cpu", 0, a.dtype, a.shape, key[0])
-                bound[name] = key
+            if bound.get(name) is not a:
+                io.bind_input(name, "cpu", 0, a.dtype, a.shape, a.ctypes.data)
+                bound[name] = a
         for name, a in outputs.items():
             if not (a.flags.c_contiguous and a.flags.writeable):
                 raise ValueError(f"output {name} is not a writeable C-contiguous array")
-            key = (a.ctypes.data, a.shape, a.dtype)
-            if bound.get(name) != key:
-                io.bind_output(name, "cpu", 0, a.dtype, a.shape, key[0])
-                bound[name] = key
+            if bound.get(name) is not a:
+                io.bind_output(name, "cpu", 0, a.dtype, a.shape, a.ctypes.data)
+                bound[name] = a
         self.session.run_with_iobinding(io)
