@@ -37,7 +37,7 @@ from potluck.errors import NetworkError, PeerFailed, ProtocolViolation
 from potluck.identity import PeerId
 from potluck.sharding.collective import transfer
 from potluck.sharding.collective.auth import new_session_key
-from potluck.sharding.collective.star import StarMaster
+from potluck.sharding.collective.star import DEFAULT_POLL_S, StarMaster
 from potluck.sharding.compute.engine import EngineOptions, RankCompute, TPMaster
 from potluck.sharding.format.plan import NodeCapability, ShardPlan
 from potluck.sharding.orchestration.context import SwarmContext
@@ -124,7 +124,8 @@ def form_group(
     key = new_session_key()
     session = secrets.token_hex(16)
     # The star's own listener stays on loopback and unused: workers arrive through ours.
-    star = StarMaster(n, key, host="127.0.0.1", port=0, timeout_s=ctx.timeout_s)
+    # one rank per node: each has its node's cores, so receives busy-poll before they block
+    star = StarMaster(n, key, host="127.0.0.1", port=0, timeout_s=ctx.timeout_s, poll_s=DEFAULT_POLL_S)
     pending = PendingJoin(session, {r: w.peer_id for r, w in enumerate(workers, start=1)})
     listener = socket.create_server((ctx.bind_host, 0), backlog=max(8, n))
     stop = threading.Event()

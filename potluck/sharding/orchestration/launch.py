@@ -21,7 +21,7 @@ from pathlib import Path
 
 from potluck.errors import GenerationError, PeerFailed, PotluckError
 from potluck.sharding.collective import auth
-from potluck.sharding.collective.star import StarMaster
+from potluck.sharding.collective.star import DEFAULT_POLL_S, StarMaster
 from potluck.sharding.compute.engine import EngineOptions, RankCompute, TPMaster
 from potluck.sharding.format.extract import extract_shard_to
 from potluck.sharding.format.gguf_tensors import open_gguf
@@ -119,7 +119,8 @@ class ProcessGroup:
         paths = write_worker_shards(self.reader, plan, self.shard_dir)
         if n > 1:
             key = auth.new_session_key()
-            self.star = StarMaster(n, key, host=self.host, timeout_s=self.timeout_s)
+            poll_s = DEFAULT_POLL_S if n <= self.cores else 0.0  # spin only where every rank has a core
+            self.star = StarMaster(n, key, host=self.host, timeout_s=self.timeout_s, poll_s=poll_s)
             host, port = self.star.address
             for rank, path in enumerate(paths, start=1):
                 cmd = [
@@ -141,6 +142,8 @@ class ProcessGroup:
                     str(self.options.accuracy_level),
                     "--timeout",
                     str(self.timeout_s),
+                    "--poll-us",
+                    str(poll_s * 1e6),
                     *self._memory_args(),
                 ]
                 proc = subprocess.Popen(cmd, stdin=subprocess.PIPE)

@@ -50,7 +50,7 @@ from potluck.errors import (
 from potluck.identity import PeerId
 from potluck.sharding.collective import transfer
 from potluck.sharding.collective.channel import ByteStream, FrameChannel
-from potluck.sharding.collective.star import StarWorker
+from potluck.sharding.collective.star import DEFAULT_POLL_S, StarWorker
 from potluck.sharding.format.cost import rank_sizing
 from potluck.sharding.format.plan import ShardPlan
 from potluck.sharding.format.shard_file import read_shard
@@ -168,7 +168,9 @@ class WorkerSession:
         if r.transport in ("auto", "tcp"):
             for host, port in r.star_addrs:
                 try:
-                    worker = StarWorker.connect((host, port), r.rank, r.world_size, r.key, timeout_s=r.timeout_s)
+                    worker = StarWorker.connect(
+                        (host, port), r.rank, r.world_size, r.key, timeout_s=r.timeout_s, poll_s=DEFAULT_POLL_S
+                    )
                 except ConnectError as exc:
                     errors.append(str(exc))
                     continue

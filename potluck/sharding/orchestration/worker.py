@@ -50,6 +50,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--spill-dir", type=Path, default=None, help="per-layer files of a windowed rank")
     p.add_argument("--drop-cache", action="store_true", help="drop released layers from the page cache")
     p.add_argument("--timeout", type=float, default=10.0, help="collective deadline, seconds")
+    p.add_argument(
+        "--poll-us", type=float, default=0.0, help="busy-poll each receive this long before blocking (0: block)"
+    )
     p.add_argument("--log-level", default="warning")
     return p.parse_args(argv)
 
@@ -80,7 +83,9 @@ def run(args: argparse.Namespace, key_hex: str) -> int:
         log.error("rank %d: cannot load shard: %s", args.rank, exc)
         return 2
     try:
-        collective = StarWorker.connect(args.connect, args.rank, args.world_size, key, timeout_s=args.timeout)
+        collective = StarWorker.connect(
+            args.connect, args.rank, args.world_size, key, timeout_s=args.timeout, poll_s=args.poll_us * 1e-6
+        )
     except (ConnectError, PeerRefused, ProtocolViolation) as exc:
         log.error("rank %d: cannot join the master at %s: %s", args.rank, args.connect, exc)
         return 3

@@ -29,7 +29,7 @@ from potluck.sharding.collective import auth, frames
 from potluck.sharding.collective.base import Collective
 from potluck.sharding.collective.channel import FrameChannel, SocketStream
 from potluck.sharding.collective.frames import Kind
-from potluck.sharding.collective.star import StarMaster, StarWorker
+from potluck.sharding.collective.star import DEFAULT_POLL_S, StarMaster, StarWorker
 from tests.sharding.collective.star_proc import expected_sum, partial
 
 REPO = Path(__file__).resolve().parents[3]
@@ -52,7 +52,7 @@ class Workers:
     def _run(self, master: StarMaster, rank: int, body: Callable[[StarWorker], Any], key: bytes) -> None:
         try:
             with StarWorker.connect(
-                master.address, rank, master.world_size, key, master.timeout_s, master.wire_dtype
+                master.address, rank, master.world_size, key, master.timeout_s, master.wire_dtype, poll_s=master.poll_s
             ) as worker:
                 self.results[rank] = body(worker)
         except BaseException as exc:  # recorded for the test to assert on
@@ -76,15 +76,16 @@ def group(n: int, body: Callable[[StarWorker], Any], **kw: Any) -> Iterator[tupl
         workers.join()
 
 
+@pytest.mark.parametrize("poll_s", [0.0, DEFAULT_POLL_S])
 @pytest.mark.parametrize("wire", [np.float32, np.float16])
 @pytest.mark.parametrize("n", [2, 3, 4])
-def test_all_reduce_sums_in_rank_order(n: int, wire: type) -> None:
+def test_all_reduce_sums_in_rank_order(n: int, wire: type, poll_s: float) -> None:
     shapes = [(256,), (4096,), (3, 5), (2, 2, 2, 2), ()]
 
     def body(worker: StarWorker) -> list[np.ndarray]:
         return [worker.all_reduce(partial(i, worker.rank, int(np.prod(s))).reshape(s)) for i, s in enumerate(shapes)]
 
-    with group(n, body, wire_dtype=wire) as (master, workers):
+    with group(n, body, wire_dtype=wire, poll_s=poll_s) as (master, workers):
         assert isinstance(master, Collective)
         got = [master.all_reduce(partial(i, 0, int(np.prod(s))).reshape(s)) for i, s in enumerate(shapes)]
         workers.join()
