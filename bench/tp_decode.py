@@ -1,6 +1,7 @@
 """Tensor-parallel decode speed vs llama.cpp on a ~1B-parameter Llama-geometry Q4_0 GGUF.
 
     .venv/bin/python bench/tp_decode.py [--tokens 32] [--nodes 1,2,4] [--dir DIR] [--typing q4_0|q4_k_m]
+        [--attention exact|fused] [--rounds R]
 
 Builds (once, cached in ``DIR``, default ``<potluck cache>/bench``) a GGUF with TinyLlama-1.1B's
 geometry (hidden 2048, 22 layers, FFN 5632, 32 heads, 4 KV heads, vocab 32000) and random Q4_0
@@ -108,14 +109,14 @@ def bench_llama_cpp(path: Path, n_tokens: int) -> float:
     return rate
 
 
-def bench_potluck(path: Path, n: int, n_tokens: int, shard_dir: Path) -> tuple[float, list]:  # type: ignore[type-arg]
+def bench_potluck(path: Path, n: int, n_tokens: int, shard_dir: Path, attention: str = "exact") -> tuple[float, list]:  # type: ignore[type-arg]
     """Greedy decode tokens/s of the TP engine with ``n`` ranks, and per-rank stats."""
     from potluck.sharding.compute.engine import EngineOptions
     from potluck.sharding.format.plan import NodeCapability
     from potluck.sharding.orchestration.launch import ProcessGroup
 
     nodes = [NodeCapability(f"local-{r}", 8 << 30, 1.0) for r in range(n)]
-    with ProcessGroup(path, nodes, EngineOptions(n_ctx=256), shard_dir, timeout_s=60.0) as group:
+    with ProcessGroup(path, nodes, EngineOptions(n_ctx=256, attention=attention), shard_dir, timeout_s=60.0) as group:
         master = group.master
         logits = master.forward(PROMPT, 0)
         pos = len(PROMPT)
@@ -146,6 +147,7 @@ def main() -> None:
         default="q4_0",
         help="q4_k_m: the same model re-quantized by llama.cpp to Q4_K_M (bench/tp_extract.py's file)",
     )
+    ap.add_argument("--attention", choices=("exact", "fused"), default="exact", help="the engine's attention block")
     args = ap.parse_args()
     args.dir.mkdir(parents=True, exist_ok=True)
     model = args.dir / "bench-llama-1.1b-random-q4_0.gguf"
@@ -170,7 +172,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="potluck-bench-shards-") as shard_dir:
         for _ in range(args.rounds):
             for n in (int(x) for x in args.nodes.split(",")):
-                rate, stats = bench_potluck(model, n, args.tokens, Path(shard_dir))
+                rate, stats = bench_potluck(model, n, args.tokens, Path(shard_dir), args.attention)
                 print(f"potluck TP N={n}: {rate:.2f} tok/s")
                 anchor.append(bench_llama_cpp(model, args.tokens))
                 print(f"llama.cpp (2 threads): {anchor[-1]:.2f} tok/s")

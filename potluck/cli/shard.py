@@ -7,6 +7,7 @@ import logging
 import tempfile
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -28,6 +29,23 @@ AccuracyOpt = Annotated[
         min=0,
         max=4,
         help="MatMulNBits activations: 4 = int8 per block, as llama.cpp (fast); 0 = float32 (exact, slower).",
+    ),
+]
+
+
+class Attention(StrEnum):
+    """The engine's attention block (``EngineOptions.attention``)."""
+
+    exact = "exact"
+    fused = "fused"
+
+
+AttentionOpt = Annotated[
+    Attention,
+    typer.Option(
+        "--attention",
+        help="exact = llama.cpp's F16-cache attention bit for bit; fused = one ONNX Runtime kernel "
+        "(faster, same perplexity, greedy answers diverge from llama.cpp's sooner).",
     ),
 ]
 BudgetOpt = Annotated[
@@ -85,6 +103,7 @@ def _process_group(
     timeout: float,
     accuracy_level: int,
     memory_budget: str | None,
+    attention: Attention = Attention.exact,
 ) -> Iterator[Any]:
     """A master plus ``nodes - 1`` worker processes on this machine; worker shards go to
     ``shard_dir`` (a temporary directory, removed afterwards, when ``None``)."""
@@ -94,7 +113,9 @@ def _process_group(
     with ExitStack() as stack:
         directory = shard_dir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="potluck-shards-")))
         ram = _free_ram() // nodes
-        options = EngineOptions(n_ctx=n_ctx, accuracy_level=accuracy_level, memory_budget=_size(memory_budget))
+        options = EngineOptions(
+            n_ctx=n_ctx, accuracy_level=accuracy_level, memory_budget=_size(memory_budget), attention=attention.value
+        )
         yield stack.enter_context(
             ProcessGroup(model, _nodes(nodes, speeds, ram), options, directory, timeout_s=timeout)
         )
@@ -297,6 +318,7 @@ def generate_cmd(
     timeout: Annotated[float, typer.Option("--timeout", min=0.1, help="All-reduce deadline (s).")] = 10.0,
     accuracy_level: AccuracyOpt = 4,
     memory_budget: BudgetOpt = None,
+    attention: AttentionOpt = Attention.exact,
     as_json: Annotated[bool, typer.Option("--json", help='Print {"tokens": [...], "text": ...}.')] = False,
 ) -> None:
     """Generate with a master plus N-1 worker processes on this machine over the TCP star."""
@@ -319,7 +341,8 @@ def generate_cmd(
             stop=tuple(stop or ()),
         )
         tokens: list[int] = []
-        with _process_group(model, nodes, speeds, ctx, shard_dir, timeout, accuracy_level, memory_budget) as group:
+        group_args = (model, nodes, speeds, ctx, shard_dir, timeout, accuracy_level, memory_budget, attention)
+        with _process_group(*group_args) as group:
             for token in generate_ids(group, ids, params, tok.eog_ids):
                 tokens.append(token)
                 if params.stop and any(s in tok.detokenize(tokens) for s in params.stop):
@@ -348,6 +371,7 @@ def perplexity_cmd(
     timeout: Annotated[float, typer.Option("--timeout", min=0.1, help="All-reduce deadline (s).")] = 30.0,
     accuracy_level: AccuracyOpt = 4,
     memory_budget: BudgetOpt = None,
+    attention: AttentionOpt = Attention.exact,
     threads: Annotated[int, typer.Option("--threads", min=1, help="llama.cpp threads for the reference.")] = 2,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
@@ -368,7 +392,7 @@ def perplexity_cmd(
         finally:
             tok.close()
         with console.status(f"scoring {n_ctx} tokens with the TP engine at N = {nodes}"):
-            group_args = (model, nodes, speeds, n_ctx, shard_dir, timeout, accuracy_level, memory_budget)
+            group_args = (model, nodes, speeds, n_ctx, shard_dir, timeout, accuracy_level, memory_budget, attention)
             with _process_group(*group_args) as group:
                 master = group.master
                 tp = perplexity.score_tp(lambda chunk, pos: master.forward(chunk, pos, all_logits=True), ids)

@@ -15,9 +15,8 @@ where it matters for token equality: RMSNorm is ORT's fused SimplifiedLayerNorma
 sums squares in float64; see :func:`potluck.sharding.compute.blocks.rms_norm` for why that costs no
 fidelity), RoPE "normal" rotates pairs (2i, 2i+1) and "neox" pairs (i, i + d/2) (``ggml_rope``), and
 the KV cache is float16 with Q and the softmax probabilities rounded to float16 before they meet it
-(llama.cpp's default F16 cache). That exact block is for F32/F16 weights, whose greedy tokens must
-equal llama.cpp's; with quantized weights attention is ORT's fused ``GroupQueryAttention`` kernel
-(``EngineOptions.attention``), judged by perplexity against llama.cpp instead.
+(llama.cpp's default F16 cache). ``EngineOptions.attention = "fused"`` trades that for ORT's fused
+``GroupQueryAttention`` kernel (faster, same perplexity, greedy answers less often llama.cpp's).
 
 Execution: the blocks are ONNX subgraphs (:mod:`potluck.sharding.compute.blocks`) run by ONNX Runtime through
 IO binding, the KV cache rows written in place. With N = 1 the whole model and the head are one
@@ -34,7 +33,6 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -69,12 +67,13 @@ class EngineOptions:
             and 44-66 spinning pools starve the running one (measured on the 1.1B bench model with
             66 stages: 5000 ms/token spinning vs 50 off).
         accuracy_level: ``MatMulNBits`` accuracy level (4: int8 activations, like llama.cpp).
-        attention: ``"exact"``: llama.cpp's F16-cache attention bit for bit
+        attention: ``"exact"`` (default): llama.cpp's F16-cache attention bit for bit
             (:func:`~potluck.sharding.compute.blocks.attention`, about 25 kernels a layer);
-            ``"fused"``: one ``GroupQueryAttention`` kernel, float16 like the cache
-            (:func:`~potluck.sharding.compute.blocks.fused_attention`); ``"auto"`` (default): fused
-            when the layers' weights are quantized (their results are judged by perplexity, not by
-            bit-equal tokens), exact for F32/F16 weights.
+            ``"fused"``: one float16 ``GroupQueryAttention`` kernel
+            (:func:`~potluck.sharding.compute.blocks.fused_attention`), 1-2.5 ms/token faster on the
+            1.1B bench model at the same perplexity, but its rounding moves greedy answers further
+            from llama.cpp's (SmolLM2 Q4_1 chat: median first divergence 17.5 of 32 tokens against
+            25.5 exact; ``bench/tp_chat.py``), so it is opt-in.
         memory_budget: bytes this rank's model state may keep resident (layer weights, KV cache,
             the master's head); 0: no limit. A rank whose slices do not fit keeps a sliding window
             of layers (:mod:`potluck.sharding.compute.residency`).
@@ -87,7 +86,7 @@ class EngineOptions:
     threads: int = 2
     spinning: bool | None = None
     accuracy_level: int = DEFAULT_ACCURACY_LEVEL
-    attention: str = "auto"
+    attention: str = "exact"
     memory_budget: int = 0
     spill_dir: Path | None = None
     drop_cache: bool = False
@@ -243,7 +242,7 @@ class RankCompute:
             raise ShardPlanError(f"shard metadata is incomplete: {exc}") from exc
         t = shard.tensors
         hd, kv = config.head_dim, share.kv_count
-        fused = _fused_attention(options, linears)
+        fused = _fused_attention(options)
         attend = blocks.fused_attention if fused else blocks.attention
         tables = {"": rope_tables(config, options.n_ctx)}
         if config.sliding_window:
@@ -538,10 +537,10 @@ def _cache_outputs(n_layers: int, first: int = 0, fused: bool = False) -> list[t
 
 
 #: Values of ``EngineOptions.attention``.
-ATTENTION_MODES = ("auto", "exact", "fused")
+ATTENTION_MODES = ("exact", "fused")
 
 
-def _fused_attention(options: EngineOptions, linears: dict[str, Any]) -> bool:
+def _fused_attention(options: EngineOptions) -> bool:
     """Whether a rank's attention is :func:`~potluck.sharding.compute.blocks.fused_attention`.
 
     Raises:
@@ -549,9 +548,7 @@ def _fused_attention(options: EngineOptions, linears: dict[str, Any]) -> bool:
     """
     if options.attention not in ATTENTION_MODES:
         raise ShardPlanError(f"attention {options.attention!r} is not one of {', '.join(ATTENTION_MODES)}")
-    if options.attention != "auto":
-        return options.attention == "fused"
-    return any(lay["kind"] in ("q4", "q8") for name, lay in linears.items() if name.startswith("blk."))
+    return options.attention == "fused"
 
 
 def _builder(options: EngineOptions) -> GraphBuilder:

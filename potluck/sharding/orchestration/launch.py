@@ -140,6 +140,8 @@ class ProcessGroup:
                     str(threads),
                     "--accuracy-level",
                     str(self.options.accuracy_level),
+                    "--attention",
+                    self.options.attention,
                     "--timeout",
                     str(self.timeout_s),
                     "--poll-us",

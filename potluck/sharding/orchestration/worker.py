@@ -25,7 +25,7 @@ from potluck.errors import (
     TransferError,
 )
 from potluck.sharding.collective.star import StarWorker
-from potluck.sharding.compute.engine import EngineOptions, RankCompute, serve_worker
+from potluck.sharding.compute.engine import ATTENTION_MODES, EngineOptions, RankCompute, serve_worker
 from potluck.sharding.format.shard_file import read_shard
 
 log = logging.getLogger("potluck.sharding.orchestration.worker")
@@ -46,6 +46,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--shard", required=True, help="shard file to memory-map")
     p.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads")
     p.add_argument("--accuracy-level", type=int, default=4, choices=(0, 1, 2, 3, 4))
+    p.add_argument("--attention", default="exact", choices=ATTENTION_MODES)
     p.add_argument("--memory-budget", type=int, default=0, help="resident bytes for the model (0: no limit)")
     p.add_argument("--spill-dir", type=Path, default=None, help="per-layer files of a windowed rank")
     p.add_argument("--drop-cache", action="store_true", help="drop released layers from the page cache")
@@ -74,6 +75,7 @@ def run(args: argparse.Namespace, key_hex: str) -> int:
             threads=args.threads,
             spinning=False,
             accuracy_level=args.accuracy_level,
+            attention=args.attention,
             memory_budget=args.memory_budget,
             spill_dir=args.spill_dir,
             drop_cache=args.drop_cache,

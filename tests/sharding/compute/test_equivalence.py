@@ -53,11 +53,10 @@ def test_teacher_forced_top1_agreement(model_path, kind, n, record_property) -> 
     record_property("top1_agreement", agree)
     record_property("max_logit_diff", max_diff)
     print(f"{kind} N={n}: top-1 agreement {agree:.4f} over {len(ids)} positions, max |logit diff| {max_diff:.4f}")
-    assert agree >= 0.97  # at most 3 of 128: the fixture has 3 near-ties (margins 0.0014, 0.0063, 0.013)
+    assert agree >= 0.98
     assert max_diff < 0.5
     # any disagreement is a near-tie in llama.cpp's own logits (activation rounding differs: llama.cpp
-    # rounds each 32-block's Q8_0 scale to float16, ORT keeps float32; the fused attention's float16
-    # RoPE rounds other bits than llama.cpp's float32 RoPE)
+    # rounds each 32-block's Q8_0 scale to float16, ORT keeps float32)
     top2 = np.sort(ref, axis=1)[:, -2:]
     margins = (top2[:, 1] - top2[:, 0])[got.argmax(1) != ref.argmax(1)]
     assert (margins < 0.05).all(), margins

@@ -75,5 +75,5 @@ def test_fused_attention_computes_what_the_exact_block_does(family_paths, shared
 
 
 def test_an_unknown_attention_mode_is_refused(shared_dir) -> None:
-    with pytest.raises(ShardPlanError, match="attention 'flash' is not one of auto, exact, fused"):
+    with pytest.raises(ShardPlanError, match="attention 'flash' is not one of exact, fused"):
         group(shared_dir / "models" / "tinyshakespeare-f32.gguf", 1, attention="flash")
