@@ -21,6 +21,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
@@ -54,6 +55,29 @@ DIRECT_DIAL_S = 5.0
 RELAY_DIAL_S = 15.0
 PUNCH_RETRY_S = 5.0  # between our own DCUtR retries toward a peer still only reachable through a relay
 PUNCH_TRIES = 3  # DCUtR spec: up to 3 attempts (libp2p/specs relay/DCUtR.md, "retry")
+#: After a round of PUNCH_TRIES failed attempts, the next round toward the same still-relayed peer
+#: waits this long, doubling per failed round up to PUNCH_COOLDOWN_MAX_S: a punch that failed
+#: because a host was busy (the simultaneous dials missed each other) or a mapping was cold can
+#: succeed later, while a peer behind a symmetric NAT costs a few packets every 10 minutes.
+PUNCH_COOLDOWN_S = 30.0
+PUNCH_COOLDOWN_MAX_S = 600.0
+
+
+def punch_due(spent: tuple[int, float] | None, now: float) -> bool:
+    """Whether a round of hole-punch attempts toward a relayed-only peer may start.
+
+    Args:
+        spent: ``(failed rounds, time.monotonic() of the last)`` for the peer, ``None`` if none failed.
+        now: ``time.monotonic()``.
+
+    Returns:
+        True when no round failed yet, or the last one failed at least ``PUNCH_COOLDOWN_S *
+        2**(rounds - 1)`` seconds ago (at most :data:`PUNCH_COOLDOWN_MAX_S`).
+    """
+    if spent is None:
+        return True
+    rounds, last = spent
+    return now - last >= min(PUNCH_COOLDOWN_S * 2 ** (rounds - 1), PUNCH_COOLDOWN_MAX_S)
 
 
 class _StillRelayed(Exception):
@@ -93,7 +117,8 @@ class NatTraversal:
         self._relayed_seen: set[PeerId] = set()
         self._punched: set[PeerId] = set()
         self._punching: set[PeerId] = set()  # a punch task runs for these
-        self._punch_spent: set[PeerId] = set()  # tried PUNCH_TRIES times, still relayed only
+        # tried PUNCH_TRIES times and still relayed only: peer -> (failed rounds, monotonic time of the last)
+        self._punch_spent: dict[PeerId, tuple[int, float]] = {}
         p2p.dial_hook = self.ensure_connected
 
     # ------------------------------------------------------------------ lifecycle
@@ -180,18 +205,22 @@ class NatTraversal:
         first attempt (seen here: the DCUtR stream negotiation over the circuit failing) it may not
         try again; the spec allows up to three attempts, so we make the remaining ones.
 
-        Each such peer gets up to ``PUNCH_TRIES`` attempts about ``PUNCH_RETRY_S`` apart
-        (:data:`PUNCH_RETRY`), in a task of its own, while it stays reached only through a relay; a
-        peer that gets a direct path gets fresh tries should it fall back to the relay later.
+        Each such peer gets rounds of up to ``PUNCH_TRIES`` attempts about ``PUNCH_RETRY_S`` apart
+        (:data:`PUNCH_RETRY`), in a task of its own, while it stays reached only through a relay; after
+        a failed round the next waits :data:`PUNCH_COOLDOWN_S`, doubling up to
+        :data:`PUNCH_COOLDOWN_MAX_S`. A peer that gets a direct path, or goes, starts afresh.
         """
         async with anyio.create_task_group() as tg:
             while True:
                 await anyio.sleep(PUNCH_RETRY_S)
-                self._punch_spent.intersection_update(self.snapshot)  # gone peers start afresh
+                now = time.monotonic()
+                for peer in list(self._punch_spent):  # gone peers start afresh
+                    if peer not in self.snapshot:
+                        del self._punch_spent[peer]
                 for peer in list(self.snapshot):
                     if not self._relayed_only(peer):
-                        self._punch_spent.discard(peer)
-                    elif peer not in self._punching and peer not in self._punch_spent:
+                        self._punch_spent.pop(peer, None)
+                    elif peer not in self._punching and punch_due(self._punch_spent.get(peer), now):
                         self._punching.add(peer)
                         tg.start_soon(self._punch, dcutr, peer)
 
@@ -212,8 +241,9 @@ class NatTraversal:
                     if not ok:
                         raise _StillRelayed("no direct connection")
         except PUNCH_RETRY.retry_on as exc:
-            log.info("hole punch to %s: no direct path after %d tries (%s)", peer, PUNCH_TRIES, exc)
-            self._punch_spent.add(peer)
+            rounds = self._punch_spent.get(peer, (0, 0.0))[0] + 1
+            log.info("hole punch to %s: no direct path after %d tries (%s); round %d", peer, PUNCH_TRIES, exc, rounds)
+            self._punch_spent[peer] = (rounds, time.monotonic())
         finally:
             self._punching.discard(peer)
 
