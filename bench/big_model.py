@@ -141,7 +141,7 @@ def main() -> None:
             steps = max(st.steps, 1)
             window = st.window or g.layers
             # measured per-layer bytes of a windowed rank; the planner's estimate for a resident one
-            extra = sizes.master_extra if rank == 0 else 0
+            extra = sizes.geometry.master_bytes if rank == 0 else 0
             layer = st.layer_mib * MiB or rank_sizing(r["plan"], rank, budget, extra).per_layer
             costs.append(RankCost(window * layer, (g.layers - window) * layer, cache_bw, disk_bw))
             whole_layer[n] = whole_layer.get(n, 0.0) + layer

@@ -121,23 +121,6 @@ class ModelSizes:
         config = read_config(reader)
         return cls(plan_geometry(reader, config, n_ctx), config.n_heads, model_file_key(path), n_ctx)
 
-    @property
-    def layers(self) -> int:
-        return self.geometry.n_layers
-
-    @property
-    def hidden(self) -> int:
-        return self.geometry.hidden
-
-    @property
-    def vocab(self) -> int:
-        return self.geometry.vocab
-
-    @property
-    def master_extra(self) -> int:
-        """The token embeddings, bytes (memory-mapped on the master, not resident)."""
-        return self.geometry.master_bytes
-
 
 def forecast_group(
     model: ModelSizes,
@@ -154,8 +137,9 @@ def forecast_group(
         ShardPlanError: the planner cannot split the model over this many ranks.
     """
     nodes = [NodeCapability(d.name, DISK_BACKED, d.speed) for d in devices]
-    plan = make_plan(model.geometry, nodes, model.model_id, model.n_heads, model.n_ctx)
-    sizings = [rank_sizing(plan, r, d.budget, model.master_extra if r == 0 else 0) for r, d in enumerate(devices)]
+    g = model.geometry
+    plan = make_plan(g, nodes, model.model_id, model.n_heads, model.n_ctx)
+    sizings = [rank_sizing(plan, r, d.budget, g.master_bytes if r == 0 else 0) for r, d in enumerate(devices)]
     n, largest = len(devices), max(s.weights for s in sizings) / 2**20
     short = [
         f"{d.name} ({'master' if r == 0 else f'rank {r}'}) needs a budget of {s.needed / 2**20:.1f} MiB for one "
@@ -165,12 +149,12 @@ def forecast_group(
     ]
     names = tuple(d.name for d in devices)
     if short:
-        return GroupForecast(n, 0, model.layers, largest, math.inf, "; ".join(short), names, tuple(sizings))
+        return GroupForecast(n, 0, g.n_layers, largest, math.inf, "; ".join(short), names, tuple(sizings))
     ranks = [s.cost(d.memory_bw, d.disk_bw) for d, s in zip(devices, sizings, strict=True)]
     link = LinkCost(max(d.rtt_s for d in devices), link_bandwidth, link_overhead) if n > 1 else None
-    s_per_token = predict_s_per_token(ranks, model.layers, model.hidden, link, model.vocab)
+    s_per_token = predict_s_per_token(ranks, g.n_layers, g.hidden, link, g.vocab)
     window = min(s.window for s in sizings)
-    return GroupForecast(n, window, model.layers, largest, s_per_token, "", names, tuple(sizings))
+    return GroupForecast(n, window, g.n_layers, largest, s_per_token, "", names, tuple(sizings))
 
 
 def pick(forecasts: Sequence[GroupForecast], tolerance: float = 0.05) -> GroupForecast | None:

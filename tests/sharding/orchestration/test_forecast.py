@@ -41,7 +41,7 @@ def test_streaming_costs_disk_time_and_all_reduces_cost_round_trips(model_path) 
     slow_disk = forecast_group(model, [dev("me", 12 * MIB, disk_bw=1e6)], 125e6)
     assert slow_disk.window < slow_disk.layers and slow_disk.s_per_token > 1.0  # megabytes at 1 MB/s
     far = forecast_group(model, [dev("me", big), dev("w", big, 0.05)], 125e6)
-    assert far.s_per_token > 2 * model.layers * 0.05  # two all-reduces per layer, each a round trip
+    assert far.s_per_token > 2 * model.geometry.n_layers * 0.05  # two all-reduces per layer, each a round trip
 
 
 def test_pick_takes_the_fewest_devices_within_tolerance_of_the_fastest() -> None:
